@@ -1,0 +1,1 @@
+"""pmetal.callbacks: Lightning callbacks (rollouts, checkpoints, throughput, plots, guards)."""

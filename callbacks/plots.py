@@ -1,0 +1,80 @@
+"""Loss history and a PNG plot of the training (and validation) loss at the end of fit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+log = logging.getLogger("pmetal")
+
+
+class LossHistory(Callback):
+    """Records the training loss per optimizer step and the validation loss per validation run.
+
+    Its state goes into checkpoints, so a resumed run continues the same curve. At the end of fit
+    it writes `loss_history.json` and `loss.png` into the run directory.
+    """
+
+    def __init__(self, filename: str = "loss.png") -> None:
+        self.filename = filename
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        self._pending: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._pending.append(float(loss.detach()))
+        elif isinstance(loss, (int, float)):
+            self._pending.append(float(loss))
+        # one point per optimizer step: average the accumulated micro-batches
+        if self._pending and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.train.append((trainer.global_step, sum(self._pending) / len(self._pending)))
+            self._pending = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get("val/loss")
+        if value is not None:
+            self.val.append((trainer.global_step, float(value)))
+
+    def state_dict(self) -> dict:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train = [tuple(x) for x in state_dict.get("train", [])]
+        self.val = [tuple(x) for x in state_dict.get("val", [])]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "loss_history.json").write_text(json.dumps({"train": self.train, "val": self.val}))
+        if self.train:
+            trainer.pmetal_plot_path = plot_losses(self.train, self.val, run_dir / self.filename)
+
+
+def plot_losses(train, val, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1.2)
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,31 @@
+"""pmetal.modules: one LightningModule per training method.
+
+    from pmetal.modules import SftModule, DpoModule, GrpoModule
+
+Classes are imported on first use (Lightning, transformers and PEFT cost seconds to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PmetalModule": "pmetal.modules.base",
+    "SftModule": "pmetal.modules.sft",
+    "DpoModule": "pmetal.modules.dpo",
+    "SimpoModule": "pmetal.modules.simpo",
+    "OrpoModule": "pmetal.modules.orpo",
+    "KtoModule": "pmetal.modules.kto",
+    "GrpoModule": "pmetal.modules.grpo",
+    "DapoModule": "pmetal.modules.grpo",
+    "RlkdModule": "pmetal.modules.rlkd",
+    "EmbedModule": "pmetal.modules.embed",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pmetal.modules' has no attribute {name!r}")

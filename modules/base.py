@@ -1,0 +1,217 @@
+"""The shared base of every language-model method.
+
+`PmetalModule` does the work all methods share, once: load the model and tokenizer, wrap the model
+in a PEFT adapter (LoRA/DoRA) or train it fully, optionally on a quantized base; completion
+log-probs through `pmetal.logps` (full-vocabulary logits never kept alive); reference log-probs
+with the adapter disabled (no second model under LoRA; a frozen copy only for full fine-tuning);
+AdamW over trainable parameters with warmup + cosine/linear/constant schedules; checkpoints that
+hold only the trainable parameters; saving the adapter or the full model with its tokenizer.
+
+A method subclasses it and implements `compute_loss(batch) -> (loss, metrics)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning as L
+import torch
+
+from pmetal.device import choose_device
+from pmetal.errors import PmetalError, non_finite_error
+from pmetal.models import apply_adapter, count_parameters, load_model_and_tokenizer
+from pmetal.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("pmetal")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PmetalModule(L.LightningModule):
+    """Base LightningModule: model + adapter setup, log-probs, reference, optimizer, saving.
+
+    Args:
+        model: the model to fine-tune: a local Hugging Face directory, a hub id, a .gguf file, or
+            "default" (the embedded SmolLM2-135M-Instruct).
+        adapter: "lora", "dora" (weight-decomposed LoRA) or "full" (every weight trained).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha; None means 2 × rank.
+        lora_dropout: dropout on the LoRA input.
+        target_modules: modules that get adapters; "all-linear" means every linear projection of
+            attention and MLP (not the LM head).
+        quantization: quantize the frozen base: "nf4", "fp4" or "int8" (QLoRA); None keeps it as is.
+        quant_block_size: block size of the quantization.
+        double_quant: also quantize the 4-bit absmax constants.
+        learning_rate: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        warmup_steps: linear warmup steps.
+        lr_schedule: "cosine", "linear" or "constant" after warmup.
+        min_lr_ratio: the learning rate at the end of a cosine/linear decay, as a fraction of the peak.
+        gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
+        weight_dtype: dtype of the frozen base weights: "auto" (bf16 on a GPU that supports it when
+            training adapters, fp32 on CPU and for full fine-tuning), "float32", "bfloat16", "float16".
+        trust_remote_code: allow custom modelling code from the model's repository.
+        attn_implementation: "sdpa" (portable), "eager" or "flash_attention_2".
+        logits_chunk_size: tokens per chunk of the LM head in the log-prob computation.
+    """
+
+    #: "adapter" or "model": what `save_pretrained` writes, for messages.
+    artifact_kind = "adapter"
+    #: subclasses that compare against a reference model set this, so full fine-tuning keeps a frozen copy.
+    needs_reference = False
+
+    def __init__(
+        self,
+        model: str = "default",
+        adapter: Literal["lora", "dora", "full"] = "lora",
+        lora_r: int = 16,
+        lora_alpha: Optional[int] = None,
+        lora_dropout: float = 0.0,
+        target_modules: Union[str, list[str]] = "all-linear",
+        quantization: Optional[Literal["nf4", "fp4", "int8"]] = None,
+        quant_block_size: int = 64,
+        double_quant: bool = True,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = True,
+        weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        trust_remote_code: bool = False,
+        attn_implementation: str = "sdpa",
+        logits_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if quantization and adapter == "full":
+            raise PmetalError("a quantized base cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
+        dtype = self._resolve_weight_dtype(weight_dtype, adapter)
+        base, self.tokenizer = load_model_and_tokenizer(
+            model,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            quantization=quantization,
+            quant_block_size=quant_block_size,
+            double_quant=double_quant,
+        )
+        if gradient_checkpointing:
+            _enable_checkpointing(base)
+        base.config.use_cache = False
+        self.policy = apply_adapter(
+            base, adapter, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules
+        )
+        self.artifact_kind = "model" if adapter == "full" else "adapter"
+        # Lightning loads our trainable-only checkpoints with strict=False.
+        self.strict_loading = False
+        self._frozen_reference: list[torch.nn.Module] = []  # a list keeps it out of state_dict/optimizer
+        trainable, total = count_parameters(self.policy)
+        log.info("model %s: %s adapter, %.2fM of %.1fM parameters trainable", model, adapter, trainable / 1e6, total / 1e6)
+
+    @staticmethod
+    def _resolve_weight_dtype(weight_dtype: str, adapter: str) -> torch.dtype:
+        if weight_dtype != "auto":
+            return _DTYPES[weight_dtype]
+        if adapter == "full":
+            return torch.float32  # fp32 master weights; autocast does the low-precision math
+        return choose_device().weight_dtype
+
+    # ------------------------------------------------------------------ log-probs
+    def completion_logps(self, input_ids, attention_mask, labels, **kwargs):
+        """Per-sequence log-probs of the label tokens under the policy (see pmetal.logps)."""
+        from pmetal.logps import completion_logps
+
+        return completion_logps(self.policy, input_ids, attention_mask, labels, **kwargs)
+
+    @torch.no_grad()
+    def reference_logps(self, input_ids, attention_mask, labels, **kwargs):
+        """Log-probs under the frozen reference: the base with the adapter disabled.
+
+        Under full fine-tuning there is no adapter to switch off, so a frozen copy made at the
+        start of fit is used instead.
+        """
+        from pmetal.logps import completion_logps
+
+        if self.hparams.adapter == "full":
+            return completion_logps(self._reference_model(), input_ids, attention_mask, labels, **kwargs)
+        with self.policy.disable_adapter():
+            return completion_logps(self.policy, input_ids, attention_mask, labels, **kwargs)
+
+    def _reference_model(self) -> torch.nn.Module:
+        if not self._frozen_reference:
+            ref = copy.deepcopy(self.policy).eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            self._frozen_reference.append(ref)
+        ref = self._frozen_reference[0]
+        return ref.to(self.device)
+
+    def on_fit_start(self) -> None:
+        if self.needs_reference and self.hparams.adapter == "full":
+            self._reference_model()  # copy the weights before the first update
+
+    # ------------------------------------------------------------------ steps
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss")
+
+    def training_step(self, batch, batch_idx):
+        loss, metrics = self.compute_loss(batch)
+        if not torch.isfinite(loss.detach()):
+            raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
+        batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, metrics = self.compute_loss(batch)
+        batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, sync_dist=True, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(self.policy.parameters(), hp.learning_rate, hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1000
+        if not isinstance(total, int) or total <= 0:
+            total = 1000
+        scheduler = build_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, int(total), hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints and saving
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the adapter (PEFT format) or the full model, the tokenizer and pmetal's settings."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.hparams.quantization and self.hparams.adapter == "full":
+            raise PmetalError("cannot save a quantized full model")
+        self.policy.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
+        (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
+        return out
+
+
+def _enable_checkpointing(model) -> None:
+    try:
+        from pmetal.logps import enable_gradient_checkpointing
+    except ImportError:
+        enable_gradient_checkpointing = None
+    if enable_gradient_checkpointing is not None:
+        enable_gradient_checkpointing(model)
+        return
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

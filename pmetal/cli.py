@@ -1,0 +1,106 @@
+"""The `pmetal` command.
+
+    pmetal train [--model M --dataset D ...]       LoRA/DoRA/QLoRA/full SFT with PMetal's flags
+    pmetal grpo | rlkd | embed-train ...           the other PMetal commands
+    pmetal fit --method dpo --model M --data.path D [--config configs/dpo.yaml] [--print_config]
+    pmetal dataset validate|preview FILE           what pmetal would see in a data file
+
+`fit`/`validate` are LightningCLI: `--method` picks the LightningModule class from the method
+table and `--model M` names the model to fine-tune (it becomes `--model.model M`). Heavy libraries
+are imported only by the command that runs, so `pmetal --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pmetal.errors import PmetalError
+
+# command name -> module with add_arguments(parser) and run(args) -> int
+COMMANDS = {
+    "train": "pmetal.commands.train",
+    "grpo": "pmetal.commands.grpo",
+    "rlkd": "pmetal.commands.rlkd",
+    "embed-train": "pmetal.commands.embed_train",
+    "dataset": "pmetal.commands.dataset",
+    "merge": "pmetal.commands.merge",
+    "bench": "pmetal.commands.bench",
+    "generate": "pmetal.commands.generate",
+}
+LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(format="%(message)s", level=logging.INFO if not verbose else logging.DEBUG)
+    logging.getLogger("pmetal").setLevel(logging.INFO)
+    for noisy in ("bitsandbytes", "httpx", "urllib3", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pmetal",
+        description="Fine-tune language and embedding models on Apple Silicon, CUDA and CPU.",
+        epilog="`pmetal fit --method METHOD --help` shows every setting of a method "
+        "(methods: sft, dpo, simpo, orpo, kto, grpo, dapo, rlkd, embed).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("fit", help="train any method through LightningCLI (--method, --config, --print_config)", add_help=False)
+    sub.add_parser("validate", help="validate a method's model on its data through LightningCLI", add_help=False)
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue  # a command whose optional part is not installed
+        doc = (module.__doc__ or "").strip().splitlines()
+        p = sub.add_parser(name, help=doc[0] if doc else name, description=(module.__doc__ or "").strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            from pmetal.lightning_cli import run_lightning_cli
+
+            run_lightning_cli(argv)
+            return 0
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 0 if not argv else 2
+        return int(args._run(args) or 0)
+    except PmetalError as exc:
+        print(f"pmetal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pmetal: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+def report_outputs(result: dict, kind: str = "adapter") -> None:
+    """Tell the user where everything went, in a few lines."""
+    run_dir = Path(result["run_dir"])
+    lines = [f"done: {result['steps']} optimizer steps in {result['seconds']:.0f} s"]
+    if result.get("export_dir"):
+        lines.append(f"  {kind}: {result['export_dir']}")
+    if result.get("plot"):
+        lines.append(f"  loss plot: {result['plot']}")
+    lines.append(f"  metrics: {run_dir / 'metrics.csv'}")
+    lines.append(f"  checkpoints (for --resume): {run_dir / 'checkpoints'}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Chat template -> `input_ids` + `labels` with the loss on assistant tokens only.
+
+How the mask is found (works with any Jinja chat template, no `{% generation %}` block needed):
+the conversation is rendered as text once in full, and for every assistant message `i` twice more,
+as `messages[:i]` with the generation prompt (P_i) and as `messages[:i+1]` (F_i). When P_i is a
+prefix of F_i and F_i a prefix of the full text, the characters `[len(P_i), len(F_i))` are that
+assistant turn: its content plus the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`,
+`<end_of_turn>`, EOS...). Scaffolding after the end-of-turn token (ChatML's trailing newline) is
+not trained, since generation stops at that token. The full text is tokenized once and a token is
+trained when its first character lies in an assistant span (character offsets from the fast
+tokenizer; slow tokenizers are tokenized span by span). Everything else - system prompt, user
+turns, role headers - gets label -100.
+
+A turn whose prefix property fails (templates that rewrite history, e.g. dropping earlier
+reasoning) is left untrained rather than trained on text the model would never see.
+
+Helpers for the other builders (preference, KTO, RL):
+- `render_prompt(tokenizer, messages)`: the prompt ids a model generates from.
+- `render_prompt_completion(tokenizer, prompt, completion, max_seq_len)`: prompt ids followed by
+  the completion's ids (incl. end-of-turn), labels on the completion only, prompt truncated first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pmetal.data.formats import SftExample
+from pmetal.errors import PmetalError
+
+IGNORE_INDEX = -100
+
+# The fallback template picked explicitly with chat_template="chatml" for models that ship none.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# End-of-turn markers of common templates; EOS is always added. Only those present in the
+# tokenizer's template are used, so ordinary text never matches by accident.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
+                       "<|end_of_text|>", "</s>", "<｜end▁of▁sentence｜>", "[/TOOL_RESULTS]")
+
+
+@dataclass
+class RenderedRow:
+    """One tokenized training row.
+
+    Attributes:
+        input_ids: token ids, at most `max_seq_len` long.
+        labels: same length; the token id where the loss applies, -100 elsewhere.
+        truncated: the row was longer than `max_seq_len` and was cut.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def num_trained(self) -> int:
+        """How many tokens carry a loss."""
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def ensure_chat_template(tokenizer: Any, chat_template: str | None = None) -> None:
+    """Make sure `tokenizer` can render conversations, installing an explicit template if given.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (modified in place when `chat_template` is given).
+        chat_template: None keeps the model's own template; "chatml" installs the generic ChatML
+            template (`<|im_start|>role\\n...<|im_end|>`; if the model lacks these special tokens
+            they are learned as plain text); any other value is a Jinja template string or the path
+            of a `.jinja` file.
+
+    Raises:
+        PmetalError: the tokenizer has no chat template and none was chosen.
+    """
+    if chat_template is not None:
+        if chat_template == "chatml":
+            tokenizer.chat_template = CHATML_TEMPLATE
+        elif "{{" in chat_template or "{%" in chat_template:
+            tokenizer.chat_template = chat_template
+        elif Path(chat_template).expanduser().is_file():
+            tokenizer.chat_template = Path(chat_template).expanduser().read_text(encoding="utf-8")
+        else:
+            raise PmetalError(f"chat_template={chat_template!r} is neither 'chatml', a Jinja template, "
+                              "nor an existing template file")
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise PmetalError(f"the tokenizer of {name} has no chat template, and this dataset is made of "
+                          "conversations. Pass chat_template='chatml' (--data.chat_template chatml) to "
+                          "use the generic ChatML template, or give rows with a plain 'text' field.")
+
+
+def end_of_turn_markers(tokenizer: Any) -> list[str]:
+    """The strings that close an assistant turn for this tokenizer's template (EOS first)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    markers = [m for m in END_OF_TURN_MARKERS if m in template]
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and eos not in markers:
+        markers.insert(0, eos)
+    return markers
+
+
+def render_text(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template applied to `messages`, as text (template errors become `PmetalError`)."""
+    try:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2 raises TemplateError for e.g. "roles must alternate"
+        if not getattr(tokenizer, "chat_template", None):
+            ensure_chat_template(tokenizer)
+        raise PmetalError(f"the chat template rejected this conversation: {e}") from None
+    return text
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _trim_after_end_of_turn(text: str, markers: Sequence[str]) -> int | None:
+    """Length of `text` up to and including its last end-of-turn marker, or None if it has none."""
+    best = None
+    for marker in markers:
+        at = text.rfind(marker)
+        if at >= 0 and (best is None or at + len(marker) > best):
+            best = at + len(marker)
+    return best
+
+
+def assistant_spans(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]], int]:
+    """Character spans of every assistant turn (content + end-of-turn) in the rendered conversation.
+
+    Returns:
+        (full text, [(start, end)] spans in order, number of assistant turns that could not be
+        located because the template is not prefix-stable for them).
+    """
+    full = render_text(tokenizer, messages)
+    markers = end_of_turn_markers(tokenizer)
+    spans, skipped = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:  # some templates cannot render an empty conversation (an assistant-first row)
+            prompt = render_text(tokenizer, messages[:i], add_generation_prompt=True)
+        except PmetalError:
+            skipped += 1
+            continue
+        turn = render_text(tokenizer, messages[: i + 1])
+        if not (turn.startswith(prompt) and full.startswith(turn)) or len(turn) == len(prompt):
+            skipped += 1
+            continue
+        end = _trim_after_end_of_turn(turn[len(prompt):], markers)
+        spans.append((len(prompt), len(prompt) + end if end is not None else len(turn)))
+    return full, spans, skipped
+
+
+def render_messages(tokenizer: Any, messages: Sequence[dict], *, max_seq_len: int | None = None,
+                    train_on_prompt: bool = False) -> RenderedRow:
+    """Tokenize a conversation with the chat template; labels on assistant turns only.
+
+    Args:
+        tokenizer: a tokenizer with a chat template (see `ensure_chat_template`).
+        messages: `[{"role", "content"}]` with at least one assistant message.
+        max_seq_len: cut the row to this many tokens (the end is dropped).
+        train_on_prompt: put the loss on every token (system, user and scaffolding too).
+
+    Returns:
+        a `RenderedRow`; the EOS id is appended (and trained) when the template closes the last
+        assistant turn with nothing at all.
+    """
+    full, spans, _ = assistant_spans(tokenizer, messages)
+    input_ids, trained = _tokenize_with_spans(tokenizer, full, spans)
+    if spans and spans[-1][1] == len(full) and _trim_after_end_of_turn(full[spans[-1][0]:],
+                                                                       end_of_turn_markers(tokenizer)) is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is not None:
+            input_ids.append(eos)
+            trained.append(True)
+    labels = [t if (train or train_on_prompt) else IGNORE_INDEX for t, train in zip(input_ids, trained)]
+    return _truncate(input_ids, labels, max_seq_len)
+
+
+def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        offsets = None
+    if offsets is not None:
+        ids = list(enc["input_ids"])
+        trained, k = [], 0
+        for start, _ in offsets:
+            while k < len(spans) and start >= spans[k][1]:
+                k += 1
+            trained.append(k < len(spans) and spans[k][0] <= start < spans[k][1])
+        return ids, trained
+    # A slow tokenizer: tokenize the masked and trained pieces one by one.
+    ids, trained, cursor = [], [], 0
+    for start, end in spans + [(len(text), len(text))]:
+        for piece, train in ((text[cursor:start], False), (text[start:end], True)):
+            if piece:
+                piece_ids = _tokenize(tokenizer, piece)
+                ids += piece_ids
+                trained += [train] * len(piece_ids)
+        cursor = end
+    return ids, trained
+
+
+def _truncate(input_ids: list[int], labels: list[int], max_seq_len: int | None) -> RenderedRow:
+    if max_seq_len is not None and len(input_ids) > max_seq_len:
+        return RenderedRow(input_ids[:max_seq_len], labels[:max_seq_len], truncated=True)
+    return RenderedRow(input_ids, labels, truncated=False)
+
+
+def render_plain_text(tokenizer: Any, text: str, *, max_seq_len: int | None = None) -> RenderedRow:
+    """Tokenize a raw `text` row (no template): the tokenizer's own BOS, then EOS; loss on all."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return _truncate(ids, list(ids), max_seq_len)
+
+
+def render_example(tokenizer: Any, example: SftExample, *, max_seq_len: int | None = None,
+                   train_on_prompt: bool = False) -> RenderedRow:
+    """Render one normalized SFT example (`formats.SftExample`): messages or plain text."""
+    if example.text is not None:
+        return render_plain_text(tokenizer, example.text, max_seq_len=max_seq_len)
+    return render_messages(tokenizer, example.messages, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a prompt conversation, ending with the assistant header the model continues from.
+
+    Args:
+        tokenizer: a tokenizer with a chat template.
+        messages: `[{"role", "content"}]`, usually system/user turns.
+        add_generation_prompt: append the template's "assistant starts here" header.
+
+    Returns:
+        the ids exactly as a generator would be fed them (no extra BOS beyond the template's).
+    """
+    return _tokenize(tokenizer, render_text(tokenizer, messages, add_generation_prompt=add_generation_prompt))
+
+
+def render_prompt_completion(tokenizer: Any, prompt_messages: Sequence[dict], completion: str | dict | Sequence[dict],
+                             max_seq_len: int | None = None, keep: str = "prompt_tail") -> tuple[list[int], list[int], bool]:
+    """Prompt ids followed by one assistant completion, with the loss on the completion only.
+
+    The prompt is `render_prompt(tokenizer, prompt_messages)`; the completion tokens are what the
+    template adds for the final assistant turn, up to and including its end-of-turn token (EOS is
+    appended when the template closes the turn with nothing). Both are tokenized separately, so the
+    prompt ids are identical for a chosen and a rejected completion and to what generation sees.
+
+    Args:
+        tokenizer: a tokenizer with a chat template.
+        prompt_messages: the conversation before the answer.
+        completion: the answer: a string, an `{"role": "assistant", "content"}` dict, or a list
+            holding one such message.
+        max_seq_len: the most tokens to return (None: no limit).
+        keep: how to truncate. "prompt_tail": drop the start of the prompt first (keeping at least
+            half of `max_seq_len` for it when the completion is long), then the end of the
+            completion. "start": keep the beginning and drop the end.
+
+    Returns:
+        (input_ids, labels with -100 on prompt tokens, truncated).
+
+    Raises:
+        PmetalError: the template renders the prompt differently once an answer follows it, or
+            `keep` is unknown.
+    """
+    if keep not in ("prompt_tail", "start"):
+        raise PmetalError(f"keep={keep!r} is not one of 'prompt_tail', 'start'")
+    if isinstance(completion, str):
+        completion = {"role": "assistant", "content": completion}
+    if isinstance(completion, dict):
+        completion = [completion]
+    prompt_text = render_text(tokenizer, prompt_messages, add_generation_prompt=True)
+    full_text = render_text(tokenizer, list(prompt_messages) + list(completion))
+    if not full_text.startswith(prompt_text):
+        raise PmetalError("the chat template renders the prompt differently when an answer follows it, "
+                          "so the completion cannot be separated from the prompt")
+    completion_text = full_text[len(prompt_text):]
+    end = _trim_after_end_of_turn(completion_text, end_of_turn_markers(tokenizer))
+    completion_ids = _tokenize(tokenizer, completion_text[:end] if end is not None else completion_text)
+    if end is None and getattr(tokenizer, "eos_token_id", None) is not None:
+        completion_ids.append(tokenizer.eos_token_id)
+    prompt_ids = _tokenize(tokenizer, prompt_text)
+    truncated = max_seq_len is not None and len(prompt_ids) + len(completion_ids) > max_seq_len
+    if truncated:
+        if keep == "prompt_tail":
+            keep_prompt = min(len(prompt_ids), max(max_seq_len - len(completion_ids), max_seq_len // 2))
+            prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+        else:
+            prompt_ids = prompt_ids[:max_seq_len]
+        completion_ids = completion_ids[: max_seq_len - len(prompt_ids)]
+    input_ids = prompt_ids + completion_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    return input_ids, labels, truncated

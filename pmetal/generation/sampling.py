@@ -1,0 +1,209 @@
+"""Batched, KV-cached sampling for rollouts, returning the sampling-time log-probs.
+
+A small loop over a Hugging Face causal LM (``model(input_ids, past_key_values=DynamicCache)``)
+rather than ``generate``: the rollout needs, for every chosen token, exactly the log-probability
+training will compute for it, ``log_softmax(logits / temperature)[token]``, and per-sequence
+stopping with the stop token kept in the completion mask.
+
+Departures from ``transformers.generate``: none in the distribution sampled from (temperature,
+then top-k, top-p, min-p, as HF orders its warpers). The *recorded* log-prob is taken before the
+top-k/top-p/min-p truncation, i.e. under the full tempered distribution, because that is the
+policy the loss differentiates (TRL records the same). Each prompt is prefilled once and its
+KV cache repeated for its ``num_return_sequences`` samples.
+
+Works on CPU, CUDA and MPS: plain tensor ops, float32 for the sampling maths whatever the model
+dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# End-of-turn tokens of common chat templates; added to the stop set when the vocabulary has them.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled.
+
+    Args:
+        max_new_tokens: the most tokens generated per completion.
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_p: nucleus sampling, keep the smallest set of tokens whose probability reaches top_p (1 = off).
+        top_k: keep only the k most likely tokens (0 = off).
+        min_p: drop tokens less likely than ``min_p`` times the most likely one (0 = off).
+    """
+
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"top_k must be >= 0 and min_p in [0, 1), got {self.top_k}, {self.min_p}")
+
+
+@dataclass
+class Generation:
+    """The result of :func:`generate` (``N`` = prompts x ``num_return_sequences``, prompt-major)."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, L] right-padded with the pad id
+    completion_mask: torch.Tensor  # [N, L] 1 on generated tokens up to and including the stop token
+    logps: torch.Tensor  # [N, L] float32 log-prob of each chosen token at sampling time (0 on padding)
+    stopped: torch.Tensor  # [N] bool: ended on a stop token (False: cut at max_new_tokens)
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [N]
+        return self.completion_mask.sum(dim=1)
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS ids of the tokenizer and the model's generation config, plus known end-of-turn tokens."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if config_eos is not None:
+        ids.update(int(i) for i in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        ids.discard(int(tokenizer.pad_token_id))  # a pad token is never a reason to stop
+    return sorted(ids)
+
+
+def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """``[N, V]`` float logits -> tempered logits with truncated tokens set to ``-inf``."""
+    logits = logits / config.temperature
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]  # [N, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [N, V]
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens more likely than it already reach top_p (keeps at least 1)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= config.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if config.min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        threshold = config.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def _forward_kwargs(model) -> tuple[str, bool]:
+    """The cache keyword (``cache`` in transformers >= 5.2x, ``past_key_values`` before) and
+    whether ``logits_to_keep`` is accepted, read from the underlying HF model's signature."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, "logits_to_keep" in params
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    stop_ids: Sequence[int],
+    pad_token_id: int,
+    num_return_sequences: int = 1,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Sample ``num_return_sequences`` completions for each prompt, batched, with a KV cache.
+
+    The model is used as it is (call ``model.eval()`` first for deterministic layers); gradients
+    are off. Prompts are token-id lists of any lengths; they are left-padded with explicit
+    position ids, so a prompt gets the same positions alone or in a batch.
+
+    Args:
+        model: a Hugging Face causal LM (PEFT-wrapped or not).
+        prompts: one token-id list per prompt.
+        config: the sampling settings.
+        stop_ids: token ids that end a completion (kept in it, with mask 1).
+        pad_token_id: the id written after a completion ends.
+        num_return_sequences: completions per prompt (GRPO's group size ``G``).
+        generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+    """
+    from transformers import DynamicCache
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    num_prompts, width = len(prompts), max(len(p) for p in prompts)
+    prompt_ids = torch.full((num_prompts, width), pad_token_id, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros((num_prompts, width), dtype=torch.long, device=device)
+    for i, ids in enumerate(prompts):
+        prompt_ids[i, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+        prompt_mask[i, width - len(ids) :] = 1
+    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # [P, T]
+
+    cache_kw, has_logits_to_keep = _forward_kwargs(model)
+    cache = DynamicCache()
+    extra = {"logits_to_keep": 1} if has_logits_to_keep else {}
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
+                **{cache_kw: cache}, **extra)
+    last_logits = out.logits[:, -1, :].float()  # [P, V]
+    if num_return_sequences > 1:
+        cache.batch_repeat_interleave(num_return_sequences)
+        last_logits = last_logits.repeat_interleave(num_return_sequences, dim=0)
+        prompt_ids = prompt_ids.repeat_interleave(num_return_sequences, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(num_return_sequences, dim=0)
+        position_ids = position_ids.repeat_interleave(num_return_sequences, dim=0)
+    n = prompt_ids.shape[0]
+
+    stop = torch.as_tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    greedy = config.temperature == 0.0
+    attention_mask = prompt_mask
+    next_position = position_ids[:, -1] + 1  # [N]
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens, logps, masks = [], [], []
+    for step in range(config.max_new_tokens):
+        full_logp = torch.log_softmax(last_logits / (1.0 if greedy else config.temperature), dim=-1)  # [N, V]
+        if greedy:
+            token = last_logits.argmax(dim=-1)  # [N]
+        else:
+            probs = process_logits(last_logits, config).softmax(dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [N]
+        active = ~finished
+        token = torch.where(active, token, torch.full_like(token, pad_token_id))
+        tokens.append(token)
+        masks.append(active.long())
+        logps.append(torch.where(active, full_logp.gather(1, token[:, None]).squeeze(1), torch.zeros_like(token, dtype=full_logp.dtype)))
+        hit_stop = active & torch.isin(token, stop)
+        stopped |= hit_stop
+        finished |= hit_stop
+        if bool(finished.all()) or step == config.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, active.long()[:, None]], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
+                    use_cache=True, **{cache_kw: cache})
+        last_logits = out.logits[:, -1, :].float()
+        next_position = next_position + 1
+
+    return Generation(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=torch.stack(tokens, dim=1),
+        completion_mask=torch.stack(masks, dim=1),
+        logps=torch.stack(logps, dim=1),
+        stopped=stopped,
+    )

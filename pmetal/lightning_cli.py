@@ -1,0 +1,157 @@
+"""`pmetal fit` / `pmetal validate`: LightningCLI over the method table.
+
+`--method NAME` (or a top-level `method:` key in a `--config` YAML) picks the LightningModule and
+DataModule classes; every `__init__` argument of both becomes a flag (`--model.lora_r 8`,
+`--data.path train.jsonl`) and a YAML key, with its docstring as help. `--model M` with a plain
+value names the model to fine-tune (a directory, hub id, .gguf or "default"), as PMetal and TRL
+users expect; it is rewritten to `--model.model M`. `--resume` continues from
+`<default_root_dir>/checkpoints/last.ckpt`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pmetal.errors import PmetalError
+from pmetal.methods import METHODS, get_method
+
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _pop_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    out, value, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == name:
+            if i + 1 >= len(argv):
+                raise PmetalError(f"{name} needs a value")
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(name + "="):
+            value, i = arg.split("=", 1)[1], i + 1
+            continue
+        out.append(arg)
+        i += 1
+    return value, out
+
+
+def _pop_resume(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--resume` alone means the run directory's last checkpoint; `--resume PATH` names one."""
+    out, resume, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--resume":
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                resume, i = argv[i + 1], i + 2
+            else:
+                resume, i = "last", i + 1
+            continue
+        if argv[i].startswith("--resume="):
+            resume = argv[i].split("=", 1)[1] or "last"
+        else:
+            out.append(argv[i])
+        i += 1
+    return resume, out
+
+
+def _method_from_configs(argv: list[str]) -> str | None:
+    import yaml
+
+    method = None
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path and Path(path).is_file():
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            if isinstance(data, dict) and data.get("method"):
+                method = str(data["method"])
+    return method
+
+
+def rewrite_model_flag(argv: list[str]) -> list[str]:
+    """`--model M` (a model name, not a config) -> `--model.model M`."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        value = None
+        if arg == "--model" and i + 1 < len(argv):
+            value, step = argv[i + 1], 2
+        elif arg.startswith("--model="):
+            value, step = arg.split("=", 1)[1], 1
+        if value is not None and not value.startswith("{") and not value.endswith(_CONFIG_SUFFIXES):
+            out += ["--model.model", value]
+            i += step
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def run_lightning_cli(argv: list[str], *, run: bool = True):
+    """Parse `pmetal fit|validate ...` and run it (or only build the objects with run=False)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from pmetal.runner import build_trainer, default_run_dir, pmetal_callbacks, resolve_resume
+
+    subcommand, rest = argv[0], argv[1:]
+    method_name, rest = _pop_option(rest, "--method")
+    method_name = method_name or _method_from_configs(rest) or "sft"
+    if method_name not in METHODS:
+        raise PmetalError(f"unknown --method {method_name!r}; available: {', '.join(METHODS)}")
+    method = get_method(method_name)
+    resume, rest = _pop_resume(rest)
+    rest = rewrite_model_flag(rest)
+
+    class PmetalCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--method", default=method_name, help=f"training method: {', '.join(METHODS)}")
+            parser.add_argument("--checkpoint_every_n_steps", type=int, default=100,
+                                help="write a checkpoint every N optimizer steps (and at the end)")
+
+        def _instantiate_trainer(self, config, callbacks):
+            config = dict(config)
+            sub = self.config.get(str(self.subcommand), self.config)
+            every = int(sub.get("checkpoint_every_n_steps", 100))
+            root = config.pop("default_root_dir", None) or str(default_run_dir(method_name))
+            user_callbacks = config.pop("callbacks", None) or []
+            if self.save_config_callback and not config.get("fast_dev_run", False):
+                callbacks = list(callbacks) + [
+                    self.save_config_callback(self._parser(self.subcommand), sub, **self.save_config_kwargs)
+                ]
+            logger = config.pop("logger", None)
+            return build_trainer(
+                root,
+                accelerator=config.pop("accelerator", None) or "auto",
+                precision=config.pop("precision", None) or "auto",
+                callbacks=pmetal_callbacks(every) + list(user_callbacks),
+                extra_callbacks=callbacks,
+                logger=None if logger in (None, True) else logger,
+                **config,
+            )
+
+    cli = PmetalCLI(
+        method.module_class(),
+        method.datamodule_class(),
+        args=[subcommand, *rest],
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "max_epochs": 1,
+            "gradient_clip_val": 1.0,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            "devices": 1,
+        },
+        auto_configure_optimizers=False,
+    )
+    if not run:
+        return cli
+    ckpt = resolve_resume(cli.trainer.default_root_dir, resume)
+    from pmetal.cli import report_outputs
+    from pmetal.runner import fit
+
+    if subcommand == "fit":
+        result = fit(cli.trainer, cli.model, cli.datamodule, ckpt_path=ckpt)
+        report_outputs(result, getattr(cli.model, "artifact_kind", "model"))
+    else:
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    return cli

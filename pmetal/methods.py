@@ -1,0 +1,67 @@
+"""The one table of training methods: name -> LightningModule, DataModule, default config.
+
+Classes are named by import string and imported only when a method is used, so the core never
+imports a module and `pmetal --help` stays fast. LoRA, DoRA and QLoRA are settings of a method
+(`adapter`, `quantization`), with presets in configs/{lora,dora,qlora}.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from pmetal.errors import PmetalError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    module: str  # "package.module:Class"
+    datamodule: str
+    config: str  # file name under configs/
+    summary: str
+
+    def module_class(self):
+        return _load(self.module, self.name)
+
+    def datamodule_class(self):
+        return _load(self.datamodule, self.name)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("sft", "pmetal.modules.sft:SftModule", "pmetal.data.datamodule:SftDataModule", "sft.yaml",
+               "supervised fine-tuning, full or LoRA/DoRA/QLoRA"),
+        Method("dpo", "pmetal.modules.dpo:DpoModule", "pmetal.data.preference:PreferenceDataModule", "dpo.yaml",
+               "Direct Preference Optimization (sigmoid, hinge, IPO, robust)"),
+        Method("simpo", "pmetal.modules.simpo:SimpoModule", "pmetal.data.preference:PreferenceDataModule",
+               "simpo.yaml", "SimPO: length-normalized, reference-free preference optimization"),
+        Method("orpo", "pmetal.modules.orpo:OrpoModule", "pmetal.data.preference:PreferenceDataModule", "orpo.yaml",
+               "ORPO: SFT plus an odds-ratio preference term"),
+        Method("kto", "pmetal.modules.kto:KtoModule", "pmetal.data.preference:KtoDataModule", "kto.yaml",
+               "KTO: unpaired desirable/undesirable feedback"),
+        Method("grpo", "pmetal.modules.grpo:GrpoModule", "pmetal.data.prompts:PromptDataModule", "grpo.yaml",
+               "GRPO: group-relative policy optimization with reward functions"),
+        Method("dapo", "pmetal.modules.grpo:DapoModule", "pmetal.data.prompts:PromptDataModule", "dapo.yaml",
+               "DAPO: GRPO with clip-higher, token-level loss, overlong shaping, dynamic sampling"),
+        Method("rlkd", "pmetal.modules.rlkd:RlkdModule", "pmetal.data.prompts:PromptDataModule", "rlkd.yaml",
+               "RLKD: GRPO plus distillation from a frozen teacher"),
+        Method("embed", "pmetal.modules.embed:EmbedModule", "pmetal.data.embedding:EmbeddingDataModule", "embed.yaml",
+               "sentence-embedding training (InfoNCE, Triplet, CoSENT)"),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise PmetalError(f"unknown method {name!r}; available methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _load(target: str, method: str):
+    module_name, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PmetalError(f"method {method!r} is not available in this installation ({target}: {exc})") from exc

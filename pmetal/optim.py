@@ -1,0 +1,60 @@
+"""AdamW over trainable parameters and learning-rate schedules (warmup + cosine/linear/constant)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from pmetal.errors import PmetalError
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], learning_rate: float, weight_decay: float = 0.0, betas=(0.9, 0.999)
+) -> torch.optim.Optimizer:
+    """AdamW over the parameters that require grad; no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    if not decay and not no_decay:
+        raise PmetalError("no trainable parameters: check the adapter settings (target_modules?)")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    # foreach kernels exist on CPU, CUDA and MPS; fused AdamW is CUDA/MPS-only, so it is not forced here.
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+
+def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """The factor applied to the base learning rate at optimizer step `step` (0-based).
+
+    Linear warmup from 1/(warmup+1) to 1 over `warmup_steps`, then cosine or linear decay to
+    `min_ratio` at `total_steps`, or constant.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise PmetalError(f"unknown lr schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "linear":
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    lr_multiplier(0, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)  # validates names
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step, schedule=schedule, warmup_steps=warmup_steps, total_steps=max(total_steps, 1), min_ratio=min_ratio
+        ),
+    )

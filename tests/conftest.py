@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models built in place, with SmolLM2's real tokenizer and template."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def make_tiny_causal_lm(path, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
+    """Save a tiny random LlamaForCausalLM with SmolLM2's tokenizer (and chat template) to `path`."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pmetal.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory holding a tiny random Llama (2 layers, hidden 32) and SmolLM2's tokenizer."""
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct (converted from the shipped GGUF once, then cached)."""
+    from pmetal.models import default_model_path
+
+    return default_model_path()
