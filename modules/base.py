@@ -106,6 +106,7 @@ class PmetalModule(L.LightningModule):
         self.policy = apply_adapter(
             base, adapter, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules
         )
+        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.artifact_kind = "model" if adapter == "full" else "adapter"
         # Lightning loads our trainable-only checkpoints with strict=False.
         self.strict_loading = False
@@ -181,11 +182,12 @@ class PmetalModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(self.policy.parameters(), hp.learning_rate, hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1000
-        if not isinstance(total, int) or total <= 0:
-            total = 1000
-        scheduler = build_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, int(total), hp.min_lr_ratio)
+        scheduler = build_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, self._total_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return int(total) if isinstance(total, (int, float)) and 0 < total < float("inf") else 1000
 
     # ------------------------------------------------------------------ checkpoints and saving
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -130,7 +130,7 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
     cli = PmetalCLI(
         method.module_class(),
         method.datamodule_class(),
-        args=[subcommand, *rest],
+        args=rest,  # run=False: LightningCLI has no subcommands; we call fit/validate ourselves
         run=False,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={

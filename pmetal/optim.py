@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -49,12 +49,30 @@ def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: i
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int | Callable[[], int],
+    min_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    lr_multiplier(0, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)  # validates names
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_multiplier(
-            step, schedule=schedule, warmup_steps=warmup_steps, total_steps=max(total_steps, 1), min_ratio=min_ratio
-        ),
-    )
+    """LambdaLR over `lr_multiplier`.
+
+    `total_steps` may be a callable, asked only when a step > 0 needs it: Lightning's
+    `estimated_stepping_batches` builds the train dataloader, and doing that inside
+    `configure_optimizers` (before a checkpoint is restored) would stop a resumed run from restoring
+    its mid-epoch data position.
+    """
+    lr_multiplier(0, schedule=schedule, warmup_steps=warmup_steps, total_steps=1)  # validates names
+    resolved: list[int] = []
+
+    def total() -> int:
+        if not resolved:
+            resolved.append(max(int(total_steps() if callable(total_steps) else total_steps), 1))
+        return resolved[0]
+
+    def multiplier(step: int) -> float:
+        if step == 0 and warmup_steps == 0:
+            return 1.0  # does not depend on the total
+        return lr_multiplier(step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total(), min_ratio=min_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

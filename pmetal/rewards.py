@@ -162,7 +162,8 @@ def think_format_reward(prompts: Sequence[Any], completions: Sequence[str], **kw
         if text is not None:
             match = re.match(r"^\s*<(think|thinking)>(.*?)</\1>(.*)$", text, re.DOTALL)
             ok = bool(match and match.group(2).strip() and match.group(3).strip())
-            ok = ok and not re.search(r"</?think(ing)?>", match.group(3))  # exactly one block
+            # exactly one block: no other think tag inside it or after it
+            ok = ok and not re.search(r"</?think(ing)?>", match.group(2) + match.group(3))
         scores.append(1.0 if ok else 0.0)
     return scores
 
@@ -319,7 +320,8 @@ class RewardSet:
         self.functions = list(functions)
         self.weights = [float(w) for w in weights]
         names = [reward_name(fn) for fn in self.functions]
-        self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        # a repeated function keeps its name the first time and gets its position after that
+        self.names = [n if n not in names[:i] else f"{n}_{i}" for i, n in enumerate(names)]
 
     @classmethod
     def from_specs(

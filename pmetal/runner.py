@@ -99,10 +99,11 @@ def build_trainer(
     plugins = list(trainer_kwargs.pop("plugins", None) or [])
     if not any(type(p).__name__ == "AtomicCheckpointIO" for p in plugins):
         plugins.append(AtomicCheckpointIO())
+    defaults = {"devices": 1, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    trainer_kwargs = {**defaults, **trainer_kwargs}
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=choice.accelerator,
-        devices=trainer_kwargs.pop("devices", 1),
         precision=choice.precision,
         max_epochs=max_epochs,
         max_steps=max_steps,
@@ -114,8 +115,6 @@ def build_trainer(
         logger=logger,
         plugins=plugins,
         enable_progress_bar=enable_progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=trainer_kwargs.pop("num_sanity_val_steps", 0),
         **trainer_kwargs,
     )
     trainer.pmetal_device = choice

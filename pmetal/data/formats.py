@@ -104,6 +104,13 @@ def row_error(rows: Sequence[dict], index: int, message: str, *, field: str | No
 # Reading files
 # ----------------------------------------------------------------------------------------------
 
+def example_path(name: str = "sft.jsonl") -> Path:
+    """Path of a dataset shipped with pmetal (`examples/data/<name>`, installed as pmetal.examples)."""
+    from importlib import resources
+
+    return Path(str(resources.files("pmetal.examples") / "data" / name))
+
+
 def load_rows(path: str | Path, *, split: str = "train") -> Rows:
     """Read a data file (or a directory of them, or a hub dataset id) into a list of row dicts.
 

@@ -42,6 +42,7 @@ import lightning as L
 import torch
 
 from pmetal.data.formats import coerce_messages, load_rows, locate, require_string, row_error
+from pmetal.data.render import ensure_chat_template, render_prompt_completion
 from pmetal.errors import DataError
 
 log = logging.getLogger("pmetal")
@@ -103,9 +104,14 @@ def _prompt_messages(rows, i, path) -> list[dict[str, str]] | None:
     return messages
 
 
-def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+def _full_prompt(rows, i, context: list[dict[str, str]], system_prompt: str | None, path) -> list[dict[str, str]]:
+    """The explicit prompt (if any) + the turns before the completion, with the default system prompt."""
+    prompt = _prompt_messages(rows, i, path)
+    if prompt is None and not context:
+        raise _missing(rows, i, ("prompt", "instruction"), path)
+    messages = (prompt or []) + context
     if system_prompt and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}, *messages]
+        messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
 
 
@@ -134,12 +140,7 @@ def _missing(rows, i, names: Sequence[str], path) -> DataError:
 
 def to_preference_pairs(rows: Sequence[dict], *, system_prompt: str | None = None,
                         path: str | None = None) -> tuple[list[PreferencePair], list[int]]:
-    """Normalize preference rows (see the module docstring for the accepted fields).
-
-    Args:
-        rows: rows from `load_rows` (or plain dicts; then pass `path` for error messages).
-        system_prompt: prepended as a system message to prompts that have none.
-        path: file name for errors when `rows` is a plain list.
+    """Normalize preference rows (fields: see the module docstring); `path` names plain lists in errors.
 
     Returns:
         (pairs, skipped): the pairs in file order, and the 1-based row numbers of rows skipped
@@ -156,16 +157,13 @@ def to_preference_pairs(rows: Sequence[dict], *, system_prompt: str | None = Non
             raise _missing(rows, i, CHOSEN_FIELDS, path)
         if rejected_field is None:
             raise _missing(rows, i, REJECTED_FIELDS, path)
-        prompt = _prompt_messages(rows, i, path)
         chosen_context, chosen = _completion(rows, i, chosen_field, path)
         rejected_context, rejected = _completion(rows, i, rejected_field, path)
         if chosen_context != rejected_context:
             raise row_error(rows, i, f"'{chosen_field}' and '{rejected_field}' differ before their last message",
                             field=rejected_field, path=path,
                             expected="the same conversation in both, differing only in the final assistant turn")
-        if prompt is None and not chosen_context:
-            raise _missing(rows, i, ("prompt", "instruction"), path)
-        prompt = _with_system((prompt or []) + chosen_context, system_prompt)
+        prompt = _full_prompt(rows, i, chosen_context, system_prompt, path)
         if chosen.strip() == rejected.strip():
             skipped.append(locate(rows, i, path)[1])
             continue
@@ -207,10 +205,7 @@ def to_kto_examples(rows: Sequence[dict], *, system_prompt: str | None = None,
         if field is None:
             raise _missing(rows, i, COMPLETION_FIELDS, path)
         context, completion = _completion(rows, i, field, path)
-        prompt = _prompt_messages(rows, i, path)
-        if prompt is None and not context:
-            raise _missing(rows, i, ("prompt", "instruction"), path)
-        prompt = _with_system((prompt or []) + context, system_prompt)
+        prompt = _full_prompt(rows, i, context, system_prompt, path)
         examples.append(KtoExample(prompt, completion, parse_label(rows, i, path=path)))
     return examples
 
@@ -236,3 +231,246 @@ def kto_balance_warning(num_desirable: int, num_undesirable: int, desirable_weig
     return (f"KTO data is imbalanced: {num_desirable} desirable vs {num_undesirable} undesirable examples "
             f"(weighted ratio {ratio:.2f}); consider {advice} "
             f"(the KTO paper keeps desirable_weight*n_desirable / (undesirable_weight*n_undesirable) in [1, 4/3])")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing and collating
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TruncationStats:
+    """How many rendered sequences were longer than max_seq_len, and how many tokens were cut."""
+
+    sequences: int = 0
+    truncated: int = 0
+    tokens_cut: int = 0
+
+    def report(self, what: str, max_seq_len: int) -> None:
+        if self.truncated:
+            log.warning("%s: %d of %d sequences exceeded max_seq_len=%d; cut %d tokens (prompt heads first)",
+                        what, self.truncated, self.sequences, max_seq_len, self.tokens_cut)
+
+
+def _render(tokenizer, prompt, completion: str, max_seq_len: int, stats: TruncationStats) -> tuple[list, list]:
+    ids, labels, truncated = render_prompt_completion(tokenizer, prompt, completion, max_seq_len, keep="prompt_tail")
+    stats.sequences += 1
+    if truncated:
+        full, _, _ = render_prompt_completion(tokenizer, prompt, completion, None)
+        stats.truncated += 1
+        stats.tokens_cut += len(full) - len(ids)
+    return ids, labels
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_seq_len: int, *, first_index: int = 0,
+                   stats: TruncationStats | None = None) -> list[dict[str, Any]]:
+    """Render each pair into `chosen_*`/`rejected_*` ids and labels (loss on the completion only).
+
+    `index` numbers the pairs from `first_index`, so cached reference log-probs can be found again.
+    """
+    stats = stats if stats is not None else TruncationStats()
+    items = []
+    for k, pair in enumerate(pairs):
+        chosen_ids, chosen_labels = _render(tokenizer, pair.prompt, pair.chosen, max_seq_len, stats)
+        rejected_ids, rejected_labels = _render(tokenizer, pair.prompt, pair.rejected, max_seq_len, stats)
+        items.append({"index": first_index + k, "chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
+                      "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels})
+    return items
+
+
+def _split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    start = next((t for t, x in enumerate(labels) if x != IGNORE_INDEX), len(ids))
+    return ids[:start], ids[start:]
+
+
+def tokenize_kto(tokenizer, examples: Sequence[KtoExample], max_seq_len: int, *, first_index: int = 0, seed: int = 0,
+                 stats: TruncationStats | None = None) -> list[dict[str, Any]]:
+    """Render KTO rows, and give each a mismatched completion for the KL reference point.
+
+    Departure from the paper (which mismatches within each microbatch) as in TRL: row i's KL
+    sequence is its prompt followed by the completion of another row, fixed here by a seeded
+    cyclic shift of a random order. A fixed pairing lets reference log-probs be precomputed; the
+    estimate of KL(pi_theta || pi_ref) over mismatched pairs is the same in expectation.
+    """
+    stats = stats if stats is not None else TruncationStats()
+    rendered = [_split_prompt(*_render(tokenizer, ex.prompt, ex.completion, max_seq_len, stats)) for ex in examples]
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    partner = {order[k]: order[k - 1] for k in range(len(order))}  # a single row is its own partner
+    items = []
+    for k, ((prompt_ids, completion_ids), ex) in enumerate(zip(rendered, examples)):
+        kl_completion = rendered[partner[k]][1]
+        kl_prompt = prompt_ids[max(0, len(prompt_ids) + len(kl_completion) - max_seq_len):]
+        kl_completion = kl_completion[: max_seq_len - len(kl_prompt)]
+        items.append({"index": first_index + k, "desirable": ex.desirable,
+                      "input_ids": prompt_ids + completion_ids,
+                      "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+                      "kl_input_ids": kl_prompt + kl_completion,
+                      "kl_labels": [IGNORE_INDEX] * len(kl_prompt) + kl_completion})
+    return items
+
+
+def _pad(rows: Sequence[list[int]], value: int, length: int) -> torch.Tensor:
+    return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)
+
+
+def _pad_group(items: Sequence[dict], prefixes: Sequence[str], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad `<prefix>input_ids`/`<prefix>labels` of every prefix to one common length."""
+    length = max(len(item[f"{p}input_ids"]) for item in items for p in prefixes)
+    batch = {}
+    for p in prefixes:
+        ids = [item[f"{p}input_ids"] for item in items]
+        batch[f"{p}input_ids"] = _pad(ids, pad_token_id, length)
+        batch[f"{p}attention_mask"] = _pad([[1] * len(r) for r in ids], 0, length)
+        batch[f"{p}labels"] = _pad([item[f"{p}labels"] for item in items], IGNORE_INDEX, length)
+    return batch
+
+
+class PreferenceCollator:
+    """Pads chosen and rejected sides to ONE common length, so the module can concatenate them into a
+    single `[2B, T]` forward: `chosen_{input_ids,attention_mask,labels}`, `rejected_*`, and `index [B]`."""
+
+    sides: tuple[str, ...] = ("chosen_", "rejected_")
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        batch = _pad_group(items, self.sides, self.pad_token_id)
+        for key in (k for k in items[0] if not k.endswith(("input_ids", "labels"))):  # index, desirable
+            batch[key] = torch.tensor([item[key] for item in items])
+        return batch
+
+
+class KtoCollator(PreferenceCollator):
+    """KTO batch: `input_ids`/`attention_mask`/`labels` `[B, T]`, `desirable [B] bool`, `index [B]`, and the
+    mismatched KL sequences `kl_input_ids`/`kl_attention_mask`/`kl_labels` padded to the same T."""
+
+    sides = ("", "kl_")
+
+
+# ----------------------------------------------------------------------------------------------
+# DataModules
+# ----------------------------------------------------------------------------------------------
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs (DPO, SimPO, ORPO) read from a file; see `pmetal.data.preference` for the fields.
+
+    Args:
+        path: training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset id;
+            None uses pmetal's small example set (examples/data/dpo.jsonl, KTO: kto.jsonl).
+        eval_path: validation data in the same format; None holds out `val_fraction` of `path` instead.
+        val_fraction: fraction of the training rows held out for validation when eval_path is None (0: none).
+        batch_size: examples per batch (pairs for DPO/SimPO/ORPO, rows for KTO).
+        max_seq_len: most tokens of prompt + completion; longer prompts lose their start first.
+        seed: seed of the validation split, the shuffling and KTO's mismatched pairs.
+        tokenizer: a tokenizer; None takes the training module's (`trainer.lightning_module.tokenizer`).
+        system_prompt: a system message added to prompts that have none.
+        chat_template: None keeps the model's template; "chatml", a Jinja string or a .jinja file replaces it.
+        num_workers: DataLoader worker processes.
+    """
+
+    example_file = "dpo.jsonl"
+    collator = PreferenceCollator
+
+    def __init__(self, path: Optional[str] = None, eval_path: Optional[str] = None, val_fraction: float = 0.0,
+                 batch_size: int = 4, max_seq_len: int = 1024, seed: int = 0, tokenizer: Optional[Any] = None,
+                 system_prompt: Optional[str] = None, chat_template: Optional[str] = None,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(None, f"val_fraction={val_fraction} is out of range", expected="0 <= val_fraction < 1")
+        if path is None:
+            from importlib.resources import files
+
+            path = str(files("pmetal.examples") / "data" / self.example_file)
+        self.path, self.eval_path, self.val_fraction = path, eval_path, val_fraction
+        self.batch_size, self.max_seq_len, self.seed = batch_size, max_seq_len, seed
+        self.tokenizer, self.system_prompt, self.chat_template = tokenizer, system_prompt, chat_template
+        self.num_workers = num_workers
+        self.train_items: list[dict] | None = None
+        self.val_items: list[dict] = []
+
+    # What differs between pairs and KTO rows.
+    def _examples(self, rows, path) -> list:
+        return to_preference_pairs(rows, system_prompt=self.system_prompt, path=path)[0]
+
+    def _tokenize(self, tokenizer, examples, first_index: int, stats: TruncationStats) -> list[dict]:
+        return tokenize_pairs(tokenizer, examples, self.max_seq_len, first_index=first_index, stats=stats)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_items is not None:
+            return
+        tokenizer = self.tokenizer
+        if tokenizer is None and self.trainer is not None:
+            tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if tokenizer is None:
+            raise DataError(self.path, "no tokenizer: pass tokenizer=... or attach the DataModule to a Trainer "
+                            "whose module has one", expected="a tokenizer")
+        self.tokenizer = tokenizer
+        ensure_chat_template(tokenizer, self.chat_template)
+        train = self._examples(load_rows(self.path), self.path)
+        if self.eval_path:
+            val = self._examples(load_rows(self.eval_path), self.eval_path)
+        elif self.val_fraction > 0:
+            order = list(range(len(train)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, round(len(train) * self.val_fraction))
+            if n_val >= len(train):
+                raise DataError(self.path, f"{len(train)} examples leave none for training after holding out "
+                                f"val_fraction={self.val_fraction}", expected="more rows or a smaller val_fraction")
+            val, train = [train[i] for i in sorted(order[:n_val])], [train[i] for i in sorted(order[n_val:])]
+        else:
+            val = []
+        self._on_examples(train, val)
+        stats = TruncationStats(), TruncationStats()
+        self.train_items = self._tokenize(tokenizer, train, 0, stats[0])
+        self.val_items = self._tokenize(tokenizer, val, len(train), stats[1])
+        stats[0].report(f"{self.path} (train)", self.max_seq_len)
+        stats[1].report(f"{self.eval_path or self.path} (validation)", self.max_seq_len)
+        log.info("preference data: %d training and %d validation examples", len(train), len(val))
+
+    def _on_examples(self, train: list, val: list) -> None:
+        """A hook for per-split statistics (KTO's desirable/undesirable counts)."""
+
+    def _loader(self, items: list[dict], shuffle: bool):
+        from torch.utils.data import DataLoader
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(items, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          collate_fn=self.collator(pad), num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self._loader(self.train_items, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_items, shuffle=False) if self.val_items else []
+
+    def ordered_dataloaders(self) -> list:
+        """Every split in file order without shuffling: for precomputing reference log-probs by `index`."""
+        return [self._loader(items, shuffle=False) for items in (self.train_items, self.val_items) if items]
+
+
+class KtoDataModule(PreferenceDataModule):
+    """Unpaired desirable/undesirable completions (KTO); the same arguments as PreferenceDataModule.
+
+    After setup, `num_desirable` and `num_undesirable` count the training rows; the KTO module warns
+    when their ratio is far from 1:1 while its weights are unchanged.
+    """
+
+    example_file = "kto.jsonl"
+    collator = KtoCollator
+    num_desirable: int = 0
+    num_undesirable: int = 0
+
+    def _examples(self, rows, path) -> list:
+        return to_kto_examples(rows, system_prompt=self.system_prompt, path=path)
+
+    def _tokenize(self, tokenizer, examples, first_index: int, stats: TruncationStats) -> list[dict]:
+        return tokenize_kto(tokenizer, examples, self.max_seq_len, first_index=first_index, seed=self.seed,
+                            stats=stats)
+
+    def _on_examples(self, train: list, val: list) -> None:
+        self.num_desirable = sum(ex.desirable for ex in train)
+        self.num_undesirable = len(train) - self.num_desirable
+        log.info("KTO data: %d desirable, %d undesirable training rows", self.num_desirable, self.num_undesirable)

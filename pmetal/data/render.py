@@ -7,7 +7,7 @@ prefix of F_i and F_i a prefix of the full text, the characters `[len(P_i), len(
 assistant turn: its content plus the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`,
 `<end_of_turn>`, EOS...). Scaffolding after the end-of-turn token (ChatML's trailing newline) is
 not trained, since generation stops at that token. The full text is tokenized once and a token is
-trained when its first character lies in an assistant span (character offsets from the fast
+trained when it overlaps an assistant span (character offsets from the fast
 tokenizer; slow tokenizers are tokenized span by span). Everything else - system prompt, user
 turns, role headers - gets label -100.
 
@@ -191,10 +191,13 @@ def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]
     if offsets is not None:
         ids = list(enc["input_ids"])
         trained, k = [], 0
-        for start, _ in offsets:
+        for start, end in offsets:
+            end = max(end, start + 1)
             while k < len(spans) and start >= spans[k][1]:
                 k += 1
-            trained.append(k < len(spans) and spans[k][0] <= start < spans[k][1])
+            # A token overlapping a span is trained: BPE may merge a template's trailing space into
+            # the first answer token (" Hello"), which is still the token the model must produce.
+            trained.append(k < len(spans) and start < spans[k][1] and end > spans[k][0])
         return ids, trained
     # A slow tokenizer: tokenize the masked and trained pieces one by one.
     ids, trained, cursor = [], [], 0
@@ -245,8 +248,13 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict], add_generation_promp
     return _tokenize(tokenizer, render_text(tokenizer, messages, add_generation_prompt=add_generation_prompt))
 
 
-def render_prompt_completion(tokenizer: Any, prompt_messages: Sequence[dict], completion: str | dict | Sequence[dict],
-                             max_seq_len: int | None = None, keep: str = "prompt_tail") -> tuple[list[int], list[int], bool]:
+def render_prompt_completion(
+    tokenizer: Any,
+    prompt_messages: Sequence[dict],
+    completion: str | dict | Sequence[dict],
+    max_seq_len: int | None = None,
+    keep: str = "prompt_tail",
+) -> tuple[list[int], list[int], bool]:
     """Prompt ids followed by one assistant completion, with the loss on the completion only.
 
     The prompt is `render_prompt(tokenizer, prompt_messages)`; the completion tokens are what the
@@ -299,3 +307,54 @@ def render_prompt_completion(tokenizer: Any, prompt_messages: Sequence[dict], co
     input_ids = prompt_ids + completion_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     return input_ids, labels, truncated
+
+
+@dataclass
+class RenderedDataset:
+    """A tokenized SFT file.
+
+    Attributes:
+        rows: `{"input_ids", "labels"}` dicts (lists of ints), rows without trained tokens removed.
+        source: for each kept row, its index in the input rows (for locating it in the file).
+        truncated: how many rows were cut to `max_seq_len`.
+        dropped: indices of input rows left with no trained token (e.g. the answer was truncated
+            away), which are not trained on.
+    """
+
+    rows: list[dict[str, list[int]]]
+    source: list[int]
+    truncated: int
+    dropped: list[int]
+
+    def lengths(self) -> list[int]:
+        return [len(r["input_ids"]) for r in self.rows]
+
+    def trained_tokens(self) -> int:
+        return sum(1 for r in self.rows for x in r["labels"] if x != IGNORE_INDEX)
+
+
+def render_sft_dataset(tokenizer: Any, rows: Sequence[dict], examples: Sequence[SftExample], *,
+                       max_seq_len: int | None = None, train_on_prompt: bool = False,
+                       path: str | None = None) -> RenderedDataset:
+    """Render every normalized example of a file (see `formats.to_sft_examples`).
+
+    Raises:
+        DataError: the chat template rejects a row (the error names the file and row).
+    """
+    from pmetal.data.formats import row_error
+
+    out, source, truncated, dropped = [], [], 0, []
+    for i, example in enumerate(examples):
+        try:
+            rendered = render_example(tokenizer, example, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+        except PmetalError as e:
+            if "has no chat template" in str(e):
+                raise
+            raise row_error(rows, i, str(e), field="messages", path=path) from None
+        truncated += rendered.truncated
+        if rendered.num_trained == 0:
+            dropped.append(i)
+            continue
+        out.append({"input_ids": rendered.input_ids, "labels": rendered.labels})
+        source.append(i)
+    return RenderedDataset(out, source, truncated, dropped)

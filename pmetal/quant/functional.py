@@ -17,8 +17,8 @@ between the two freely:
 - packing: two codes per byte, the even-indexed value in the high nibble; an odd element count is
   padded with one zero value; the packed tensor has (numel + 1) // 2 bytes;
 - double quantization: offset = mean(absmax) (fp32), then (absmax - offset) is quantized block-wise
-  (blocks of 256) with the 256-entry dynamic map: x / nested_absmax, nearest entry, ties to the lower
-  entry (bitsandbytes' CPU kernel: binary search then a strict distance comparison).
+  (blocks of 256) with the 256-entry dynamic map through bitsandbytes' CPU lookup table (see
+  `quantize_dynamic_blockwise`).
   Dequantized absmax = dynamic[code] * nested_absmax + offset, in fp32.
 
 Known disagreement: bitsandbytes 0.50's native CPU *dequantize* kernel indexes blocks within each
@@ -152,24 +152,39 @@ def quantize_dynamic_blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """values [N] fp32 -> (codes [N] uint8 into `dynamic_map()`, block absmax [ceil(N/bs)] fp32).
 
-    Matches bitsandbytes' CPU `quantize_blockwise` (fp32 input): x / absmax, nearest map entry,
-    ties to the lower entry.
+    Matches bitsandbytes 0.50's native CPU `quantize_blockwise` (fp32 input) bit for bit. That
+    kernel does not search the map: it normalizes x * (1 / absmax) and reads a 65536-entry table over a
+    uniform grid of [-1, 1], entry floor((x + 1) * 32767.5 + 0.5), each entry being the map value
+    nearest to its grid point. Near a midpoint between two map values (within ~1.5e-5) this picks
+    the farther one, ~0.1% of values; we reproduce it rather than "fix" it so the bytes agree.
     """
     flat = values.reshape(-1).float()
     n = flat.numel()
     nblocks = -(-n // block_size)
     padded = torch.nn.functional.pad(flat, (0, nblocks * block_size - n)).view(nblocks, block_size)
     absmax = padded.abs().amax(dim=-1)
-    normed = (padded / absmax.view(-1, 1)).reshape(-1)[:n]
-    code = dynamic_map(flat.device)
-    left = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, code.numel() - 2)
-    dist_left = (normed - code[left]).abs()
-    dist_right = (normed - code[left + 1]).abs()
-    idx = left + (dist_right < dist_left).long()
-    # A block of zeros has absmax 0 and 0/0 = NaN; bitsandbytes' kernel then stores code 0 (any code
+    normed = (padded * (1.0 / absmax.view(-1, 1))).reshape(-1)[:n]
+    slot = torch.floor((normed + 1.0) * 32767.5 + 0.5)
+    # A block of zeros has absmax 0 and 0 * inf = NaN; bitsandbytes then stores code 0 (any code
     # decodes to 0 * 0 + offset, but the bytes should agree).
-    idx = torch.where(torch.isnan(normed), 0, idx)
-    return idx.to(torch.uint8), absmax
+    slot = torch.nan_to_num(slot, nan=0.0).clamp(0, _GRID - 1).long()
+    return _grid_table(flat.device)[slot], absmax
+
+
+_GRID = 65536
+
+
+@lru_cache(maxsize=None)
+def _grid_table_cpu() -> torch.Tensor:
+    grid = torch.linspace(-1, 1, _GRID, dtype=torch.float32)
+    code = _dynamic_map_cpu()
+    left = (torch.searchsorted(code, grid, right=True) - 1).clamp(0, code.numel() - 2)
+    nearer_right = (grid - code[left + 1]).abs() < (grid - code[left]).abs()
+    return (left + nearer_right.long()).to(torch.uint8)
+
+
+def _grid_table(device: torch.device) -> torch.Tensor:
+    return _grid_table_cpu().to(device)
 
 
 def dequantize_dynamic_blockwise(
@@ -339,7 +354,14 @@ def dequantize_int8(codes: torch.Tensor, state: QuantState, dtype: torch.dtype =
 def quantize(
     weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True
 ) -> tuple[torch.Tensor, QuantState]:
-    """Quantize with any of QUANT_TYPES; returns (codes, state)."""
+    """Quantize with any of QUANT_TYPES; returns (codes, state) on the weight's device.
+
+    On MPS the work is done on CPU (bucketize/searchsorted coverage on MPS varies between torch
+    releases, and CPU is the reference for bit-exactness); it runs once, at load time.
+    """
+    if weight.device.type == "mps":
+        codes, state = quantize(weight.detach().cpu(), quant_type, block_size, double_quant)
+        return codes.to(weight.device), state.to(weight.device)
     if quant_type == "int8":
         return quantize_int8(weight, block_size, double_quant)
     if quant_type in ("nf4", "fp4"):

@@ -1,11 +1,14 @@
-"""Pooling on hand-built masks (left and right padding), and against sentence-transformers' Pooling."""
+"""pmetal.embedding: pooling on hand-built masks (left and right padding, against sentence-transformers'
+Pooling) and the evaluation metrics (retrieval recall/MRR, Spearman with ties, triplet accuracy)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pmetal.embedding import pool
+import math
+
+from pmetal.embedding import average_ranks, pool, retrieval_metrics, spearman, triplet_accuracy
 from pmetal.errors import PmetalError
 
 F64 = torch.float64
@@ -83,3 +86,41 @@ def test_matches_sentence_transformers_pooling(mode, side):
 def test_unknown_mode():
     with pytest.raises(PmetalError, match="cls, mean, lasttoken"):
         pool(_tokens(), RIGHT, "max")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_retrieval_metrics_hand_values():
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    docs = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    relevance = torch.tensor([[False, True, False], [False, False, True]])
+    # q0's relevant doc is ranked 2nd (d0 is closer), q1's is ranked 1st
+    m = retrieval_metrics(queries, docs, relevance, ks=(1, 2))
+    assert m == pytest.approx({"recall@1": 0.5, "recall@2": 1.0, "mrr@10": 0.75})
+    # two relevant documents for q0: recall@1 counts the fraction found
+    both = torch.tensor([[True, True, False], [False, False, True]])
+    m = retrieval_metrics(queries, docs, both, ks=(1, 2))
+    assert m["recall@1"] == pytest.approx((0.5 + 1.0) / 2) and m["mrr@10"] == pytest.approx(1.0)
+    # a relevant document outside the top k gives 0 for MRR@k
+    m = retrieval_metrics(queries[:1], docs, torch.tensor([[False, False, True]]), ks=(1,), mrr_k=2)
+    assert m == pytest.approx({"recall@1": 0.0, "mrr@2": 0.0})
+
+
+def test_spearman_ties_and_reference():
+    assert average_ranks(torch.tensor([10.0, 20.0, 20.0, 5.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 20, 30])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1.0)
+    assert math.isnan(spearman(torch.tensor([1.0, 2, 3]), torch.tensor([4.0, 4, 4])))
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (50,), generator=g).float()  # many ties
+    y = x + torch.randn(50, generator=g)
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x.numpy(), y.numpy()).statistic, abs=1e-12)
+
+
+def test_triplet_accuracy():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[1.0, 0.1], [0.0, 1.0]])
+    n = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert triplet_accuracy(a, p, n) == 0.5

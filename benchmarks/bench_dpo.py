@@ -1,0 +1,227 @@
+"""DPO throughput: pmetal's DpoModule beside TRL's DPOTrainer, same model, data and settings, one run.
+
+Each trainer runs in its own subprocess (so peak memory is its own), on the same synthetic preference
+pairs: fixed-length prompts and completions of random words, tokenized by a word-level tokenizer
+written next to the model (one word = one token, no chat scaffolding), so both trainers see exactly
+`prompt_len + completion_len + 1` (EOS) tokens per side. Settings shared by both: LoRA (rank, alpha
+2r, every linear layer), beta 0.1, sigmoid loss, reference = base with the adapter off, AdamW,
+gradient checkpointing on, bf16 on CUDA / fp32 on CPU. The first `--warmup` steps are not timed.
+
+    # CPU, the embedded SmolLM2-135M-Instruct (a few minutes on 2 cores)
+    python benchmarks/bench_dpo.py --device cpu --model default --batch-size 2 --prompt-len 64 \
+        --completion-len 64 --steps 6 --warmup 2
+    # GPU, a Qwen3-0.6B-shaped model with random weights
+    python benchmarks/bench_dpo.py --device cuda --model qwen3-0.6b-shape --batch-size 8 \
+        --prompt-len 256 --completion-len 256 --steps 20 --warmup 5
+
+Prints a table (pairs/s, tokens/s, peak memory) and, with `--markdown FILE`, appends it as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QWEN3_06B_SHAPE = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
+                       max_position_embeddings=40960, rope_theta=1_000_000.0)
+WORDS = 8000
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def prepare(args, work: Path) -> tuple[Path, Path]:
+    """Write the model directory (weights + word-level tokenizer) and the pairs file; return both."""
+    import torch
+
+    model_dir = work / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if args.model == "qwen3-0.6b-shape":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(0)
+        config = Qwen3Config(**QWEN3_06B_SHAPE, bos_token_id=None, eos_token_id=2, pad_token_id=0)
+        Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
+    else:
+        from pmetal.models import default_model_path
+
+        source = default_model_path() if args.model == "default" else Path(args.model)
+        for name in ("config.json", "model.safetensors", "generation_config.json"):
+            if (source / name).exists() and not (model_dir / name).exists():
+                os.symlink((source / name).resolve(), model_dir / name)
+    _tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    words = lambda n: " ".join(f"w{rng.randrange(3, WORDS)}" for _ in range(n))  # noqa: E731
+    pairs = work / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for _ in range(args.batch_size * (args.steps + 1)):
+            row = {"prompt": words(args.prompt_len), "chosen": " " + words(args.completion_len),
+                   "rejected": " " + words(args.completion_len)}
+            f.write(json.dumps(row) + "\n")
+    return model_dir, pairs
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_gib(device: str) -> float:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_pmetal(args, model_dir: Path, pairs: Path) -> float:
+    import lightning as L
+
+    from pmetal.data.preference import PreferenceDataModule
+    from pmetal.modules.dpo import DpoModule
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                _sync(args.device)
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == args.steps - 1:
+                _sync(args.device)
+                self.seconds = time.perf_counter() - self.start
+
+    module = DpoModule(model=str(model_dir), beta=0.1, loss_type="sigmoid", lora_r=args.lora_r,
+                       lora_alpha=2 * args.lora_r, learning_rate=1e-5, gradient_checkpointing=True,
+                       weight_dtype="bfloat16" if args.device == "cuda" else "float32")
+    data = PreferenceDataModule(str(pairs), batch_size=args.batch_size, max_seq_len=args.prompt_len +
+                                args.completion_len + 8)
+    timer = Timer()
+    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_steps=args.steps,
+                        precision="bf16-mixed" if args.device == "cuda" else "32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    trainer.fit(module, datamodule=data)
+    return timer.seconds
+
+
+def run_trl(args, model_dir: Path, pairs: Path) -> float:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kw):
+            if state.global_step == args.warmup:
+                _sync(args.device)
+                self.start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step == args.steps:
+                _sync(args.device)
+                self.seconds = time.perf_counter() - self.start
+
+    cuda = args.device == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
+                       max_steps=args.steps, learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"],
+                       gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, report_to=[], logging_steps=1000,
+                       save_strategy="no", max_length=None, dataloader_num_workers=0, seed=0)
+    peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    timer = Timer()
+    trainer = DPOTrainer(model=model, args=config, train_dataset=load_dataset("json", data_files=str(pairs),
+                         split="train"), processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+    trainer.train()
+    return timer.seconds
+
+
+def child(args) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    work = Path(args.work)
+    model_dir, pairs = work / "model", work / "pairs.jsonl"
+    seconds = (run_pmetal if args.only == "pmetal" else run_trl)(args, model_dir, pairs)
+    timed_pairs = args.batch_size * (args.steps - args.warmup)
+    tokens = timed_pairs * 2 * (args.prompt_len + args.completion_len + 1)
+    print("RESULT " + json.dumps({"trainer": args.only, "pairs_per_s": timed_pairs / seconds,
+                                  "tokens_per_s": tokens / seconds, "peak_gib": _peak_memory_gib(args.device),
+                                  "seconds": seconds}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="DPO throughput: pmetal vs TRL DPOTrainer")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", default="default",
+                        help='"default" (SmolLM2-135M-Instruct), "qwen3-0.6b-shape" (random weights) or a HF dir')
+    parser.add_argument("--batch-size", type=int, default=2, help="pairs per step")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--completion-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps in all")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--trainers", default="pmetal,trl", help="comma-separated: pmetal, trl")
+    parser.add_argument("--markdown", type=Path, help="append the table to this Markdown file")
+    parser.add_argument("--only", choices=["pmetal", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps <= args.warmup:
+        parser.error("--steps must exceed --warmup")
+    if args.only:
+        return child(args)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    prepare(args, work)
+    results = []
+    for name in args.trainers.split(","):
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", name,
+               "--work", str(work)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    memory = "peak GPU memory allocated (GiB)" if args.device == "cuda" else "peak RSS (GiB)"
+    shape = (f"{args.model}, {args.device}, LoRA r{args.lora_r}, {args.batch_size} pairs/step, "
+             f"{args.prompt_len}+{args.completion_len} tokens a side, {args.steps - args.warmup} timed steps")
+    table = [f"DPO throughput: {shape}", "", f"| trainer | pairs/s | tokens/s | {memory} |", "|---|---|---|---|"]
+    table += [f"| {r['trainer']} | {r['pairs_per_s']:.3f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} |"
+              for r in results]
+    text = "\n".join(table)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Quantization benchmark: per-layer quantize time, dequantize+matmul vs dense matmul, and whole-model
+QLoRA training (tokens/s, peak memory) against LoRA and, where installed, bitsandbytes' QLoRA.
+
+    CPU (SmolLM2-135M):  python benchmarks/bench_quant.py --device cpu --steps 3 --batch-size 2 --seq-len 256
+    GPU (Qwen3-0.6B shape, random weights, beside bitsandbytes):
+        python benchmarks/bench_quant.py --device cuda --model qwen3-0.6b-shape --batch-size 8 --seq-len 1024 --steps 10
+
+Each training variant runs in its own subprocess so its peak memory is its own (CUDA: max allocated;
+CPU: peak RSS). The loss is pmetal's chunked `lm_loss` for every variant, LoRA r16 on all linear layers,
+AdamW, gradient checkpointing, bf16 autocast on CUDA (fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                 max_position_embeddings=4096)  # fmt: skip
+VARIANTS = ("lora", "pmetal-nf4", "pmetal-nf4-compiled", "pmetal-int8", "bnb-nf4")
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timeit(fn, device, repeat=10, warmup=2):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def _has_bnb(device) -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def layer_benchmarks(args) -> list[dict]:
+    from pmetal.quant import functional as QF
+    from pmetal.quant.linear import QuantLinear, compile_dequantize
+
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    out_f, in_f = args.layer_shape
+    w = torch.randn(out_f, in_f, device=device) * 0.02
+    x = torch.randn(args.batch_size * args.seq_len, in_f, device=device, dtype=dtype)
+    rows = []
+    for quant_type in ("nf4", "fp4", "int8"):
+        t = _timeit(lambda: QF.quantize(w, quant_type, 64, True), device, repeat=3, warmup=1)
+        rows.append({"op": f"quantize {quant_type} (pmetal)", "ms": t * 1e3})
+    if _has_bnb(device):
+        import bitsandbytes.functional as bnbf
+
+        t = _timeit(lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True), device, 3, 1)
+        rows.append({"op": "quantize nf4 (bitsandbytes)", "ms": t * 1e3})
+    dense = w.to(dtype)
+    rows.append({"op": f"matmul {str(dtype)[6:]} dense", "ms": _timeit(lambda: x @ dense.T, device) * 1e3})
+    if dtype != torch.float32:
+        w32, x32 = w.float(), x.float()
+        rows.append({"op": "matmul float32 dense", "ms": _timeit(lambda: x32 @ w32.T, device) * 1e3})
+    for quant_type in ("nf4", "int8"):
+        layer = QuantLinear.from_weight(w, quant_type=quant_type, backend="pmetal")
+        rows.append({"op": f"dequant {quant_type} (pmetal)", "ms": _timeit(lambda: layer.dequantize(dtype), device) * 1e3})
+        rows.append({"op": f"dequant+matmul {quant_type} (pmetal)", "ms": _timeit(lambda: layer(x), device) * 1e3})
+    if device == "cuda":
+        layer = QuantLinear.from_weight(w, quant_type="nf4", backend="pmetal")
+        compile_dequantize(True)
+        rows.append({"op": "dequant+matmul nf4 (pmetal, compiled)", "ms": _timeit(lambda: layer(x), device) * 1e3})
+        compile_dequantize(False)
+    if _has_bnb(device):
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4", compress_statistics=True)
+        rows.append({"op": "dequant nf4 (bitsandbytes)", "ms": _timeit(lambda: bnbf.dequantize_4bit(packed, state), device) * 1e3})
+        rows.append({"op": "dequant+matmul nf4 (bitsandbytes)",
+                     "ms": _timeit(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), device) * 1e3})  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-model training (one variant per subprocess)
+
+
+def _model_dir(args, tmp: Path) -> Path:
+    if args.model == "qwen3-0.6b-shape":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        target = tmp / "qwen3-0.6b-shape"
+        if not (target / "config.json").exists():
+            torch.manual_seed(0)
+            with torch.device("cpu"):
+                model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_06B, dtype="bfloat16")).to(torch.bfloat16)
+            model.save_pretrained(target, safe_serialization=True)
+            del model
+        return target
+    if args.model == "smollm2":
+        from pmetal.models import default_model_path
+
+        return Path(default_model_path())
+    return Path(args.model)
+
+
+def train_variant(args, variant: str, model_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from pmetal.logps import lm_loss
+    from pmetal.quant import load_quantized_model, prepare_peft, quantized_memory
+    from pmetal.quant.linear import compile_dequantize
+
+    device = args.device
+    base_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if variant == "lora":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype).to(device)
+    elif variant.startswith("pmetal"):
+        quant_type = "int8" if "int8" in variant else "nf4"
+        model = load_quantized_model(model_dir, quant_type, dtype=base_dtype, device=device, backend="pmetal")
+        if variant.endswith("compiled"):
+            compile_dequantize(True)
+    elif variant == "bnb-nf4":
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=base_dtype)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=base_dtype,
+                                                     device_map={"": device})  # fmt: skip
+    else:
+        raise SystemExit(f"unknown variant {variant}")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    peft_model = prepare_peft(model, r=16)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss, _ = lm_loss(peft_model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    seconds = _timeit(step, device, repeat=args.steps, warmup=args.warmup)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    row = {"variant": variant, "step_s": seconds, "tokens_per_s": args.batch_size * args.seq_len / seconds,
+           "peak_gib": peak}  # fmt: skip
+    if variant.startswith("pmetal"):
+        row["bytes_per_param"] = quantized_memory(model)["bytes_per_param"]
+    return row
+
+
+def _print_table(rows, columns):
+    widths = [max(len(c), *(len(f"{r.get(c, ''):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for r in rows))
+              for c in columns]  # fmt: skip
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        cells = [f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        print(" | ".join(cell.ljust(w) for cell, w in zip(cells, widths)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--model", default=None, help="smollm2 | qwen3-0.6b-shape | HF directory (default: smollm2 on CPU, "
+                                                 "qwen3-0.6b-shape on CUDA)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--layer-shape", type=int, nargs=2, default=(3072, 1024), metavar=("OUT", "IN"))
+    p.add_argument("--variants", nargs="+", default=None, help=f"subset of {VARIANTS}")
+    p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_model-dir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.model = args.model or ("qwen3-0.6b-shape" if args.device == "cuda" else "smollm2")
+
+    if args._variant:  # child process: one training variant
+        print(json.dumps(train_variant(args, args._variant, Path(args._model_dir))))
+        return 0
+
+    results = {"device": args.device, "model": args.model, "batch": [args.batch_size, args.seq_len]}
+    if args.device == "cuda":
+        results["gpu"] = torch.cuda.get_device_name()
+    print(f"# bench_quant on {results.get('gpu', args.device)}: model {args.model}, batch {args.batch_size}x{args.seq_len}")
+    if not args.skip_layers:
+        rows = layer_benchmarks(args)
+        results["layers"] = rows
+        print(f"\n## one layer {tuple(args.layer_shape)}, x = {args.batch_size * args.seq_len} tokens")
+        _print_table(rows, ["op", "ms"])
+    if not args.skip_training:
+        variants = args.variants or [v for v in VARIANTS if (v != "bnb-nf4" or _has_bnb(args.device))
+                                     and (v != "pmetal-nf4-compiled" or args.device == "cuda")]  # fmt: skip
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = _model_dir(args, Path(tmp))
+            base = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--batch-size",
+                    str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                    "--warmup", str(args.warmup), "--_model-dir", str(model_dir)]  # fmt: skip
+            for variant in variants:
+                done = subprocess.run(base + ["--_variant", variant], capture_output=True, text=True)
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+                if done.returncode != 0 or not lines:
+                    rows.append({"variant": variant, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]})
+                    continue
+                rows.append(json.loads(lines[-1]))
+        lora = next((r for r in rows if r["variant"] == "lora" and "step_s" in r), None)
+        bnb_row = next((r for r in rows if r["variant"] == "bnb-nf4" and "step_s" in r), None)
+        for r in rows:
+            if "step_s" in r and lora:
+                r["time_vs_lora"] = r["step_s"] / lora["step_s"]
+            if "step_s" in r and bnb_row:
+                r["time_vs_bnb"] = r["step_s"] / bnb_row["step_s"]
+        results["training"] = rows
+        print(f"\n## QLoRA training step (LoRA r16 all-linear, checkpointing), {args.steps} timed steps")
+        _print_table(rows, ["variant", "step_s", "tokens_per_s", "peak_gib", "bytes_per_param", "time_vs_lora",
+                            "time_vs_bnb", "error"])  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""GRPO and DAPO: the policy update over rollout batches sampled by `RolloutCallback`.
+
+GRPO: Shao et al. 2024, "DeepSeekMath" (arXiv:2402.03300), §4.1, Algorithm 1: for each prompt,
+``G`` completions are sampled, scored, and given group-relative advantages; the policy maximizes
+the clipped surrogate (PPO-style) with an optional k3 KL penalty to the reference policy
+(``pmetal.losses.policy.grpo_loss``). The reference is the base model with the adapter disabled
+(no second copy under LoRA). Dr. GRPO (arXiv:2503.20783) is ``loss_type="dr_grpo"`` with
+``scale_rewards="none"``.
+
+DAPO: Yu et al. 2025 (arXiv:2503.14476) is the same update with other settings: clip-higher
+(``epsilon=0.2``, ``epsilon_high=0.28``), the token-level loss (``loss_type="dapo"``), the soft
+overlong punishment added to the rewards, and dynamic sampling (groups with equal rewards dropped,
+more prompts drawn); ``DapoModule`` only changes these defaults.
+
+Where pmetal departs:
+- ``beta`` defaults to 0.0 (no KL, no reference forward), as DAPO, Dr. GRPO and TRL do;
+  DeepSeekMath used 0.04 and PMetal (Rust) 0.001: pass ``beta`` to use one.
+- The old policy's log-probs are the sampling-time log-probs (recorded during generation under
+  the same temperature), not a second forward pass: the importance ratio starts at 1 up to
+  KV-cache numerics (``tests/unit/test_generation.py``).
+- One optimizer step per pass over a rollout: ``num_iterations`` (the paper's μ) passes, each
+  accumulating gradients over micro-batches of ``micro_batch_size`` completions, so group and
+  prompt batch sizes are independent of memory. ``max_steps`` counts optimizer steps.
+- Gradient clipping uses the Trainer's ``gradient_clip_val`` (the update is manual, so the module
+  takes the value over from the Trainer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Literal, Optional
+
+import torch
+
+from pmetal.errors import PmetalError, non_finite_error
+from pmetal.modules.base import PmetalModule
+
+
+class GrpoModule(PmetalModule):
+    """Group Relative Policy Optimization with reward functions (see the module docstring).
+
+    Args:
+        model: the model to fine-tune (a local HF directory, hub id, .gguf, or "default").
+        reward_fns: reward functions: built-in names (think_format, accuracy, length, overlong) or
+            import paths "package.module:function" taking (prompts, completions, **columns).
+        reward_weights: one weight per entry of reward_fns (default 1 each).
+        reasoning_rewards: add the reasoning set: think-format (1.0), answer accuracy (1.0) and
+            length shaping (0.2).
+        reward_model: path of a sequence-classification reward model scoring prompt + completion.
+        num_generations: completions sampled per prompt (the group size G).
+        max_completion_length: the most tokens generated per completion.
+        temperature: sampling temperature (the log-probs in the loss use the same temperature).
+        top_p: nucleus sampling threshold (1 = off).
+        top_k: sample from the k most likely tokens only (0 = off).
+        min_p: drop tokens less likely than min_p times the most likely one (0 = off).
+        num_iterations: optimizer steps per rollout (the paper's mu); above 1 the importance ratio
+            departs from 1 and the clipping engages.
+        micro_batch_size: completions per forward/backward in the update (memory, not the math).
+        beta: KL coefficient to the reference (the base model without the adapter); 0 = no KL.
+        epsilon: clip range below (and above, unless epsilon_high is set).
+        epsilon_high: clip range above (DAPO's clip-higher); None = epsilon.
+        loss_type: token aggregation: "grpo" (per-sequence mean), "bnpo" (token mean per
+            micro-batch), "dr_grpo" (sum / (G x max length)), "dapo" (token mean over the rollout).
+        scale_rewards: advantage scaling: "group" std (GRPO), "batch" std, or "none" (Dr. GRPO).
+        dynamic_sampling: drop groups whose rewards are all equal and draw more prompts (DAPO).
+        max_sampling_rounds: most generation rounds per step under dynamic sampling.
+        overlong_punishment: add DAPO's soft overlong punishment to the rewards.
+        overlong_buffer: the punishment's buffer L_cache in tokens; None = max_completion_length / 4.
+        learning_rate: peak learning rate of AdamW.
+        **kwargs: the base module's settings (adapter, lora_r, quantization, warmup_steps, ...).
+    """
+
+    needs_reference = True
+
+    def __init__(
+        self,
+        model: str = "default",
+        reward_fns: Optional[list[str]] = None,
+        reward_weights: Optional[list[float]] = None,
+        reasoning_rewards: bool = False,
+        reward_model: Optional[str] = None,
+        num_generations: int = 8,
+        max_completion_length: int = 512,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        num_iterations: int = 1,
+        micro_batch_size: int = 8,
+        beta: float = 0.0,
+        epsilon: float = 0.2,
+        epsilon_high: Optional[float] = None,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 4,
+        overlong_punishment: bool = False,
+        overlong_buffer: Optional[int] = None,
+        learning_rate: float = 5e-6,
+        **kwargs: Any,
+    ) -> None:
+        from pmetal.rewards import OverlongPunishment, RewardSet
+
+        if num_generations < 2:
+            raise PmetalError(f"num_generations={num_generations}: group advantages need at least 2 completions per prompt")
+        if num_iterations < 1 or micro_batch_size < 1:
+            raise PmetalError("num_iterations and micro_batch_size must be at least 1")
+        # Rewards first: a missing reward is reported before minutes of model loading.
+        rewards = RewardSet.from_specs(reward_fns or [], reward_weights, reasoning=reasoning_rewards,
+                                       reward_model=reward_model)
+        if overlong_punishment:
+            rewards = RewardSet([*rewards.functions, OverlongPunishment(buffer=overlong_buffer)], [*rewards.weights, 1.0])
+        super().__init__(model, learning_rate=learning_rate, **kwargs)
+        self.rewards = rewards
+        self.automatic_optimization = False
+        self._clip_val: float | None = None
+        self._clip_algorithm = "norm"
+        self.iteration_metrics: list[dict[str, float]] = []  # the last step's per-iteration metrics
+
+    # ------------------------------------------------------------------ rollout side
+    def rollout_settings(self):
+        from pmetal.callbacks.rollout import RolloutSettings
+        from pmetal.generation import SamplingConfig
+
+        hp = self.hparams
+        sampling = SamplingConfig(max_new_tokens=hp.max_completion_length, temperature=hp.temperature,
+                                  top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p)
+        return RolloutSettings(sampling, hp.num_generations, hp.scale_rewards, hp.dynamic_sampling,
+                               hp.max_sampling_rounds)
+
+    def configure_callbacks(self):
+        from pmetal.callbacks.rollout import RolloutCallback
+
+        trainer = self._trainer
+        if trainer is not None:
+            # The update is manual (several optimizer steps per rollout), which Lightning refuses to
+            # combine with Trainer-side clipping: take the Trainer's setting over and clip here.
+            if trainer.gradient_clip_val:
+                self._clip_val = float(trainer.gradient_clip_val)
+                self._clip_algorithm = str(trainer.gradient_clip_algorithm or "norm")
+                trainer.gradient_clip_val = None
+            if trainer.accumulate_grad_batches != 1:
+                raise PmetalError(
+                    f"accumulate_grad_batches={trainer.accumulate_grad_batches} does not apply to {type(self).__name__}: "
+                    "a rollout is already accumulated over micro-batches; raise the prompt batch size instead"
+                )
+            if any(isinstance(cb, RolloutCallback) for cb in trainer.callbacks):
+                return []
+        return [RolloutCallback()]
+
+    def configure_optimizers(self):
+        from pmetal.optim import build_optimizer, build_scheduler
+
+        hp = self.hparams
+        optimizer = build_optimizer(self.policy.parameters(), hp.learning_rate, hp.weight_decay)
+        total = 1000
+        if self._trainer is not None:
+            estimate = self.trainer.estimated_stepping_batches
+            if isinstance(estimate, (int, float)) and math.isfinite(estimate) and estimate > 0:
+                # estimated_stepping_batches counts batches; each batch (rollout) makes num_iterations steps
+                total = int(estimate) if self.trainer.max_steps > 0 else int(estimate) * hp.num_iterations
+        scheduler = build_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, total, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ update side
+    @property
+    def _loss_temperature(self) -> float:
+        return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
+
+    def token_logps(self, part: dict[str, torch.Tensor]) -> torch.Tensor:  # [n, T] aligned with labels
+        return self.completion_logps(part["input_ids"], part["attention_mask"], part["labels"],
+                                     temperature=self._loss_temperature, return_token_logps=True).token_logps
+
+    def micro_batch_loss(self, part: dict[str, torch.Tensor], num_sequences: int, num_tokens: int):
+        """GRPO loss of one micro-batch, normalized so the micro-batch losses sum to the rollout's."""
+        from pmetal.losses.policy import grpo_loss
+
+        hp = self.hparams
+        return grpo_loss(
+            self.token_logps(part),
+            part["old_logps"],
+            part["advantages"],
+            part["labels"] != -100,
+            ref_logps=part.get("ref_logps"),
+            beta=hp.beta,
+            epsilon_low=hp.epsilon,
+            epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
+            loss_type=hp.loss_type,
+            max_completion_length=hp.max_completion_length,
+            num_sequences=num_sequences,
+            num_tokens=num_tokens,
+        )
+
+    @torch.no_grad()
+    def _reference_token_logps(self, rollout) -> torch.Tensor:
+        ref = torch.zeros_like(rollout.old_logps)
+        size = self.hparams.micro_batch_size
+        for start, part in zip(range(0, rollout.num_sequences, size), rollout.micro_batches(size)):
+            out = self.reference_logps(part["input_ids"], part["attention_mask"], part["labels"],
+                                       temperature=self._loss_temperature, return_token_logps=True)
+            ref[start : start + part["input_ids"].shape[0], : out.token_logps.shape[1]] = out.token_logps
+        return ref
+
+    def training_step(self, batch, batch_idx):
+        rollout = batch.get("rollout") if isinstance(batch, dict) else None
+        if rollout is None:
+            raise PmetalError(f"{type(self).__name__} got a batch without a rollout: the RolloutCallback did not run "
+                              "(it is added by configure_callbacks; check that no callback removed it)")
+        num_prompts = len(batch["prompt_ids"])
+        for name, value in rollout.metrics.items():
+            self.log(f"train/{name}", value, batch_size=num_prompts, prog_bar=name == "reward/mean")
+        if rollout.num_sequences == 0:  # dynamic sampling found no group with a reward spread
+            self.log("train/skipped_steps", 1.0, batch_size=num_prompts)
+            return None
+        if self.hparams.beta:
+            rollout.ref_logps = self._reference_token_logps(rollout)
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        parts = rollout.micro_batches(self.hparams.micro_batch_size)
+        num_sequences, num_tokens = rollout.num_sequences, rollout.num_completion_tokens
+        self.iteration_metrics = []
+        for _ in range(self.hparams.num_iterations):
+            totals: dict[str, float] = defaultdict(float)
+            for part in parts:
+                loss, metrics = self.micro_batch_loss(part, num_sequences, num_tokens)
+                if self.hparams.loss_type == "bnpo":
+                    loss = loss / len(parts)  # bnpo normalizes per micro-batch: average them
+                if not torch.isfinite(loss.detach()):
+                    raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
+                self.manual_backward(loss)
+                share = float((part["labels"] != -100).sum()) / max(num_tokens, 1)
+                totals["loss"] += float(loss.detach())
+                for name, value in metrics.items():
+                    totals[name] += float(value) * share
+            if self._clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=self._clip_val,
+                                    gradient_clip_algorithm=self._clip_algorithm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            self.iteration_metrics.append(dict(totals))
+        last = dict(self.iteration_metrics[-1])
+        self.log("train/loss", last.pop("loss"), prog_bar=True, batch_size=num_prompts)
+        for name, value in last.items():
+            self.log(f"train/{name}", value, batch_size=num_prompts)
+        return None
+
+    def validation_step(self, batch, batch_idx):  # RL methods validate by their reward, in the rollout metrics
+        return None
+
+
+class DapoModule(GrpoModule):
+    """DAPO (Yu et al. 2025): GRPO with clip-higher, the token-level loss, overlong reward shaping and
+    dynamic sampling. The same arguments as GrpoModule with DAPO's defaults."""
+
+    def __init__(
+        self,
+        model: str = "default",
+        epsilon: float = 0.2,
+        epsilon_high: Optional[float] = 0.28,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
+        dynamic_sampling: bool = True,
+        overlong_punishment: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type,
+                         dynamic_sampling=dynamic_sampling, overlong_punishment=overlong_punishment, **kwargs)

@@ -1,0 +1,129 @@
+"""What DPO, SimPO, ORPO and KTO share on top of `PmetalModule`.
+
+- `pair_logps`: policy log-probs of the chosen and rejected completions from ONE forward over the
+  two halves of a preference batch concatenated (`[2B, T]`), not two forwards.
+- `reference_values`: reference log-probs (the base with the adapter disabled; a frozen copy only
+  under full fine-tuning), optionally cached per example (`precompute_ref_logps`): filled once
+  before training from the DataModule's splits, after which full fine-tuning drops its frozen copy.
+  Under LoRA the reference never changes, so the cache only saves the reference forward.
+- `preference_metrics`: the logged numbers TRL users know (`rewards/*`, `logps/*`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import torch
+
+from pmetal.errors import PmetalError
+from pmetal.modules.base import PmetalModule
+
+log = logging.getLogger("pmetal")
+IGNORE_INDEX = -100
+
+
+class SideLogps(NamedTuple):
+    """Log-probs of one side of a pair (`[B]` each, fp32)."""
+
+    sum: torch.Tensor
+    mean: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value) if x.shape[1] < length else x
+
+
+def concat_sides(batch: dict[str, torch.Tensor], first: str, second: str) -> tuple[torch.Tensor, ...]:
+    """`(input_ids, attention_mask, labels)` `[2B, T]`: rows of `<first>*` then `<second>*`, right-padded to one T."""
+    length = max(batch[f"{first}input_ids"].shape[1], batch[f"{second}input_ids"].shape[1])
+    out = []
+    for key, value in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        parts = [_pad_to(batch[f"{side}{key}"], length, value) for side in (first, second)]
+        out.append(torch.cat(parts, dim=0))
+    return tuple(out)
+
+
+def split_sides(sums: torch.Tensor, means: torch.Tensor, counts: torch.Tensor) -> tuple[SideLogps, SideLogps]:
+    """Split `[2B]` results of a concatenated forward into the two `[B]` halves."""
+    half = sums.shape[0] // 2
+    return (SideLogps(sums[:half], means[:half], counts[:half]), SideLogps(sums[half:], means[half:], counts[half:]))
+
+
+class PreferenceModule(PmetalModule):
+    """Base of the preference methods: pair log-probs, cached reference log-probs, shared metrics.
+
+    Subclasses implement `compute_loss(batch)` and, when they compare against a reference,
+    `_compute_reference(batch) -> [B, K]` (the per-example values worth caching).
+    """
+
+    needs_reference = True
+
+    # ------------------------------------------------------------------ policy
+    def pair_logps(self, batch: dict[str, torch.Tensor]) -> tuple[SideLogps, SideLogps]:
+        """Policy log-probs of chosen and rejected completions from one `[2B, T]` forward."""
+        input_ids, attention_mask, labels = concat_sides(batch, "chosen_", "rejected_")
+        out = self.completion_logps(input_ids, attention_mask, labels)
+        return split_sides(out.sum, out.mean, out.num_tokens)
+
+    # ------------------------------------------------------------------ reference
+    def _compute_reference(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def _precompute(self) -> bool:
+        return bool(self.hparams.get("precompute_ref_logps", False))
+
+    def reference_values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[B, K]` reference values of the batch, from the cache when `precompute_ref_logps` filled it."""
+        cache = self.__dict__.setdefault("_ref_cache", {})
+        index = batch.get("index")
+        if self._precompute and index is not None:
+            keys = index.tolist()
+            if all(k in cache for k in keys):
+                return torch.stack([cache[k] for k in keys]).to(self.device)
+            if self.hparams.adapter == "full" and cache:
+                raise PmetalError(
+                    "precompute_ref_logps cached the reference log-probs of the DataModule's splits and released "
+                    "the frozen reference model; this batch holds examples outside those splits"
+                )
+        values = self._compute_reference(batch).float()
+        if self._precompute and index is not None:
+            for k, row in zip(index.tolist(), values.detach().cpu()):
+                cache[k] = row
+        return values
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not (self.needs_reference and self._precompute and hasattr(datamodule, "ordered_dataloaders")):
+            return
+        count = 0
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            for loader in datamodule.ordered_dataloaders():
+                for batch in loader:
+                    batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    count += len(self.reference_values(batch))
+        log.info("precomputed reference log-probs of %d examples", count)
+        if self.hparams.adapter == "full":
+            self._frozen_reference.clear()  # the cache replaces the frozen copy: its memory goes back
+
+    # ------------------------------------------------------------------ metrics
+    @staticmethod
+    def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                           chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, Any]:
+        """`rewards/{chosen,rejected,margins,accuracies}` and `logps/{chosen,rejected}` (batch means)."""
+        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+        return {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen_logps.detach().mean(),
+            "logps/rejected": rejected_logps.detach().mean(),
+        }
+
+    def _batch_size(self, batch: dict[str, torch.Tensor]) -> int:
+        key = "chosen_input_ids" if "chosen_input_ids" in batch else "input_ids"
+        return int(batch[key].shape[0])

@@ -1,0 +1,158 @@
+"""RLKD: GRPO plus knowledge distillation from a frozen teacher, on the policy's own rollouts.
+
+``L = (1 - alpha) * L_grpo + alpha * T^2 * L_distill`` where ``L_grpo`` is the GRPO loss of
+``GrpoModule`` (DeepSeekMath, arXiv:2402.03300) and ``L_distill`` the generalized JSD
+(``pmetal.losses.distill.jsd_loss``; GKD, Agarwal et al. 2024, arXiv:2306.13649, Eq. 1) between
+the teacher's and the student's token distributions at temperature ``T``, averaged over the
+completion tokens of the rollout. Sampling from the student and distilling on those samples is
+GKD's on-policy setting (λ = 1); PMetal's RLKD blends it with the RL objective as above.
+
+Follows PMetal's RLKD (Rust): forward KL (``distill_beta=0``) with the ``T^2`` factor of
+Hinton et al. 2015, teacher temperature 2.0, alpha 0.3, optional linear annealing to
+``final_alpha``. Departures: ``distill_beta`` selects any point of the generalized JSD; annealing
+is off unless ``final_alpha`` is given; the logits of student and teacher are computed only at the
+completion positions (never ``[batch, sequence, vocab]``), from one policy forward that also
+gives the GRPO log-probs. The teacher must share the policy's tokenizer (checked); it is frozen,
+kept out of checkpoints and optimizer, and may be quantized (``teacher_quantization``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+
+from pmetal.errors import PmetalError
+from pmetal.modules.grpo import GrpoModule
+
+
+class RlkdModule(GrpoModule):
+    """GRPO + distillation from a frozen teacher (see the module docstring).
+
+    Args:
+        model: the student to fine-tune (a local HF directory, hub id, .gguf, or "default").
+        teacher_model: the frozen teacher (same tokenizer as the student).
+        alpha: weight of the distillation term; 0 = pure GRPO, 1 = pure distillation.
+        final_alpha: anneal alpha linearly to this value over training; None keeps alpha constant.
+        teacher_temperature: softmax temperature of both distributions in the distillation term.
+        distill_beta: generalized-JSD interpolation: 0 = forward KL(teacher || student) (PMetal),
+            1 = reverse KL(student || teacher), in between the JSD mixture.
+        teacher_quantization: quantize the teacher's linear layers ("nf4", "fp4", "int8") to save memory.
+        **kwargs: GrpoModule's settings (rewards, num_generations, beta, ...) and the base module's.
+    """
+
+    def __init__(
+        self,
+        model: str = "default",
+        teacher_model: str = "default",
+        alpha: float = 0.3,
+        final_alpha: Optional[float] = None,
+        teacher_temperature: float = 2.0,
+        distill_beta: float = 0.0,
+        teacher_quantization: Optional[Literal["nf4", "fp4", "int8"]] = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (("alpha", alpha), ("final_alpha", final_alpha), ("distill_beta", distill_beta)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise PmetalError(f"{name}={value} is out of range; expected a value in [0, 1]")
+        if teacher_temperature <= 0:
+            raise PmetalError(f"teacher_temperature={teacher_temperature}; expected a value > 0")
+        super().__init__(model, **kwargs)
+        self._teacher: list[torch.nn.Module] = []  # a list keeps it out of state_dict and the optimizer
+        self._total_steps = 1
+        self._load_teacher()
+
+    def _load_teacher(self) -> None:
+        from pmetal.models import load_model_and_tokenizer
+
+        hp = self.hparams
+        dtype = next(self.policy.parameters()).dtype
+        teacher, teacher_tokenizer = load_model_and_tokenizer(
+            hp.teacher_model, dtype=dtype, trust_remote_code=hp.trust_remote_code,
+            attn_implementation=hp.attn_implementation, quantization=hp.teacher_quantization,
+        )
+        check_same_vocabulary(self.tokenizer, teacher_tokenizer, hp.model, hp.teacher_model)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self._teacher.append(teacher)
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self._teacher[0]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.to(self.device)
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        if self._trainer is not None:
+            estimate = self.trainer.estimated_stepping_batches
+            if isinstance(estimate, int) and estimate > 0:
+                self._total_steps = estimate if self.trainer.max_steps > 0 else estimate * self.hparams.num_iterations
+        return config
+
+    def current_alpha(self) -> float:
+        hp = self.hparams
+        if hp.final_alpha is None:
+            return hp.alpha
+        progress = min(1.0, self.global_step / max(1, self._total_steps))
+        return hp.alpha + (hp.final_alpha - hp.alpha) * progress
+
+    def micro_batch_loss(self, part: dict[str, torch.Tensor], num_sequences: int, num_tokens: int):
+        from pmetal.logps import backbone_and_head, backbone_hidden
+        from pmetal.losses.distill import jsd_loss
+        from pmetal.losses.policy import grpo_loss
+
+        hp = self.hparams
+        ids, attention, labels = part["input_ids"], part["attention_mask"], part["labels"]
+        scored = labels != -100  # [n, T]
+        scored[:, 0] = False  # nothing predicts position 0
+        predicting = scored[:, 1:]  # [n, T-1]: hidden state t predicts token t + 1
+        targets = labels[scored]  # [M]
+
+        _, head = backbone_and_head(self.policy)
+        hidden = backbone_hidden(self.policy, ids, attention)[:, :-1][predicting]  # [M, H]
+        student_logits = head(hidden).float()  # [M, V]: completion positions only
+        with torch.no_grad():
+            _, teacher_head = backbone_and_head(self.teacher)
+            teacher_hidden = backbone_hidden(self.teacher, ids, attention)[:, :-1][predicting]  # [M, H]
+            teacher_logits = teacher_head(teacher_hidden).float()  # [M, V']
+
+        sampled_logps = torch.log_softmax(student_logits / self._loss_temperature, dim=-1)
+        sampled_logps = sampled_logps.gather(1, targets[:, None]).squeeze(1)  # [M]
+        token_logps = torch.zeros(scored.shape, dtype=sampled_logps.dtype, device=ids.device)
+        token_logps = token_logps.masked_scatter(scored, sampled_logps)  # [n, T]
+        policy_loss, metrics = grpo_loss(
+            token_logps, part["old_logps"], part["advantages"], scored, ref_logps=part.get("ref_logps"),
+            beta=hp.beta, epsilon_low=hp.epsilon,
+            epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
+            loss_type=hp.loss_type, max_completion_length=hp.max_completion_length,
+            num_sequences=num_sequences, num_tokens=num_tokens,
+        )
+        vocab = min(len(self.tokenizer), student_logits.shape[-1], teacher_logits.shape[-1])  # padded heads differ
+        distill = jsd_loss(student_logits[:, :vocab], teacher_logits[:, :vocab], beta=hp.distill_beta,
+                           temperature=hp.teacher_temperature) * hp.teacher_temperature**2
+        # jsd_loss is a mean over this micro-batch's tokens; weight it so micro-batches sum to the rollout mean
+        distill_share = distill * (targets.numel() / max(num_tokens, 1))
+        alpha = self.current_alpha()
+        metrics["distill_loss"] = distill.detach()
+        metrics["grpo_loss"] = policy_loss.detach() * num_tokens / max(targets.numel(), 1)
+        metrics["alpha"] = torch.tensor(alpha)
+        return (1.0 - alpha) * policy_loss + alpha * distill_share, metrics
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
+    """The teacher's token ids must mean what the student's mean, or the distillation is noise."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab == teacher_vocab:
+        return
+    differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])
+    example = differing[0] if differing else None
+    raise PmetalError(
+        f"the teacher {teacher_name!r} does not share the tokenizer of the student {student_name!r} "
+        f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; first difference: token {example[0]!r} id {example[1]}). "
+        "RLKD compares token distributions position by position: pick a teacher of the same model family "
+        "(same tokenizer)"
+    )

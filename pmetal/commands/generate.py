@@ -1,0 +1,72 @@
+"""Chat with a model or a trained adapter: pmetal generate --model runs/x/final --prompt "..."
+
+`--model` takes a Hugging Face directory, hub id, .gguf file, "default", or the output directory of
+a pmetal run (a PEFT adapter: its base model is loaded and the adapter applied).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model or adapter directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", action="append", required=True, help="user message (repeat for several prompts)")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--accelerator", choices=["auto", "mps", "cuda", "cpu"], default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def load_for_inference(name: str, *, trust_remote_code: bool = False, dtype=None):
+    """(model, tokenizer) for a model name or a pmetal adapter directory."""
+    from pmetal.models import load_model_and_tokenizer, load_tokenizer
+
+    adapter_config = Path(name) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return load_model_and_tokenizer(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    from peft import PeftModel
+
+    base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or "default"
+    model, _ = load_model_and_tokenizer(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, name)
+    return model, load_tokenizer(name, trust_remote_code=trust_remote_code)
+
+
+def generate(model, tokenizer, prompts: list[str], *, system=None, max_new_tokens=128, temperature=0.0, top_p=1.0):
+    import torch
+
+    from pmetal.data.render import render_prompt
+
+    tokenizer.padding_side = "left"
+    rows = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        rows.append(render_prompt(tokenizer, messages))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, **sampling)
+    return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+
+
+def run(args) -> int:
+    from pmetal.device import choose_device
+
+    choice = choose_device(args.accelerator)
+    model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code,
+                                          dtype=choice.weight_dtype)
+    model = model.to(choice.torch_device).eval()
+    answers = generate(model, tokenizer, args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p)
+    for prompt, answer in zip(args.prompt, answers):
+        print(f">>> {prompt}\n{answer}\n")
+    return 0

@@ -1,0 +1,211 @@
+"""`SftDataModule`: a data file -> rendered, masked, length-grouped (or packed) SFT batches.
+
+Pipeline: `formats.load_rows` -> `formats.to_sft_examples` (format detection, validation) ->
+`render.render_sft_dataset` (chat template, assistant-only labels, truncation) -> a train/val
+split -> `ResumableDataLoader` over length-grouped batches (`collate.PaddingCollator`) or, with
+`packing=True`, over best-fit-decreasing bins (`packing.pack_rows` / `packing.packed_collate`).
+The train loader is resumable mid-epoch (see `pmetal.data.sampler`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+
+from pmetal.data.collate import PaddingCollator
+from pmetal.data.formats import example_path, load_rows, locate, to_sft_examples
+from pmetal.data.render import RenderedDataset, ensure_chat_template, render_sft_dataset
+from pmetal.data.sampler import LengthGroupedBatchSampler, ResumableDataLoader, ShuffledBatchSampler
+from pmetal.errors import DataError, PmetalError
+
+log = logging.getLogger("pmetal")
+
+
+@dataclass
+class SftDataStats:
+    """What `setup()` found; `summary()` is the line the datamodule logs."""
+
+    path: str
+    format: str
+    rows: int
+    truncated: int
+    dropped: int
+    train_rows: int
+    val_rows: int
+    train_tokens: int
+    train_trained_tokens: int
+    max_seq_len: int
+
+    def summary(self) -> str:
+        return (f"data: {self.path} | format {self.format} | {self.rows} rows | {self.truncated} truncated to "
+                f"{self.max_seq_len} tokens | {self.dropped} without trainable tokens (skipped) | "
+                f"train {self.train_rows} / val {self.val_rows} rows | {self.train_tokens} train tokens, "
+                f"{self.train_trained_tokens} with loss")
+
+
+class SftDataModule(L.LightningDataModule):
+    """Supervised fine-tuning data: chat conversations (or plain text) with assistant-only loss.
+
+    Accepted file layouts (detected per file): OpenAI `messages`, ShareGPT `conversations`,
+    Alpaca `instruction`/`input`/`output`, reasoning `problem`/`thinking`/`solution`,
+    `prompt`/`completion`, plain `text`, or your own columns (`prompt_column`/`response_column`).
+
+    Args:
+        path: training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub
+            dataset id. None uses pmetal's small shipped example (examples/data/sft.jsonl).
+        eval_path: validation data in the same layout; None holds out `val_fraction` of `path`.
+        val_fraction: fraction of the training rows held out for validation when there is no
+            `eval_path` (at least one row when positive); 0 disables validation.
+        batch_size: rows per batch (ignored by packing, which fills `pack_tokens` per batch).
+        max_seq_len: rows longer than this many tokens are truncated (the count is logged).
+        prompt_column: a custom column holding the user prompt (with `response_column`).
+        response_column: a custom column holding the assistant answer.
+        system_prompt: a system message prepended to every conversation that has none.
+        chat_template: None uses the model's template; "chatml" the generic ChatML template (for
+            models without one); or a Jinja template string / .jinja file.
+        train_on_prompt: also put the loss on system/user turns and template tokens.
+        packing: pack several rows into one sequence without padding (attention stays per row).
+        pack_tokens: tokens per packed batch; None means batch_size * max_seq_len.
+        pad_to_multiple_of: round padded batch lengths up to a multiple of this (8 suits tensor
+            cores); 1 pads to the longest row only.
+        seed: seed of the validation split and the per-epoch batch order.
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        tokenizer: the tokenizer to render with; None takes the LightningModule's `tokenizer`.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        eval_path: str | None = None,
+        val_fraction: float = 0.05,
+        batch_size: int = 4,
+        max_seq_len: int = 1024,
+        prompt_column: str | None = None,
+        response_column: str | None = None,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        train_on_prompt: bool = False,
+        packing: bool = False,
+        pack_tokens: int | None = None,
+        pad_to_multiple_of: int = 1,
+        seed: int = 42,
+        num_workers: int = 0,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise PmetalError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1 or max_seq_len < 2 or pad_to_multiple_of < 1:
+            raise PmetalError("batch_size and pad_to_multiple_of must be >= 1 and max_seq_len >= 2")
+        self.path = str(path) if path is not None else str(example_path())
+        self.eval_path, self.val_fraction = eval_path, val_fraction
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.prompt_column, self.response_column = prompt_column, response_column
+        self.system_prompt, self.chat_template, self.train_on_prompt = system_prompt, chat_template, train_on_prompt
+        self.packing = packing
+        self.pack_tokens = pack_tokens if pack_tokens is not None else batch_size * max_seq_len
+        if packing and self.pack_tokens < max_seq_len:
+            raise PmetalError(f"pack_tokens ({self.pack_tokens}) must be at least max_seq_len ({max_seq_len})")
+        self.pad_to_multiple_of, self.seed, self.num_workers = pad_to_multiple_of, seed, num_workers
+        self.tokenizer = tokenizer
+        self.train_rows: list[dict] | None = None
+        self.val_rows: list[dict] = []
+        self.stats: SftDataStats | None = None
+
+    # ------------------------------------------------------------------------------ preparing
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_rows is not None:
+            return
+        tokenizer = self._tokenizer()
+        train_set, fmt, n_rows = self._render(self.path, tokenizer)
+        rows = list(zip(train_set.rows, train_set.source))
+        truncated, dropped = train_set.truncated, len(train_set.dropped)
+        if self.eval_path:
+            val_set, _, n_val_rows = self._render(self.eval_path, tokenizer)
+            val = val_set.rows
+            n_rows += n_val_rows
+            truncated, dropped = truncated + val_set.truncated, dropped + len(val_set.dropped)
+        elif self.val_fraction > 0 and len(rows) > 1:
+            order = list(range(len(rows)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, round(len(rows) * self.val_fraction))
+            held = set(order[:n_val])
+            val = [rows[i][0] for i in sorted(held)]
+            rows = [r for i, r in enumerate(rows) if i not in held]
+        else:
+            val = []
+        self.train_rows, self.val_rows = [r for r, _ in rows], val
+        self.stats = SftDataStats(
+            path=self.path, format=fmt, rows=n_rows, truncated=truncated, dropped=dropped,
+            train_rows=len(self.train_rows), val_rows=len(self.val_rows),
+            train_tokens=sum(len(r["input_ids"]) for r in self.train_rows),
+            train_trained_tokens=sum(1 for r in self.train_rows for x in r["labels"] if x != -100),
+            max_seq_len=self.max_seq_len,
+        )
+        log.info(self.stats.summary())
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    def _tokenizer(self) -> Any:
+        tokenizer = self.tokenizer
+        if tokenizer is None and self.trainer is not None:
+            tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if tokenizer is None:
+            raise PmetalError("SftDataModule needs a tokenizer: pass tokenizer=... or train a module that has "
+                              "a `tokenizer` attribute")
+        return tokenizer
+
+    def _render(self, path: str, tokenizer: Any) -> tuple[RenderedDataset, str, int]:
+        rows = load_rows(path)
+        fmt, examples = to_sft_examples(rows, prompt_column=self.prompt_column, response_column=self.response_column,
+                                        system_prompt=self.system_prompt, path=path)
+        if fmt != "text" or self.chat_template is not None:
+            ensure_chat_template(tokenizer, self.chat_template)
+        rendered = render_sft_dataset(tokenizer, rows, examples, max_seq_len=self.max_seq_len,
+                                      train_on_prompt=self.train_on_prompt, path=path)
+        if rendered.dropped:
+            shown = ", ".join(str(locate(rows, i, path)[1]) for i in rendered.dropped[:5])
+            more = ", ..." if len(rendered.dropped) > 5 else ""
+            log.warning("%s: %d row(s) have no trainable token after truncation to %d (rows/lines %s%s); skipped",
+                        path, len(rendered.dropped), self.max_seq_len, shown, more)
+        if not rendered.rows:
+            raise DataError(path, "no row has a token to learn from", expected="rows with a non-empty assistant answer "
+                            f"that fits within max_seq_len={self.max_seq_len}")
+        return rendered, fmt, len(rows)
+
+    # ------------------------------------------------------------------------------ tokens
+    @property
+    def train_tokens(self) -> int:
+        """Tokens (prompt + answer, no padding) in one pass over the training rows."""
+        return self.stats.train_tokens if self.stats else 0
+
+    @property
+    def trainable_tokens(self) -> int:
+        """Tokens carrying a loss in one pass over the training rows (for throughput)."""
+        return self.stats.train_trained_tokens if self.stats else 0
+
+    # ------------------------------------------------------------------------------ loaders
+    def _loader(self, rows: list[dict], shuffle: bool) -> ResumableDataLoader:
+        lengths = [len(r["input_ids"]) for r in rows]
+        if self.packing:
+            from pmetal.data.packing import pack_rows, packed_collate
+
+            sampler = ShuffledBatchSampler(pack_rows(lengths, self.pack_tokens), seed=self.seed, shuffle=shuffle)
+            collate = packed_collate
+        else:
+            sampler = LengthGroupedBatchSampler(lengths, self.batch_size, seed=self.seed, shuffle=shuffle)
+            collate = PaddingCollator(self._pad_id, self.pad_to_multiple_of, max_length=self.max_seq_len)
+        first_epoch = self.trainer.current_epoch if self.trainer is not None and shuffle else 0
+        return ResumableDataLoader(rows, sampler, collate_fn=collate, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0, first_epoch=first_epoch)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        self.setup("fit")
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> ResumableDataLoader | list:
+        self.setup("fit")
+        return self._loader(self.val_rows, shuffle=False) if self.val_rows else []

@@ -1,0 +1,177 @@
+"""Prompt datasets for online RL (GRPO, DAPO, RLKD): a prompt per row, plus columns for the rewards.
+
+| layout            | prompt                                              | passed to rewards            |
+|-------------------|-----------------------------------------------------|------------------------------|
+| `prompt`          | `prompt` (a string or a message list)               | every other column           |
+| `prompt_column`   | the named column                                    | every other column           |
+| question/answer   | `question` (GSM8K)                                  | `answer`, ...                |
+| problem/solution  | `problem` (MATH; the reasoning format's `thinking` is dropped) | `solution`, ...   |
+| alpaca            | `instruction` + optional `input` (+ `system`)       | `output` as `solution`       |
+| messages/sharegpt | the turns before the last assistant turn            | that assistant turn as `solution` |
+
+The reference answer never enters the prompt: it only reaches the reward functions (as the
+`answer`/`solution` column). A row without a usable prompt raises `DataError` naming file, row
+and field. Prompts are rendered with the chat template (generation prompt included) and
+tokenized once; a prompt longer than `max_prompt_length` keeps its tail and is counted.
+
+A batch is a dict: `prompt_ids` (token-id lists), `prompts` (as the dataset gave them),
+`columns` (`{name: [value per prompt]}`) and `index` (row numbers); `RolloutCallback` turns it
+into completions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import lightning as L
+
+from pmetal.data.formats import coerce_messages, load_rows, require_string, row_error
+from pmetal.errors import DataError
+
+log = logging.getLogger("pmetal")
+
+PROMPT_LAYOUTS = "a 'prompt' column (string or messages), 'question', 'problem', 'instruction', or 'messages'/'conversations'"
+
+
+def _conversation_prompt(rows, i, field: str, path) -> tuple[list[dict], dict[str, Any]]:
+    messages = coerce_messages(rows, i, field, path=path)
+    last_assistant = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    extra = {}
+    if last_assistant is not None:
+        extra["solution"] = messages[last_assistant]["content"]
+        messages = messages[:last_assistant]
+    if not any(m["role"] == "user" for m in messages):
+        raise row_error(rows, i, "no user message before the last assistant turn", field=field,
+                        expected="a conversation with a user prompt", path=path)
+    return messages, extra
+
+
+def row_to_prompt(rows: Sequence[dict], i: int, *, prompt_column: str | None = None,
+                  path: str | None = None) -> tuple[Any, list[dict], dict[str, Any]]:
+    """(prompt as given, prompt messages, columns for the rewards) of row `i`."""
+    row = rows[i]
+    consumed: set[str]
+    extra: dict[str, Any] = {}
+    column = prompt_column or next((c for c in ("prompt", "question", "problem") if row.get(c) is not None), None)
+    if column is not None:
+        value = row.get(column)
+        if isinstance(value, list):
+            messages, extra = _conversation_prompt(rows, i, column, path)
+            original: Any = messages
+        else:
+            original = require_string(rows, i, column, path=path)
+            messages = [{"role": "user", "content": original}]
+        consumed = {column, "thinking"}  # the reasoning format's worked thinking is a solution: never shown
+    elif row.get("instruction") is not None:
+        text = require_string(rows, i, "instruction", path=path)
+        more = require_string(rows, i, "input", allow_empty=True, path=path) if row.get("input") is not None else ""
+        original = f"{text}\n\n{more}" if more.strip() else text
+        messages = [{"role": "user", "content": original}]
+        if row.get("system") is not None:
+            messages.insert(0, {"role": "system", "content": require_string(rows, i, "system", path=path)})
+        consumed = {"instruction", "input", "system", "output"}
+        if row.get("output") is not None:
+            extra["solution"] = row["output"]
+    elif row.get("messages") is not None or row.get("conversations") is not None:
+        field = "messages" if row.get("messages") is not None else "conversations"
+        messages, extra = _conversation_prompt(rows, i, field, path)
+        original, consumed = messages, {field}
+    else:
+        found = ", ".join(sorted(map(str, row))) or "(none)"
+        raise row_error(rows, i, f"no prompt in this row (columns: {found})", expected=PROMPT_LAYOUTS, path=path)
+    columns = {k: v for k, v in row.items() if k not in consumed}
+    for key, value in extra.items():
+        columns.setdefault(key, value)
+    return original, messages, columns
+
+
+def collate_prompts(items: Sequence[dict]) -> dict[str, Any]:
+    """Prompt items -> one batch dict (lists, no tensors: the rollout makes the tensors)."""
+    names = sorted({k for item in items for k in item["columns"]})
+    return {
+        "prompt_ids": [item["prompt_ids"] for item in items],
+        "prompts": [item["prompt"] for item in items],
+        "columns": {name: [item["columns"].get(name) for item in items] for name in names},
+        "index": [item["index"] for item in items],
+    }
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts (plus answer columns for the rewards) for GRPO, DAPO and RLKD.
+
+    Args:
+        path: training prompts: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset
+            id. None uses pmetal's small shipped arithmetic example (examples/data/grpo.jsonl).
+        batch_size: prompts per training step; each gets `num_generations` completions.
+        max_prompt_length: most prompt tokens; a longer prompt keeps its tail (counted and reported).
+        prompt_column: the column holding the prompt, when it is not `prompt`/`question`/`problem`/...
+        system_prompt: a system message added to prompts that have none.
+        chat_template: None keeps the model's template; "chatml", a Jinja string or a .jinja file replaces it.
+        seed: seed of the shuffling (and of the extra prompts drawn by DAPO's dynamic sampling).
+        tokenizer: a tokenizer; None takes the training module's (`trainer.lightning_module.tokenizer`).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, path: Optional[str] = None, batch_size: int = 4, max_prompt_length: int = 512,
+                 prompt_column: Optional[str] = None, system_prompt: Optional[str] = None,
+                 chat_template: Optional[str] = None, seed: int = 0, tokenizer: Optional[Any] = None,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise DataError(None, f"batch_size={batch_size}", expected="at least 1 prompt per step")
+        if path is None:
+            from pmetal.data.formats import example_path
+
+            path = str(example_path("grpo.jsonl"))
+        self.path, self.batch_size, self.max_prompt_length = path, batch_size, max_prompt_length
+        self.prompt_column, self.system_prompt, self.chat_template = prompt_column, system_prompt, chat_template
+        self.seed, self.tokenizer, self.num_workers = seed, tokenizer, num_workers
+        self.train_items: list[dict] | None = None
+        self._rng = random.Random(seed + 1)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_items is not None:
+            return
+        from pmetal.data.render import ensure_chat_template, render_prompt
+
+        tokenizer = self.tokenizer
+        if tokenizer is None and self.trainer is not None:
+            tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if tokenizer is None:
+            raise DataError(self.path, "no tokenizer: pass tokenizer=... or attach the DataModule to a Trainer "
+                            "whose module has one", expected="a tokenizer")
+        self.tokenizer = tokenizer
+        ensure_chat_template(tokenizer, self.chat_template)
+        rows = load_rows(self.path)
+        if not rows:
+            raise DataError(self.path, "no rows", expected="at least one prompt")
+        items, truncated = [], 0
+        for i in range(len(rows)):
+            original, messages, columns = row_to_prompt(rows, i, prompt_column=self.prompt_column, path=self.path)
+            if self.system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self.system_prompt}, *messages]
+            ids = render_prompt(tokenizer, messages)
+            if len(ids) > self.max_prompt_length:
+                ids, truncated = ids[-self.max_prompt_length :], truncated + 1
+            items.append({"prompt_ids": ids, "prompt": original, "columns": columns, "index": i})
+        if truncated:
+            log.warning("%s: %d of %d prompts were longer than max_prompt_length=%d and keep only their last tokens",
+                        self.path, truncated, len(items), self.max_prompt_length)
+        self.train_items = items
+        log.info("prompt data: %d prompts from %s", len(items), self.path)
+
+    def train_dataloader(self):
+        import torch
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.train_items, batch_size=self.batch_size, shuffle=True, collate_fn=collate_prompts,
+                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
+
+    def sample(self, n: int) -> dict[str, Any]:
+        """A batch of `n` prompts drawn at random (DAPO's dynamic sampling asks for more prompts)."""
+        if not self.train_items:
+            raise DataError(self.path, "no prompts loaded (setup() has not run)", expected="setup() first")
+        return collate_prompts([self._rng.choice(self.train_items) for _ in range(n)])

@@ -1,0 +1,129 @@
+"""Speed and memory switches for training: selective gradient checkpointing, regional
+`torch.compile`, optional Liger kernels on CUDA.
+
+Gradient checkpointing is non-reentrant (`torch.utils.checkpoint(use_reentrant=False)`): it needs no
+`enable_input_require_grads` hack for frozen embeddings under LoRA and composes with `torch.compile`.
+It is set per decoder layer, on the `GradientCheckpointingLayer`s transformers 5 builds its decoders
+from, so any subset of layers can be checkpointed (fewer layers: faster, more memory).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+
+import torch
+from torch import nn
+
+from pmetal.errors import PmetalError
+
+log = logging.getLogger("pmetal")
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    """The repeated decoder blocks of a (PEFT-wrapped) causal LM, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def parse_layer_selection(layers: str | list[int] | None, num_layers: int) -> list[int]:
+    """Layer indices from a selection: None/"all", "none", "every:N", "0-11,20,-1" or a list of ints.
+
+    Negative indices count from the end. Raises PmetalError on anything else.
+    """
+    if layers is None or layers == "all" or layers is True:
+        return list(range(num_layers))
+    if layers in ("none", "", False):
+        return []
+    if isinstance(layers, str):
+        every = re.fullmatch(r"every[:-](\d+)", layers.strip())
+        if every:
+            step = int(every.group(1))
+            if step < 1:
+                raise PmetalError(f"gradient checkpointing layers '{layers}': N in every:N must be >= 1")
+            return list(range(0, num_layers, step))
+        indices: list[int] = []
+        for part in layers.split(","):
+            match = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
+            if not match:
+                raise PmetalError(
+                    f"gradient checkpointing layers '{layers}' not understood; "
+                    "expected all, none, every:N, or indices and ranges like 0-11,20,-1"
+                )
+            first = int(match.group(1))
+            last = int(match.group(2)) if match.group(2) is not None else first
+            indices.extend(range(first, last + 1))
+        layers = indices
+    selected = sorted({i + num_layers if i < 0 else i for i in layers})
+    bad = [i for i in selected if not 0 <= i < num_layers]
+    if bad:
+        raise PmetalError(f"gradient checkpointing layer(s) {bad} out of range: the model has {num_layers} layers")
+    return selected
+
+
+def enable_gradient_checkpointing(model, layers: str | list[int] | None = None) -> list[int]:
+    """Checkpoint the selected decoder layers (non-reentrant); the others keep their activations.
+
+    Args:
+        model: a Hugging Face causal LM, PEFT-wrapped or not.
+        layers: which layers, see `parse_layer_selection`; None = all, "none" = turn it off.
+
+    Returns:
+        The indices of the checkpointed layers.
+    """
+    blocks = decoder_layers(model)
+    if not blocks:
+        raise PmetalError(f"{type(model).__name__} has no decoder layers that support gradient checkpointing")
+    selected = set(parse_layer_selection(layers, len(blocks)))
+    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for index, block in enumerate(blocks):
+        block._gradient_checkpointing_func = checkpoint
+        block.gradient_checkpointing = index in selected
+    return sorted(selected)
+
+
+def maybe_compile(model, enabled: bool = True, **compile_kwargs) -> bool:
+    """Compile each decoder layer in place with `torch.compile` (regional compilation).
+
+    Identical layers share one compiled graph (PyTorch inlines nn.Module parameters as inputs), so
+    compile time does not grow with depth, and the embedding, LM head and chunked loss stay eager.
+    Returns whether compilation was turned on; off when disabled or when dynamo is unavailable.
+    """
+    if not enabled:
+        return False
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception as error:  # pragma: no cover - platforms without dynamo
+        log.warning("torch.compile unavailable (%s); running eager", error)
+        return False
+    blocks = decoder_layers(model)
+    if not blocks:
+        log.warning("no decoder layers to compile in %s; running eager", type(model).__name__)
+        return False
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return True
+
+
+def maybe_apply_liger(model) -> bool:
+    """On CUDA, swap in Liger's RMSNorm/SwiGLU/RoPE kernels when `liger_kernel` is installed.
+
+    Liger's own fused cross-entropy stays off: pmetal's chunked loss already avoids the logits.
+    Never required; returns whether the kernels were applied.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device
+    if device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return False
+    try:
+        _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as error:  # an architecture Liger does not know
+        log.warning("Liger kernels not applied to %s: %s", type(base).__name__, error)
+        return False
+    return True

@@ -1,0 +1,112 @@
+"""DPO, SimPO, ORPO and KTO with LoRA on the real SmolLM2-135M-Instruct learn a preference it does not have.
+
+The task (examples/make_preference_data.py): the chosen answer is written in capitals, the rejected
+one is the same answer in ordinary case. The instruction-tuned model prefers ordinary case, so on
+held-out questions it ranks the pairs the wrong way round before training. Each method must make it
+prefer the chosen answers on questions it never trained on, by the measure the method optimizes:
+- DPO and KTO: the implicit reward beta*(log pi - log pi_ref) of chosen above rejected (0 for every
+  pair before training), and for DPO a mean reward margin that grows;
+- SimPO and ORPO (no reference): the average per-token log-prob of chosen above rejected (which
+  for ORPO is the sign of the log odds ratio).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TRAIN_PAIRS, HELD_OUT = 96, 32
+STEPS, BATCH = 12, 4
+
+
+def _rows():
+    from pmetal.examples.make_preference_data import kto_rows, preference_pairs, questions
+
+    pairs = preference_pairs(TRAIN_PAIRS + HELD_OUT, seed=0)
+    held_out_questions = {p["prompt"] for p in pairs[TRAIN_PAIRS:]}
+    kto = [r for r in kto_rows(len(questions()), seed=0) if r["prompt"] not in held_out_questions][:TRAIN_PAIRS]
+    return pairs[:TRAIN_PAIRS], pairs[TRAIN_PAIRS:], kto
+
+
+def _write(rows, path):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@torch.no_grad()
+def held_out_scores(module, loader) -> tuple[float, float, float]:
+    """(implicit-reward accuracy, mean implicit reward margin, average-log-prob accuracy) on held-out pairs."""
+    from pmetal.modules.preference import concat_sides, split_sides
+
+    module.policy.eval()
+    reward_wins, margins, avg_wins = [], [], []
+    for batch in loader:
+        chosen, rejected = module.pair_logps(batch)
+        ref = module.reference_logps(*concat_sides(batch, "chosen_", "rejected_"))
+        ref_chosen, ref_rejected = split_sides(ref.sum, ref.mean, ref.num_tokens)
+        margin = 0.1 * ((chosen.sum - ref_chosen.sum) - (rejected.sum - ref_rejected.sum))
+        reward_wins.append(margin > 0)
+        margins.append(margin)
+        avg_wins.append(chosen.mean > rejected.mean)
+    module.policy.train()
+    return (torch.cat(reward_wins).float().mean().item(), torch.cat(margins).mean().item(),
+            torch.cat(avg_wins).float().mean().item())
+
+
+CASES = {
+    "dpo": ("pmetal.modules.dpo:DpoModule", {"beta": 0.1}, 5e-4),
+    "simpo": ("pmetal.modules.simpo:SimpoModule", {"beta": 2.5, "gamma_beta_ratio": 0.5}, 5e-4),
+    "orpo": ("pmetal.modules.orpo:OrpoModule", {"beta": 0.1}, 5e-4),
+    "kto": ("pmetal.modules.kto:KtoModule", {"beta": 0.1}, 5e-4),
+}
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_preference_method_learns_the_held_out_preference(method, smollm2_dir, tmp_path):
+    import importlib
+
+    import lightning as L
+
+    from pmetal.data.preference import KtoDataModule, PreferenceDataModule
+
+    start = time.time()
+    L.seed_everything(0)
+    target, kwargs, lr = CASES[method]
+    module_name, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    module = cls(model=str(smollm2_dir), lora_r=16, learning_rate=lr, warmup_steps=2, lr_schedule="constant",
+                 gradient_checkpointing=False, weight_dtype="float32", **kwargs)
+    train, held_out, kto = _rows()
+    held = PreferenceDataModule(_write(held_out, tmp_path / "held.jsonl"), batch_size=16, max_seq_len=96,
+                                tokenizer=module.tokenizer)
+    held.setup("validate")
+    loader = held.train_dataloader()  # a plain loader over the held-out pairs (no training on them)
+
+    reward_acc0, margin0, avg_acc0 = held_out_scores(module, loader)
+    assert avg_acc0 <= 0.25, f"the base model already prefers the capitals ({avg_acc0}): the task proves nothing"
+    assert reward_acc0 == 0.0 and margin0 == pytest.approx(0.0, abs=1e-4)
+
+    if method == "kto":
+        data = KtoDataModule(_write(kto, tmp_path / "kto.jsonl"), batch_size=BATCH, max_seq_len=96)
+    else:
+        data = PreferenceDataModule(_write(train, tmp_path / "train.jsonl"), batch_size=BATCH, max_seq_len=96)
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, gradient_clip_val=1.0)
+    trainer.fit(module, datamodule=data)
+
+    reward_acc, margin, avg_acc = held_out_scores(module, loader)
+    report = (f"{method}: held-out reward accuracy {reward_acc0:.2f} -> {reward_acc:.2f}, margin {margin0:.3f} -> "
+              f"{margin:.3f}, avg-logp accuracy {avg_acc0:.2f} -> {avg_acc:.2f} ({time.time() - start:.0f} s)")
+    print(report)
+    if method in ("dpo", "kto"):
+        assert reward_acc >= 0.9, report
+    else:
+        assert avg_acc >= 0.75, report
+    if method == "dpo":
+        assert margin > 0.5, report

@@ -1,0 +1,47 @@
+"""The CLI surface: --method selection, --model rewriting, clear errors, exit codes."""
+
+import pytest
+import yaml
+
+from pmetal.cli import main
+from pmetal.lightning_cli import rewrite_model_flag, run_lightning_cli
+
+
+def test_model_flag_names_the_model():
+    assert rewrite_model_flag(["--model", "Qwen/Qwen3-0.6B", "--model.lora_r", "8"]) == [
+        "--model.model", "Qwen/Qwen3-0.6B", "--model.lora_r", "8"]
+    assert rewrite_model_flag(["--model=x.gguf"]) == ["--model.model", "x.gguf"]
+    assert rewrite_model_flag(["--model", "cfg.yaml"]) == ["--model", "cfg.yaml"]
+
+
+def test_fit_print_config_shows_method_settings(capsys):
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", "--method", "sft", "--model", "some/model", "--model.lora_r", "8", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["method"] == "sft"
+    assert config["model"]["model"] == "some/model"
+    assert config["model"]["lora_r"] == 8
+    assert config["model"]["lora_alpha"] is None  # None means 2 × rank
+    assert config["trainer"]["gradient_clip_val"] == 1.0
+
+
+def test_unknown_method_is_a_clear_error(capsys):
+    assert main(["fit", "--method", "ppo"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --method 'ppo'" in err and "dpo" in err and "grpo" in err
+
+
+def test_missing_model_is_a_clear_error(capsys, tmp_path):
+    assert main(["train", "--model", str(tmp_path / "nope"), "--max-steps", "1"]) == 2
+    assert "model not found" in capsys.readouterr().err
+
+
+def test_gguf_and_directory_errors(tmp_path):
+    from pmetal.errors import PmetalError
+    from pmetal.models import resolve_model
+
+    with pytest.raises(PmetalError, match="GGUF file not found"):
+        resolve_model(str(tmp_path / "m.gguf"))
+    with pytest.raises(PmetalError, match="without config.json"):
+        resolve_model(str(tmp_path))
+    assert resolve_model("org/name") == ("org/name", None)

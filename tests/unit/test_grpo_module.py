@@ -1,0 +1,147 @@
+"""GrpoModule / DapoModule: the manual update (micro-batches, num_iterations, clipping) under a Trainer."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from pmetal.callbacks.rollout import RolloutCallback, make_rollout
+from pmetal.data.prompts import PromptDataModule, collate_prompts
+
+
+def char_parity_reward(prompts, completions, **kwargs):
+    return [float(len(c) % 2) for c in completions]
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Say a word number {i}.", "answer": str(i)}) for i in range(4)))
+    return path
+
+
+def _trainer(max_steps, **kwargs):
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_num_iterations_moves_the_ratio_and_engages_clipping(tiny_model_dir, prompt_file):
+    """Iteration 1 of a rollout is on-policy (ratio 1, nothing clipped); iteration 2 reuses it after an
+    update, so the ratio departs from 1 and the clip engages. The Trainer's gradient_clip_val is taken over."""
+    from pmetal.modules.grpo import GrpoModule
+
+    torch.manual_seed(0)
+    module = GrpoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=4,
+                        max_completion_length=6, num_iterations=2, micro_batch_size=4, learning_rate=0.05,
+                        lr_schedule="constant", gradient_checkpointing=False)
+    trainer = _trainer(2, gradient_clip_val=1.0)
+    trainer.fit(module, PromptDataModule(str(prompt_file), batch_size=2))
+    assert trainer.global_step == 2  # one rollout, two optimizer steps
+    first, second = module.iteration_metrics
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-3) and first["clip_region"] == 0.0
+    assert abs(second["ratio"] - 1.0) > 1e-2
+    assert second["clip_region"] > 0.0
+    assert module._clip_val == 1.0 and trainer.gradient_clip_val is None
+    assert sum(isinstance(cb, RolloutCallback) for cb in trainer.callbacks) == 1
+    for key in ("train/loss", "train/reward/mean", "train/reward/char_parity_reward", "train/clip_high",
+                "train/completion/truncated", "train/reward/zero_spread_groups"):
+        assert key in trainer.callback_metrics
+
+
+def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir):
+    from pmetal.data.render import render_prompt
+    from pmetal.modules.grpo import GrpoModule
+
+    torch.manual_seed(0)
+    module = GrpoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=4,
+                        max_completion_length=5, beta=0.05, gradient_checkpointing=False)
+    with torch.no_grad():  # a non-zero adapter, so the KL term has a gradient too
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = collate_prompts([{"prompt_ids": render_prompt(module.tokenizer, [{"role": "user", "content": t}]),
+                              "prompt": t, "columns": {}, "index": i} for i, t in enumerate(["Hi", "Count to 3"])])
+    rollout = make_rollout(module, batch)
+    rollout.old_logps = rollout.old_logps + 0.1 * torch.randn_like(rollout.old_logps) * rollout.completion_mask
+    rollout.ref_logps = module._reference_token_logps(rollout)
+    module.policy.train()
+
+    def gradient(micro_batch_size, loss_type):
+        module.hparams.loss_type = loss_type
+        module.policy.zero_grad(set_to_none=True)
+        parts = rollout.micro_batches(micro_batch_size)
+        for part in parts:
+            loss, _ = module.micro_batch_loss(part, rollout.num_sequences, rollout.num_completion_tokens)
+            (loss / len(parts) if loss_type == "bnpo" else loss).backward()
+        return torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None])
+
+    for loss_type in ("grpo", "dr_grpo", "dapo", "bnpo"):
+        full, split = gradient(8, loss_type), gradient(4, loss_type)
+        assert full.abs().sum() > 0
+        # bnpo normalizes each micro-batch by its own tokens (as TRL): equal only when they hold equal tokens
+        if loss_type != "bnpo":
+            torch.testing.assert_close(split, full, atol=1e-6, rtol=1e-4)
+
+
+def test_dapo_is_grpo_with_dapo_settings(tiny_model_dir):
+    from pmetal.modules.grpo import DapoModule
+
+    module = DapoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=4,
+                        gradient_checkpointing=False)
+    hp = module.hparams
+    assert (hp.epsilon, hp.epsilon_high, hp.loss_type, hp.dynamic_sampling) == (0.2, 0.28, "dapo", True)
+    assert module.rewards.names == ["char_parity_reward", "overlong"]
+    settings = module.rollout_settings()
+    assert settings.dynamic_sampling and settings.num_generations == 4
+
+
+def test_rlkd_loss_blends_grpo_and_distillation(tiny_model_dir):
+    from pmetal.data.render import render_prompt
+    from pmetal.modules.rlkd import RlkdModule
+
+    torch.manual_seed(0)
+    module = RlkdModule(str(tiny_model_dir), teacher_model=str(tiny_model_dir), reward_fns=[char_parity_reward],
+                        num_generations=4, max_completion_length=5, alpha=0.0, final_alpha=0.5,
+                        gradient_checkpointing=False)
+    batch = collate_prompts([{"prompt_ids": render_prompt(module.tokenizer, [{"role": "user", "content": "Hi"}]),
+                              "prompt": "Hi", "columns": {}, "index": 0}])
+    rollout = make_rollout(module, batch)
+    part = rollout.micro_batches(8)[0]
+    n, t = rollout.num_sequences, rollout.num_completion_tokens
+    # alpha 0: exactly GrpoModule's loss (the completion-only logits path agrees with pmetal.logps)
+    loss, metrics = module.micro_batch_loss(part, n, t)
+    from pmetal.modules.grpo import GrpoModule
+
+    grpo_loss_value, _ = GrpoModule.micro_batch_loss(module, part, n, t)
+    torch.testing.assert_close(loss, grpo_loss_value, atol=1e-6, rtol=1e-5)
+    assert metrics["distill_loss"].item() == pytest.approx(0.0, abs=1e-6)  # student == teacher so far
+    # a different student: the distillation term is positive and carries a gradient
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    module.hparams.alpha, module.hparams.final_alpha = 1.0, None
+    loss, metrics = module.micro_batch_loss(part, n, t)
+    assert metrics["distill_loss"].item() > 1e-4
+    torch.testing.assert_close(loss, metrics["distill_loss"] * 1.0, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.policy.parameters())
+    # linear annealing of alpha
+    module.hparams.alpha, module.hparams.final_alpha, module._total_steps = 0.3, 0.1, 10
+    assert module.current_alpha() == pytest.approx(0.3)
+
+
+def test_rlkd_teacher_with_another_tokenizer_is_a_clear_error(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from pmetal.errors import PmetalError
+    from pmetal.modules.rlkd import check_same_vocabulary
+
+    student = AutoTokenizer.from_pretrained(tiny_model_dir)
+    teacher = AutoTokenizer.from_pretrained(tiny_model_dir)
+    teacher.add_tokens(["<teacher_only>"])
+    with pytest.raises(PmetalError, match="does not share the tokenizer.*'<teacher_only>'"):
+        check_same_vocabulary(student, teacher, "student-dir", "teacher-dir")
