@@ -157,29 +157,16 @@ def _padded_batches(rows, batch):
 
 
 def _packed_batches(rows, batch, seq):
-    """Rows packed into bins of `seq` tokens; `batch` bins per step as [batch, seq] rows whose
-    position_ids restart per packed row (a trailing pad segment of its own, never scored)."""
-    import torch
-
-    from pmetal.data.packing import pack_rows, packed_collate
+    """Rows packed padding-free into bins of `seq` tokens, `batch` bins per step stacked as
+    [batch, seq] (`pmetal.data.packing.stack_packed`)."""
+    from pmetal.data.packing import pack_rows, packed_collate, stack_packed
 
     bins = pack_rows([len(r) for r in rows], seq)
-    packed = []
-    for b in bins:
-        one = packed_collate([{"input_ids": rows[i]} for i in b])
-        one["real_tokens"] = one["input_ids"].shape[1]
-        pad = seq - one["input_ids"].shape[1]
-        if pad:
-            one["input_ids"] = torch.cat([one["input_ids"], torch.zeros(1, pad, dtype=torch.long)], 1)
-            one["labels"] = torch.cat([one["labels"], torch.full((1, pad), -100)], 1)
-            one["position_ids"] = torch.cat([one["position_ids"], torch.arange(pad).unsqueeze(0)], 1)
-        packed.append(one)
-    steps = len(rows) // batch
+    packed = [packed_collate([{"input_ids": rows[i]} for i in b]) for b in bins]
     out = []
-    for s in range(steps):
+    for s in range(len(rows) // batch):
         group = packed[s * batch : (s + 1) * batch] or packed[-batch:]
-        keys = ("input_ids", "labels", "position_ids")
-        out.append(({k: torch.cat([g[k] for g in group]) for k in keys}, sum(g["real_tokens"] for g in group)))
+        out.append((stack_packed(group, seq), sum(g["input_ids"].shape[1] for g in group)))
     return out, len(bins)
 
 
@@ -238,7 +225,8 @@ def _train_loop(args, variant, device, micro_batch):
         size = batch["input_ids"].shape[0]
         micro_steps = max(1, size // micro_batch)
         for m in range(micro_steps):
-            micro = {k: v[m * micro_batch : (m + 1) * micro_batch].to(device, non_blocking=True) for k, v in batch.items()}
+            rows = slice(m * micro_batch, (m + 1) * micro_batch)
+            micro = {k: v[rows].to(device, non_blocking=True) for k, v in batch.items()}
             with amp:
                 loss = loss_of(micro)
             (loss / micro_steps).backward()

@@ -167,6 +167,7 @@ def _metrics(rows: list[RolloutRow], per_function: dict[str, list[float]], group
         "completion/length_max": float(lengths.max()),
         "completion/truncated": sum(r.truncated for r in rows) / len(rows),
         "rollout/tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
+        "rollout/seconds": seconds,
     }
     for name, scores in per_function.items():
         finite = [s for s in scores if not math.isnan(s)]

@@ -60,7 +60,8 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps" and sys.platform == "darwin":
         try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=2)
+            command = ["sysctl", "-n", "machdep.cpu.brand_string"]
+            out = subprocess.run(command, capture_output=True, text=True, timeout=2)
             return out.stdout.strip() or "Apple Silicon"
         except (OSError, subprocess.SubprocessError):
             return "Apple Silicon"

@@ -140,6 +140,7 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
             "num_sanity_val_steps": 0,
             "enable_model_summary": False,
             "devices": 1,
+            "use_distributed_sampler": False,  # pmetal's samplers shard batches by rank themselves
         },
         auto_configure_optimizers=False,
     )

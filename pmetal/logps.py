@@ -11,7 +11,8 @@ position t is log p(labels[t] | tokens < t), computed from the hidden state at t
 every row (and of every packed segment) has nothing before it and is never scored.
 
 A packed batch (`input_ids [1, N]`, `position_ids` restarting at 0 per row, `seq_lens [R]`, see
-`pmetal.data.packing`) is run with attention confined to each row: with `flash_attention_2` through
+`pmetal.data.packing`; or several packed bins stacked as `[B, T]`, rows listed in order in `seq_lens`,
+none crossing a bin) is run with attention confined to each row: with `flash_attention_2` through
 varlen kernels (from `position_ids`), with `sdpa`/`eager` through the block-diagonal causal mask that
 transformers derives from `position_ids` when no `attention_mask` is given
 (`masking_utils.find_packed_sequence_indices`; tests/unit/test_packing.py checks it).
@@ -82,7 +83,7 @@ def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None, se
     backbone, _ = backbone_and_head(model)
     if seq_lens is not None:
         if position_ids is None:
-            position_ids = packed_position_ids(seq_lens.to(input_ids.device))
+            position_ids = packed_position_ids(seq_lens.to(input_ids.device)).view(input_ids.shape)
         attention_mask = None
     out = backbone(
         input_ids=input_ids,
@@ -96,11 +97,11 @@ def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None, se
 
 def _scored_labels(labels: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
     """Labels [B, T] with every position that has no preceding token in its row set to -100."""
-    labels = labels.clone()
+    labels = labels.clone(memory_format=torch.contiguous_format)
     labels[:, 0] = IGNORE_INDEX
     if seq_lens is not None:
         starts = (torch.cumsum(seq_lens.long(), 0) - seq_lens.long()).to(labels.device)
-        labels[0, starts] = IGNORE_INDEX  # a row's first token must not be predicted from the previous row
+        labels.view(-1)[starts] = IGNORE_INDEX  # a row's first token must not be predicted from the previous row
     return labels
 
 
@@ -141,8 +142,11 @@ def _selected_hidden(model, input_ids, attention_mask, labels, position_ids, seq
     """Hidden states of the positions that predict a label: (hidden [M, H], targets [M], mask [B, T])."""
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-    if seq_lens is not None and input_ids.shape[0] != 1:
-        raise ValueError(f"a packed batch has input_ids [1, N], got {tuple(input_ids.shape)}")
+    if seq_lens is not None and int(seq_lens.sum()) != input_ids.numel():
+        raise ValueError(
+            f"packed batch: seq_lens sum to {int(seq_lens.sum())} but input_ids {tuple(input_ids.shape)} "
+            f"hold {input_ids.numel()} tokens"
+        )
     hidden = backbone_hidden(model, input_ids, attention_mask, position_ids, seq_lens)  # [B, T, H]
     scored = _scored_labels(labels, seq_lens)  # [B, T]
     if attention_mask is not None and seq_lens is None:
@@ -187,8 +191,8 @@ def completion_logps(
     else:
         seq_lens = seq_lens.to(mask.device).long()
         row = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=mask.device), seq_lens)  # [N]
-        sums = token_logps.new_zeros(seq_lens.numel()).index_add(0, row, token_logps[0])  # [R]
-        counts = torch.zeros_like(seq_lens).index_add(0, row, mask[0].long())  # [R]
+        sums = token_logps.new_zeros(seq_lens.numel()).index_add(0, row, token_logps.view(-1))  # [R]
+        counts = torch.zeros_like(seq_lens).index_add(0, row, mask.view(-1).long())  # [R]
     means = sums / counts.clamp_min(1)
     return CompletionLogps(sums, means, counts, token_logps if return_token_logps else None)
 

@@ -99,7 +99,8 @@ def build_trainer(
     plugins = list(trainer_kwargs.pop("plugins", None) or [])
     if not any(type(p).__name__ == "AtomicCheckpointIO" for p in plugins):
         plugins.append(AtomicCheckpointIO())
-    defaults = {"devices": 1, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    # pmetal's batch samplers split batches by rank themselves; Lightning must not wrap them.
+    defaults = {"devices": 1, "enable_model_summary": False, "num_sanity_val_steps": 0, "use_distributed_sampler": False}
     trainer_kwargs = {**defaults, **trainer_kwargs}
     trainer = L.Trainer(
         default_root_dir=str(run_dir),

@@ -6,6 +6,11 @@ into the packed-batch format of docs/architecture.md:
 
     input_ids [1, N], labels [1, N], position_ids [1, N] (restarting at 0 per row), seq_lens [R]
 
+`stack_packed` stacks several packed bins, each padded to the same length, into one `[B, T]` batch
+(`seq_lens` then lists every row of every bin in order, padding segments included): under SDPA the
+attention mask of a packed sequence is dense `[N, N]`, so B bins of T tokens cost B x T^2 attention
+work where one bin of B x T tokens would cost (B x T)^2.
+
 No `attention_mask`: `pmetal.logps.backbone_hidden` passes `position_ids` only, and transformers
 confines attention to each row from them (varlen kernels under flash_attention_2, a block-diagonal
 causal mask under sdpa/eager). The first label of every row is -100, so no row is trained to
@@ -93,4 +98,30 @@ def packed_collate(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         "labels": torch.cat(labels).unsqueeze(0),  # [1, N]
         "position_ids": torch.cat(positions).unsqueeze(0),  # [1, N]
         "seq_lens": torch.tensor(lengths, dtype=torch.long),  # [R]
+    }
+
+
+def stack_packed(packed: Sequence[dict[str, torch.Tensor]], length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack packed batches (from `packed_collate`, each at most `length` tokens) into [B, length].
+
+    Each bin is padded at its end by a segment of its own (`pad_id`, labels -100, positions from 0),
+    which is listed in `seq_lens` like a row, so attention and row sums never mix it with real rows.
+    """
+    ids, labels, positions, seq_lens = [], [], [], []
+    for index, one in enumerate(packed):
+        n = one["input_ids"].shape[1]
+        if n > length:
+            raise ValueError(f"packed bin {index} has {n} tokens, more than length={length}")
+        pad = length - n
+        ids.append(torch.cat([one["input_ids"][0], torch.full((pad,), pad_id, dtype=torch.long)]))
+        labels.append(torch.cat([one["labels"][0], torch.full((pad,), IGNORE_INDEX, dtype=torch.long)]))
+        positions.append(torch.cat([one["position_ids"][0], torch.arange(pad)]))
+        seq_lens.append(one["seq_lens"])
+        if pad:
+            seq_lens.append(torch.tensor([pad]))
+    return {
+        "input_ids": torch.stack(ids),  # [B, length]
+        "labels": torch.stack(labels),  # [B, length]
+        "position_ids": torch.stack(positions),  # [B, length]
+        "seq_lens": torch.cat(seq_lens),  # [R + padded bins]
     }

@@ -43,6 +43,10 @@ END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "
                        "<|end_of_text|>", "</s>", "<｜end▁of▁sentence｜>", "[/TOOL_RESULTS]")
 
 
+class NoChatTemplateError(PmetalError):
+    """The tokenizer has no chat template and conversations must be rendered."""
+
+
 @dataclass
 class RenderedRow:
     """One tokenized training row.
@@ -88,7 +92,7 @@ def ensure_chat_template(tokenizer: Any, chat_template: str | None = None) -> No
                               "nor an existing template file")
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "this model"
-        raise PmetalError(f"the tokenizer of {name} has no chat template, and this dataset is made of "
+        raise NoChatTemplateError(f"the tokenizer of {name} has no chat template, and this dataset is made of "
                           "conversations. Pass chat_template='chatml' (--data.chat_template chatml) to "
                           "use the generic ChatML template, or give rows with a plain 'text' field.")
 
@@ -347,9 +351,9 @@ def render_sft_dataset(tokenizer: Any, rows: Sequence[dict], examples: Sequence[
     for i, example in enumerate(examples):
         try:
             rendered = render_example(tokenizer, example, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+        except NoChatTemplateError:
+            raise
         except PmetalError as e:
-            if "has no chat template" in str(e):
-                raise
             raise row_error(rows, i, str(e), field="messages", path=path) from None
         truncated += rendered.truncated
         if rendered.num_trained == 0:

@@ -25,8 +25,21 @@ from torch.utils.data import DataLoader
 from pmetal.errors import PmetalError
 
 
+def _replica() -> tuple[int, int]:
+    """(rank, world size) of this process under torch.distributed, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochBatchSampler:
-    """Base: a list of batches (lists of row indices) per epoch, iterated from a start batch."""
+    """Base: a list of batches (lists of row indices) per epoch, iterated from a start batch.
+
+    Under torch.distributed each rank takes every world-size-th batch (all ranks get the same
+    number), so the Trainer must not inject its own sampler (`use_distributed_sampler=False`).
+    """
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -39,11 +52,18 @@ class EpochBatchSampler:
         """Make the next iteration yield epoch `epoch`'s batches from batch `start` on."""
         self.epoch, self.start = epoch, start
 
+    def _local(self, epoch: int) -> list[list[int]]:
+        batches = self.batches(epoch)
+        rank, world = _replica()
+        if world == 1:
+            return batches
+        return batches[rank::world][: len(batches) // world]
+
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)[self.start:]
+        yield from self._local(self.epoch)[self.start:]
 
     def __len__(self) -> int:
-        return len(self.batches(self.epoch))
+        return len(self._local(self.epoch))
 
 
 class LengthGroupedBatchSampler(EpochBatchSampler):

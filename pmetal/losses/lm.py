@@ -21,10 +21,17 @@ everything after it (softcapping, logsumexp, softmax, the gradient of the logits
 each chunk, whatever the input dtype; the head-weight gradient is accumulated across chunks in fp32.
 `chunked_linear_cross_entropy` (the scalar SFT loss) computes its gradients during the forward pass,
 as Liger does, which saves the recompute of the logits (one `[tokens, vocab, hidden]` matmul); the
-per-token version cannot, since the gradient of each token is only known in backward.
+per-token version cannot, since the gradient of each token is only known in backward. On CUDA
+(with Triton) the per-chunk math after the matmul is `torch.compile`d into fused kernels, which reads
+the logits a couple of times instead of ~10 eager passes (`PMETAL_COMPILED_CE=0` turns it off, `=1`
+forces it elsewhere); on CPU and MPS it runs eagerly, in place on one fp32 copy of the chunk.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import logging
+import os
 
 import torch
 
@@ -39,30 +46,64 @@ def auto_chunk_size(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENT
     return max(8, (chunk_elements // max(vocab_size, 1)) // 8 * 8)
 
 
-def _chunk_logits(hidden, weight, bias, temperature: float, softcap: float | None):
-    """fp32 logits of one chunk: z [n, V] and tanh(l / c) [n, V] (None without softcapping).
+def _compiled_pointwise_wanted(device: torch.device) -> bool:
+    """Use the torch.compile'd per-chunk math? Default: on CUDA with Triton; PMETAL_COMPILED_CE=0/1 forces."""
+    forced = os.environ.get("PMETAL_COMPILED_CE")
+    if forced is not None:
+        return forced == "1"
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
-    `weight` is already in the compute dtype; the matmul runs in it, the rest in fp32.
+
+def _pointwise(logits, targets, token_grad, temperature: float, softcap: float | None, need_grad: bool):
+    """The per-chunk math after the matmul, written out-of-place so torch.compile fuses it into a
+    couple of passes over the logits (eager, it would allocate several [n, V] temporaries).
+
+    logits [n, V] (compute dtype), targets [n], token_grad [n] -> (log p [n], lse [n], dl [n, V] in
+    the compute dtype or None), all math in fp32 (fp64 for fp64 logits).
     """
-    logits = hidden.to(weight.dtype) @ weight.t()  # [n, V]
-    if bias is not None:
-        logits = logits + bias
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap is not None:
+        tanh = torch.tanh(z / softcap)
+        z = tanh * softcap
+    z = z / temperature
+    lse = torch.logsumexp(z, dim=1)  # [n]
+    valid = targets != IGNORE_INDEX
+    safe_targets = torch.where(valid, targets, 0)
+    logp = torch.where(valid, z.gather(1, safe_targets.unsqueeze(1)).squeeze(1) - lse, 0.0)
+    if not need_grad:
+        return logp, lse, None
+    g = torch.where(valid, token_grad.to(z.dtype), 0.0).unsqueeze(1)  # [n, 1]
+    onehot = torch.arange(z.shape[1], device=z.device).unsqueeze(0) == safe_targets.unsqueeze(1)
+    grad = (onehot.to(z.dtype) - torch.exp(z - lse.unsqueeze(1))) * g / temperature
+    if softcap is not None:
+        grad = grad * (1.0 - tanh * tanh)
+    return logp, lse, grad.to(logits.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_pointwise():
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_pointwise, dynamic=True)
+    return _COMPILED["fn"]
+
+
+def _eager_pointwise(logits, targets, token_grad, temperature: float, softcap: float | None, need_grad: bool):
+    """Same contract as `_pointwise`, in place on one fp32 copy of the logits (least memory eager)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
     tanh = None
     if softcap is not None:
-        tanh = torch.tanh(logits.div_(softcap))
-        logits = tanh * softcap
+        tanh = torch.tanh(z.div_(softcap))
+        z = tanh * softcap
     if temperature != 1.0:
-        logits.div_(temperature)
-    return logits, tanh
-
-
-def _logits_grad(z, tanh, targets, valid, token_grad, lse, temperature: float, softcap: float | None):
-    """Gradient of sum_i g_i log p(y_i) w.r.t. the raw logits l of one chunk, in place on z.
-
-    z [n, V] fp32 (overwritten), targets/valid/token_grad/lse [n]. Returns dl [n, V] fp32.
-    """
-    # d/dz = g * (onehot - softmax) ; ignored tokens have g = 0.
+        z.div_(temperature)
+    lse = torch.logsumexp(z, dim=1)  # [n]
+    valid = targets != IGNORE_INDEX
+    logp = torch.where(valid, z.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1) - lse, 0.0)
+    if not need_grad:
+        return logp, lse, None
+    # d/dz = g * (onehot - softmax); ignored tokens have g = 0.
     g = torch.where(valid, token_grad.to(z.dtype), 0.0)
     grad = z.sub_(lse.unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # [n, V]
     grad.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), g.unsqueeze(1))
@@ -70,7 +111,26 @@ def _logits_grad(z, tanh, targets, valid, token_grad, lse, temperature: float, s
         grad.mul_(1.0 - tanh * tanh)
     if temperature != 1.0:
         grad.div_(temperature)
-    return grad
+    return logp, lse, grad
+
+
+def _chunk(hidden, weight, bias, targets, token_grad, temperature, softcap, need_grad):
+    """One chunk: logits = hidden @ weight^T (+ bias) in the compute dtype of `weight`, then the
+    log-softmax math (and, if `need_grad`, the gradient of sum_i g_i log p(y_i) w.r.t. the logits)."""
+    logits = hidden.to(weight.dtype) @ weight.t()  # [n, V]
+    if bias is not None:
+        logits = logits + bias.to(weight.dtype)
+    if token_grad is None:
+        token_grad = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    if _compiled_pointwise_wanted(logits.device) and logits.dtype != torch.float64 and "failed" not in _COMPILED:
+        try:
+            return _compiled_pointwise()(logits, targets, token_grad, temperature, softcap, need_grad)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # a compiler problem must not stop training: fall back to eager
+            _COMPILED["failed"] = True
+            logging.getLogger("pmetal").warning("compiled chunked cross-entropy failed (%s); running it eagerly", error)
+    return _eager_pointwise(logits, targets, token_grad, temperature, softcap, need_grad)
 
 
 def _accumulate_grads(grad_logits, h, weight, grad_hidden, grad_weight, grad_bias, sl):
@@ -84,7 +144,7 @@ def _accumulate_grads(grad_logits, h, weight, grad_hidden, grad_weight, grad_bia
     if grad_weight is not None:
         grad_weight.add_(dl.t() @ h.to(weight.dtype))  # [V, H], fp32 accumulator
     if grad_bias is not None:
-        grad_bias.add_(grad_logits.sum(0))
+        grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
 
 
 def _acc(tensor):
@@ -94,94 +154,86 @@ def _acc(tensor):
 
 def _check(hidden, weight, targets):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected targets [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
 
 
 class _ChunkedLinearLogps(torch.autograd.Function):
+    """token log-probs [N]; forward keeps no logits, backward recomputes them chunk by chunk."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, softcap, chunk_size, compute_dtype):
         ctx.settings = (temperature, softcap, chunk_size, compute_dtype)
+        w = weight.to(compute_dtype)
+        token_logps = hidden.new_zeros(hidden.shape[0], dtype=_acc(w))  # [N]
         with torch.autocast(hidden.device.type, enabled=False):
-            token_logps, lse = _logps_forward(hidden, weight.to(compute_dtype), bias, targets, *ctx.settings[:3])
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            for start in range(0, hidden.shape[0], chunk_size):
+                sl = slice(start, start + chunk_size)
+                token_logps[sl] = _chunk(hidden[sl], w, bias, targets[sl], None, temperature, softcap, False)[0]
+        ctx.save_for_backward(hidden, weight, bias, targets)
         return token_logps
 
     @staticmethod
     def backward(ctx, grad_token_logps):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets = ctx.saved_tensors
         temperature, softcap, chunk_size, compute_dtype = ctx.settings
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if needs_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=_acc(weight), device=weight.device) if needs_w else None
-        grad_bias = torch.zeros(bias.shape, dtype=_acc(bias), device=bias.device) if needs_b else None
-        valid = targets != IGNORE_INDEX
+        grads = _new_grads(hidden, weight, bias, needs_h, needs_w, needs_b)
         w = weight.to(compute_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
-                z, tanh = _chunk_logits(hidden[sl], w, bias, temperature, softcap)
-                dl = _logits_grad(z, tanh, targets[sl], valid[sl], grad_token_logps[sl], lse[sl], temperature, softcap)
-                _accumulate_grads(dl, hidden[sl], w, grad_hidden, grad_weight, grad_bias, sl)
-        return (
-            grad_hidden,
-            grad_weight.to(weight.dtype) if needs_w else None,
-            grad_bias.to(bias.dtype) if needs_b else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+                g = grad_token_logps[sl]
+                dl = _chunk(hidden[sl], w, bias, targets[sl], g, temperature, softcap, True)[2]
+                _accumulate_grads(dl, hidden[sl], w, *grads, sl)
+        return (*_final_grads(grads, weight, bias), None, None, None, None, None)
 
 
-def _logps_forward(hidden, weight, bias, targets, temperature, softcap, chunk_size):
-    """Token log-probs [N] and logsumexps [N] (fp32), one chunk of logits at a time."""
-    n_tokens = hidden.shape[0]
-    valid = targets != IGNORE_INDEX
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    token_logps = hidden.new_zeros(n_tokens, dtype=acc)  # [N]
-    lse = hidden.new_zeros(n_tokens, dtype=acc)  # [N]
-    for start in range(0, n_tokens, chunk_size):
-        sl = slice(start, start + chunk_size)
-        z, _ = _chunk_logits(hidden[sl], weight, bias, temperature, softcap)
-        lse[sl] = torch.logsumexp(z, dim=1)
-        target_z = z.gather(1, targets[sl].clamp_min(0).unsqueeze(1)).squeeze(1)
-        token_logps[sl] = torch.where(valid[sl], target_z - lse[sl], 0.0)
-    return token_logps, lse
+def _new_grads(hidden, weight, bias, needs_h, needs_w, needs_b):
+    """Gradient buffers: hidden's in its dtype, the head's as fp32 accumulators (None if not needed)."""
+    return (
+        torch.empty_like(hidden) if needs_h else None,
+        torch.zeros(weight.shape, dtype=_acc(weight), device=weight.device) if needs_w else None,
+        torch.zeros(bias.shape, dtype=_acc(bias), device=bias.device) if needs_b else None,
+    )
+
+
+def _final_grads(grads, weight, bias):
+    grad_hidden, grad_weight, grad_bias = grads
+    return (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """-scale * sum of token log-probs; the gradients are computed in forward (no logits recompute)
+    and only scaled by the incoming gradient in backward."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, temperature, softcap, chunk_size, compute_dtype, want_grads):
-        needs_h = want_grads and hidden.requires_grad
-        needs_w = want_grads and weight.requires_grad
-        needs_b = want_grads and bias is not None and bias.requires_grad
-        valid = targets != IGNORE_INDEX
-        grad_hidden = torch.empty_like(hidden) if needs_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=_acc(weight), device=weight.device) if needs_w else None
-        grad_bias = torch.zeros(bias.shape, dtype=_acc(bias), device=bias.device) if needs_b else None
-        acc = torch.promote_types(compute_dtype, torch.float32)
-        total = hidden.new_zeros((), dtype=acc)
-        # loss = -scale * sum_i log p(y_i), so each valid token's log-prob gets the gradient -scale.
-        token_grad = torch.full(targets.shape, -scale, dtype=acc, device=hidden.device)
+        needs = (
+            want_grads and hidden.requires_grad,
+            want_grads and weight.requires_grad,
+            want_grads and bias is not None and bias.requires_grad,
+        )
+        grads = _new_grads(hidden, weight, bias, *needs)
         w = weight.to(compute_dtype)
+        total = hidden.new_zeros((), dtype=_acc(w))
+        # loss = -scale * sum_i log p(y_i): every token's log-prob gets the gradient -scale.
+        token_grad = torch.full(targets.shape, -scale, dtype=_acc(w), device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
-                z, tanh = _chunk_logits(hidden[sl], w, bias, temperature, softcap)
-                lse = torch.logsumexp(z, dim=1)  # [n]
-                target_z = z.gather(1, targets[sl].clamp_min(0).unsqueeze(1)).squeeze(1)
-                total -= torch.where(valid[sl], target_z - lse, 0.0).sum()
-                if needs_h or needs_w or needs_b:
-                    dl = _logits_grad(z, tanh, targets[sl], valid[sl], token_grad[sl], lse, temperature, softcap)
-                    _accumulate_grads(dl, hidden[sl], w, grad_hidden, grad_weight, grad_bias, sl)
-        ctx.save_for_backward(
-            grad_hidden,
-            grad_weight.to(weight.dtype) if needs_w else None,
-            grad_bias.to(bias.dtype) if needs_b else None,
-        )
+                logp, _, dl = _chunk(hidden[sl], w, bias, targets[sl], token_grad[sl], temperature, softcap, any(needs))
+                total -= logp.sum()
+                if dl is not None:
+                    _accumulate_grads(dl, hidden[sl], w, *grads, sl)
+        ctx.save_for_backward(*_final_grads(grads, weight, bias))
         return total * scale
 
     @staticmethod

@@ -16,6 +16,7 @@ import importlib
 
 _EXPORTS = {
     "QuantLinear": "pmetal.quant.linear",
+    "compile_dequantize": "pmetal.quant.linear",
     "QuantState": "pmetal.quant.functional",
     "quantize": "pmetal.quant.functional",
     "dequantize": "pmetal.quant.functional",

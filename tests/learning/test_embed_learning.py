@@ -53,7 +53,7 @@ def test_infonce_raises_heldout_retrieval_and_saved_model_reloads(tmp_path):
     from pmetal.examples import make_embed_data as data
 
     module, before, after = _fit(tmp_path, "infonce", data.retrieval_pairs, learning_rate=1e-4)
-    # 48 held-out codes against 48 descriptions: chance is 1/48 recall@1
+    # 48 held-out codes against 48 descriptions: chance is 1/48 recall@1; measured 0.0 -> 0.94 in 12 steps
     assert before["recall@1"] < 0.15 and before["mrr@10"] < 0.2
     assert after["recall@1"] > 0.6 and after["recall@1"] > before["recall@1"] + 0.45
     assert after["mrr@10"] > before["mrr@10"] + 0.45
@@ -70,15 +70,16 @@ def test_infonce_raises_heldout_retrieval_and_saved_model_reloads(tmp_path):
 def test_cosent_raises_heldout_spearman(tmp_path):
     from pmetal.examples import make_embed_data as data
 
-    _, before, after = _fit(tmp_path, "cosent", data.scored_pairs, learning_rate=3e-4)
-    assert abs(before["spearman"]) < 0.25
-    assert after["spearman"] > before["spearman"] + 0.3
+    # 208 scored pairs, 4 epochs of 6 steps; measured: 0.04 -> 0.35
+    _, before, after = _fit(tmp_path, "cosent", data.scored_pairs, learning_rate=3e-4, epochs=4)
+    assert abs(before["spearman"]) < 0.2
+    assert after["spearman"] > 0.25 and after["spearman"] > before["spearman"] + 0.2
 
 
 def test_triplet_raises_heldout_triplet_accuracy(tmp_path):
     from pmetal.examples import make_embed_data as data
 
-    _, before, after = _fit(tmp_path, "triplet", data.triplets, learning_rate=3e-4)
-    # negatives differ from the positive in one attribute only: chance is about 0.5
-    assert before["triplet_accuracy"] < 0.7
-    assert after["triplet_accuracy"] > before["triplet_accuracy"] + 0.15
+    # negatives differ from the positive in one attribute only: chance is about 0.5; measured 0.54 -> 0.75
+    _, before, after = _fit(tmp_path, "triplet", data.triplets, learning_rate=3e-4, epochs=4)
+    assert before["triplet_accuracy"] < 0.65
+    assert after["triplet_accuracy"] > 0.65 and after["triplet_accuracy"] > before["triplet_accuracy"] + 0.12

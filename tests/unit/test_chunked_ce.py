@@ -74,7 +74,8 @@ def test_fp32_matches_unchunked(n, h, v, chunk, bias, weight_grad, softcap, temp
     want = reference_linear_logps(hidden, weight, targets, b, **kwargs)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got[targets == -100] == 0).all()
-    for g, w in zip(_grads((got * upstream).sum(), [hidden, weight, b]), _grads((want * upstream).sum(), [hidden, weight, b])):
+    tensors = [hidden, weight, b]
+    for g, w in zip(_grads((got * upstream).sum(), tensors), _grads((want * upstream).sum(), tensors)):
         if w is None:
             assert g is None
         else:
@@ -164,3 +165,22 @@ def test_shape_errors_and_auto_chunk():
         chunked_linear_cross_entropy(hidden, weight, targets, reduction="none")
     assert auto_chunk_size(151936) * 151936 <= 2**25
     assert auto_chunk_size(10**9) == 8
+
+
+def test_fusable_pointwise_matches_in_place_math(monkeypatch):
+    # The out-of-place per-chunk math that torch.compile fuses on CUDA, run eagerly here.
+    from pmetal.losses import lm
+
+    monkeypatch.setenv("PMETAL_COMPILED_CE", "1")
+    monkeypatch.setattr(lm, "_compiled_pointwise", lambda: lm._pointwise)
+    hidden, weight, b, targets = _inputs(40, 8, 30, bias=True)
+    upstream = torch.randn(40)
+    for kwargs in (dict(), dict(temperature=0.8, softcap=4.0)):
+        got = chunked_linear_logps(hidden, weight, targets, b, chunk_size=16, **kwargs)
+        want = reference_linear_logps(hidden, weight, targets, b, **kwargs)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        tensors = [hidden, weight, b]
+        for g, w in zip(_grads((got * upstream).sum(), tensors), _grads((want * upstream).sum(), tensors)):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+        loss = chunked_linear_cross_entropy(hidden, weight, targets, b, chunk_size=16, **kwargs)
+        torch.testing.assert_close(loss, -want.sum() / (targets != -100).sum(), atol=1e-5, rtol=1e-5)

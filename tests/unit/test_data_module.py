@@ -112,6 +112,19 @@ def _loader_epoch(epoch):
     return loader
 
 
+def test_ranks_split_the_batches(monkeypatch):
+    import pmetal.data.sampler as sampler_module
+
+    everything = LengthGroupedBatchSampler(LENGTHS, 4, seed=2).batches(0)  # 51 batches
+    shards = []
+    for rank in range(2):
+        monkeypatch.setattr(sampler_module, "_replica", lambda rank=rank: (rank, 2))
+        sampler = LengthGroupedBatchSampler(LENGTHS, 4, seed=2)
+        assert len(sampler) == 25
+        shards.append(list(sampler))
+    assert shards[0] == everything[0:50:2] and shards[1] == everything[1:50:2]
+
+
 def test_shuffled_fixed_batches():
     bins = [[0, 1], [2], [3, 4, 5], [6]]
     sampler = ShuffledBatchSampler(bins, seed=3)

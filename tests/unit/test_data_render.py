@@ -186,3 +186,23 @@ def test_mask_matches_transformers_generation_mask_on_the_shipped_data(tok):
         row = render_messages(marked, example.messages)
         assert row.input_ids == list(reference["input_ids"])
         assert [x != IGNORE_INDEX for x in row.labels] == [bool(m) for m in reference["assistant_masks"]]
+
+
+def test_template_error_in_a_file_names_file_and_line(tok, tmp_path):
+    import json
+
+    from pmetal.data.formats import load_rows, to_sft_examples
+    from pmetal.data.render import render_sft_dataset
+    from pmetal.errors import DataError
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('system messages are not supported') }}{% endif %}"
+                            "{{ m['role'] + ': ' + m['content'] + '</s>' }}{% endfor %}")
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT[1:3]}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    rows = load_rows(path)
+    _, examples = to_sft_examples(rows)
+    with pytest.raises(DataError, match=r"chat.jsonl, line 2, field 'messages': the chat template rejected this "
+                                        r"conversation: system messages are not supported"):
+        render_sft_dataset(strict, rows, examples)

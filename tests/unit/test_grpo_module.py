@@ -145,3 +145,25 @@ def test_rlkd_teacher_with_another_tokenizer_is_a_clear_error(tiny_model_dir):
     teacher.add_tokens(["<teacher_only>"])
     with pytest.raises(PmetalError, match="does not share the tokenizer.*'<teacher_only>'"):
         check_same_vocabulary(student, teacher, "student-dir", "teacher-dir")
+
+
+def test_cli_grpo_without_reward_exits_with_a_clear_message(capsys):
+    from pmetal.cli import main
+
+    assert main(["grpo", "--max-steps", "1"]) == 2
+    assert "no reward function" in capsys.readouterr().err
+    assert main(["grpo", "--reward-fn", "nowhere.mod:fn"]) == 2
+    assert "cannot import module 'nowhere.mod'" in capsys.readouterr().err
+
+
+def test_cli_grpo_dapo_runs_and_saves_the_adapter(tiny_model_dir, prompt_file, tmp_path, capsys):
+    from pmetal.cli import main
+
+    out = tmp_path / "run"
+    code = main(["grpo", "--dapo", "--model", str(tiny_model_dir), "--dataset", str(prompt_file), "--reward-fn",
+                 "tests.unit.test_grpo_module:char_parity_reward", "--num-generations", "2", "--batch-size", "2",
+                 "--max-completion-length", "4", "--max-steps", "1", "--no-gradient-checkpointing",
+                 "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "metrics.csv").is_file()
+    assert "train/reward/mean" in (out / "metrics.csv").read_text().splitlines()[0]

@@ -138,3 +138,28 @@ def test_packed_training_matches_padded_training():
             losses[mode].append(loss.item())
     assert losses["padded"][-1] < losses["padded"][0] - 0.1  # it learns
     assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-4)
+
+
+def test_stacked_bins_equal_rows_alone():
+    from pmetal.data.packing import stack_packed
+
+    model = _tiny_llama()
+    rows = _rows([5, 9, 4, 7, 6], seed=4)
+    bins = pack_rows([len(r["input_ids"]) for r in rows], 14)
+    assert bins == [[1, 0], [3, 4], [2]]
+    batch = stack_packed([packed_collate([rows[i] for i in b]) for b in bins], 14)
+    assert batch["input_ids"].shape == (3, 14)
+    assert batch["seq_lens"].tolist() == [9, 5, 7, 6, 1, 4, 10]  # pad segments listed as rows
+    assert batch["position_ids"][2].tolist() == [0, 1, 2, 3] + list(range(10))
+    out = completion_logps(model, batch["input_ids"], None, batch["labels"], seq_lens=batch["seq_lens"])
+    order = [i for b in bins for i in b]
+    real = [0, 1, 2, 3, 5]
+    for j, i in zip(real, order):
+        ids, labels = torch.tensor([rows[i]["input_ids"]]), torch.tensor([rows[i]["labels"]])
+        alone = completion_logps(model, ids, torch.ones_like(ids), labels)
+        torch.testing.assert_close(out.sum[j], alone.sum[0], atol=1e-5, rtol=1e-5)
+    assert out.num_tokens[[4, 6]].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="more than length"):
+        stack_packed([packed_collate(rows[:3])], 10)
+    with pytest.raises(ValueError, match="seq_lens sum to"):
+        completion_logps(model, batch["input_ids"], None, batch["labels"], seq_lens=batch["seq_lens"][:-1])
