@@ -46,6 +46,11 @@ def model_path(name: str) -> str:
     return name
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def peak_memory_mb(device: str) -> float:
     import torch
 
@@ -66,6 +71,7 @@ def run_pmetal(args, data_file: str) -> dict:
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            marks.setdefault("rss_start", current_rss_mb())
             if trainer.global_step == args.warmup and "start" not in marks:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
@@ -85,7 +91,8 @@ def run_pmetal(args, data_file: str) -> dict:
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=50,
                         callbacks=[Timer()], default_root_dir=tempfile.mkdtemp())
     trainer.fit(module, datamodule=data)
-    return {"seconds": marks["end"] - marks["start"], "peak_mb": peak_memory_mb(args.device)}
+    return {"seconds": marks["end"] - marks["start"], "peak_mb": peak_memory_mb(args.device),
+            "rss_start_mb": marks["rss_start"]}
 
 
 def run_sentence_transformers(args, data_file: str) -> dict:
@@ -100,6 +107,7 @@ def run_sentence_transformers(args, data_file: str) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
+            marks.setdefault("rss_start", current_rss_mb())
             if state.global_step == args.warmup and "start" not in marks:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
@@ -125,7 +133,8 @@ def run_sentence_transformers(args, data_file: str) -> dict:
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset,
                                          loss=MultipleNegativesRankingLoss(model, scale=20.0), callbacks=[Timer()])
     trainer.train()
-    return {"seconds": marks["end"] - marks["start"], "peak_mb": peak_memory_mb(args.device)}
+    return {"seconds": marks["end"] - marks["start"], "peak_mb": peak_memory_mb(args.device),
+            "rss_start_mb": marks["rss_start"]}
 
 
 VARIANTS = {"pmetal": run_pmetal, "sentence-transformers": run_sentence_transformers}
@@ -176,10 +185,12 @@ def main() -> None:
 
     print(f"\nembedding training, InfoNCE, {args.model}, batch {args.batch_size}, {args.words} words/text, "
           f"{args.steps} timed steps after {args.warmup}, {args.device} {args.precision}")
-    print(f"{'variant':<24}{'pairs/s':>10}{'s/step':>10}{'peak MiB':>12}")
+    memory = "peak alloc MiB" if args.device == "cuda" else "peak RSS MiB"
+    print(f"{'variant':<24}{'pairs/s':>10}{'s/step':>10}{memory:>16}{'RSS at step 0':>15}")
     for name, r in results.items():
         pairs_per_s = args.batch_size * args.steps / r["seconds"]
-        print(f"{name:<24}{pairs_per_s:>10.1f}{r['seconds'] / args.steps:>10.3f}{r['peak_mb']:>12.0f}")
+        print(f"{name:<24}{pairs_per_s:>10.1f}{r['seconds'] / args.steps:>10.3f}{r['peak_mb']:>16.0f}"
+              f"{r['rss_start_mb']:>15.0f}")
     if len(results) == 2:
         a, b = (args.batch_size * args.steps / results[n]["seconds"] for n in ("pmetal", "sentence-transformers"))
         print(f"pmetal / sentence-transformers throughput: {a / b:.2f}x")

@@ -25,6 +25,7 @@ from pmetal.device import choose_device
 from pmetal.errors import PmetalError, non_finite_error
 from pmetal.models import apply_adapter, count_parameters, load_model_and_tokenizer
 from pmetal.optim import build_optimizer, build_scheduler
+from pmetal.perf import enable_gradient_checkpointing
 
 log = logging.getLogger("pmetal")
 
@@ -52,6 +53,8 @@ class PmetalModule(L.LightningModule):
         lr_schedule: "cosine", "linear" or "constant" after warmup.
         min_lr_ratio: the learning rate at the end of a cosine/linear decay, as a fraction of the peak.
         gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
+        checkpoint_layers: which decoder layers to checkpoint: "all", "every:2", "0-11,20" (speed
+            for memory: unchecked layers keep their activations).
         weight_dtype: dtype of the frozen base weights: "auto" (bf16 on a GPU that supports it when
             training adapters, fp32 on CPU and for full fine-tuning), "float32", "bfloat16", "float16".
         trust_remote_code: allow custom modelling code from the model's repository.
@@ -81,6 +84,7 @@ class PmetalModule(L.LightningModule):
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = True,
+        checkpoint_layers: str = "all",
         weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
@@ -101,7 +105,7 @@ class PmetalModule(L.LightningModule):
             double_quant=double_quant,
         )
         if gradient_checkpointing:
-            _enable_checkpointing(base)
+            enable_gradient_checkpointing(base, checkpoint_layers)
         base.config.use_cache = False
         self.policy = apply_adapter(
             base, adapter, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules
@@ -205,15 +209,3 @@ class PmetalModule(L.LightningModule):
         settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
         (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
         return out
-
-
-def _enable_checkpointing(model) -> None:
-    try:
-        from pmetal.logps import enable_gradient_checkpointing
-    except ImportError:
-        enable_gradient_checkpointing = None
-    if enable_gradient_checkpointing is not None:
-        enable_gradient_checkpointing(model)
-        return
-    if hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -25,6 +25,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, learning_rate: float, lor
     g.add_argument("--quant-block-size", type=int, default=64)
     g.add_argument("--no-double-quant", dest="double_quant", action="store_false")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    g.add_argument("--checkpoint-layers", default="all", help="layers to checkpoint: all, every:2, 0-11")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
     o = p.add_argument_group("optimization")
     o.add_argument("--learning-rate", "--lr", type=float, default=learning_rate, help="peak learning rate (default %(default)s)")
@@ -56,6 +57,7 @@ def module_kwargs(args) -> dict:
         quant_block_size=args.quant_block_size, double_quant=args.double_quant,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule, gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_layers=args.checkpoint_layers,
         trust_remote_code=args.trust_remote_code,
     )
 
@@ -111,7 +113,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--prompt-column", default=None)
     d.add_argument("--response-column", default=None)
     d.add_argument("--chat-template", default=None, help="'chatml' to use a ChatML template when the model has none")
-    d.add_argument("--packing", action="store_true", help="padding-free packing of rows into token-budget batches")
+    d.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="pad each batch to its longest row instead of padding-free packing")
     add_model_arguments(p, learning_rate=2e-4)
 
 

@@ -19,7 +19,7 @@ import lightning as L
 from pmetal.data.collate import PaddingCollator
 from pmetal.data.formats import example_path, load_rows, locate, to_sft_examples
 from pmetal.data.render import RenderedDataset, ensure_chat_template, render_sft_dataset
-from pmetal.data.sampler import LengthGroupedBatchSampler, ResumableDataLoader, ShuffledBatchSampler
+from pmetal.data.sampler import LengthGroupedBatchSampler, ResumableDataLoader
 from pmetal.errors import DataError, PmetalError
 
 log = logging.getLogger("pmetal")
@@ -47,6 +47,20 @@ class SftDataStats:
                 f"{self.train_trained_tokens} with loss")
 
 
+class PackedBinsCollator:
+    """Collates a batch of bins (each a list of rows) into a stacked packed batch [B, T]."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1) -> None:
+        self.pad_id, self.multiple = pad_id, max(1, pad_to_multiple_of)
+
+    def __call__(self, bins: list[list[dict]]) -> dict:
+        from pmetal.data.packing import packed_collate, stack_packed
+
+        packed = [packed_collate(b) for b in bins]
+        longest = max(p["input_ids"].shape[1] for p in packed)
+        return stack_packed(packed, -(-longest // self.multiple) * self.multiple, pad_id=self.pad_id)
+
+
 class SftDataModule(L.LightningDataModule):
     """Supervised fine-tuning data: chat conversations (or plain text) with assistant-only loss.
 
@@ -68,8 +82,10 @@ class SftDataModule(L.LightningDataModule):
         chat_template: None uses the model's template; "chatml" the generic ChatML template (for
             models without one); or a Jinja template string / .jinja file.
         train_on_prompt: also put the loss on system/user turns and template tokens.
-        packing: pack several rows into one sequence without padding (attention stays per row).
-        pack_tokens: tokens per packed batch; None means batch_size * max_seq_len.
+        packing: pack several rows into one sequence without padding (attention stays per row);
+            on by default, `packing: false` pads each batch to its longest row instead.
+        pack_tokens: tokens per packed row (bin); None means max_seq_len. A batch stacks
+            `batch_size` bins.
         pad_to_multiple_of: round padded batch lengths up to a multiple of this (8 suits tensor
             cores); 1 pads to the longest row only.
         seed: seed of the validation split and the per-epoch batch order.
@@ -89,7 +105,7 @@ class SftDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         chat_template: str | None = None,
         train_on_prompt: bool = False,
-        packing: bool = False,
+        packing: bool = True,
         pack_tokens: int | None = None,
         pad_to_multiple_of: int = 1,
         seed: int = 42,
@@ -107,7 +123,7 @@ class SftDataModule(L.LightningDataModule):
         self.prompt_column, self.response_column = prompt_column, response_column
         self.system_prompt, self.chat_template, self.train_on_prompt = system_prompt, chat_template, train_on_prompt
         self.packing = packing
-        self.pack_tokens = pack_tokens if pack_tokens is not None else batch_size * max_seq_len
+        self.pack_tokens = pack_tokens if pack_tokens is not None else max_seq_len
         if packing and self.pack_tokens < max_seq_len:
             raise PmetalError(f"pack_tokens ({self.pack_tokens}) must be at least max_seq_len ({max_seq_len})")
         self.pad_to_multiple_of, self.seed, self.num_workers = pad_to_multiple_of, seed, num_workers
@@ -191,10 +207,15 @@ class SftDataModule(L.LightningDataModule):
     def _loader(self, rows: list[dict], shuffle: bool) -> ResumableDataLoader:
         lengths = [len(r["input_ids"]) for r in rows]
         if self.packing:
-            from pmetal.data.packing import pack_rows, packed_collate
+            from pmetal.data.packing import pack_rows
 
-            sampler = ShuffledBatchSampler(pack_rows(lengths, self.pack_tokens), seed=self.seed, shuffle=shuffle)
-            collate = packed_collate
+            # Rows are packed into bins of `pack_tokens`, and `batch_size` bins are stacked into
+            # [B, T]: attention work stays O(B·T²) as in padded training, not O(N²) over one long row.
+            bins = pack_rows(lengths, self.pack_tokens)
+            rows = [[rows[i] for i in b] for b in bins]
+            sampler = LengthGroupedBatchSampler([sum(lengths[i] for i in b) for b in bins], self.batch_size,
+                                                seed=self.seed, shuffle=shuffle)
+            collate = PackedBinsCollator(self._pad_id, self.pad_to_multiple_of)
         else:
             sampler = LengthGroupedBatchSampler(lengths, self.batch_size, seed=self.seed, shuffle=shuffle)
             collate = PaddingCollator(self._pad_id, self.pad_to_multiple_of, max_length=self.max_seq_len)

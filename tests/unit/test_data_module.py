@@ -163,7 +163,7 @@ class _FakeTokenizer:
 def test_lightning_resume_mid_epoch_sees_remaining_batches(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _id_rows(40)))
-    kwargs = dict(path=str(path), batch_size=4, val_fraction=0, tokenizer=_FakeTokenizer(), seed=5)
+    kwargs = dict(path=str(path), batch_size=4, val_fraction=0, tokenizer=_FakeTokenizer(), seed=5, packing=False)
     trainer_kwargs = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                           num_sanity_val_steps=0)
 
@@ -198,7 +198,8 @@ def tok(smollm2_dir):
 
 
 def test_datamodule_end_to_end(tmp_path, tok, caplog):
-    dm = SftDataModule(path=str(_chat_file(tmp_path)), batch_size=3, val_fraction=0.1, tokenizer=tok, seed=0)
+    dm = SftDataModule(path=str(_chat_file(tmp_path)), batch_size=3, val_fraction=0.1, tokenizer=tok, seed=0,
+                       packing=False)
     with caplog.at_level(logging.INFO, logger="pmetal"):
         dm.setup("fit")
     assert "format messages | 20 rows | 0 truncated" in caplog.text and "train 18 / val 2 rows" in caplog.text
@@ -234,8 +235,16 @@ def test_datamodule_eval_file_and_packing(tmp_path, tok):
     dm.setup()
     assert dm.stats.train_rows == 20 and dm.stats.val_rows == 20
     batches = list(dm.train_dataloader())
-    assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 256 for b in batches)
-    assert sum(len(b["seq_lens"]) for b in batches) == 20 and "attention_mask" not in batches[0]
+    # bins of at most pack_tokens tokens, batch_size (4) bins stacked per batch
+    assert all(b["input_ids"].shape[0] <= 4 and b["input_ids"].shape[1] <= 256 for b in batches)
+    assert "attention_mask" not in batches[0]
+    real_rows = 0
+    for b in batches:
+        flat_ids = b["input_ids"].reshape(-1)
+        starts = torch.cumsum(b["seq_lens"], 0) - b["seq_lens"]
+        real_rows += int((flat_ids[starts] != tok.pad_token_id).sum())  # padding segments start with pad
+        assert int(b["seq_lens"].sum()) == b["input_ids"].numel()
+    assert real_rows == 20
 
 
 def test_datamodule_errors(tmp_path, tok):
@@ -248,7 +257,7 @@ def test_datamodule_errors(tmp_path, tok):
     with pytest.raises(PmetalError, match="val_fraction"):
         SftDataModule(val_fraction=1.5)
     with pytest.raises(PmetalError, match=r"pack_tokens \(512\) must be at least max_seq_len \(1024\)"):
-        SftDataModule(packing=True, pack_tokens=512)
+        SftDataModule(packing=True, pack_tokens=512, max_seq_len=1024)
 
 
 def test_datamodule_without_chat_template_needs_chatml(tmp_path, tok):
