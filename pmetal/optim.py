@@ -25,8 +25,10 @@ def build_optimizer(
         raise PmetalError("no trainable parameters: check the adapter settings (target_modules?)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    # foreach kernels exist on CPU, CUDA and MPS; fused AdamW is CUDA/MPS-only, so it is not forced here.
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    # The fused AdamW kernel (CPU, CUDA and MPS in torch >= 2.5) updates all tensors in one pass and
+    # keeps no foreach temporaries; it needs floating-point parameters.
+    fused = all(p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
 def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
