@@ -125,7 +125,7 @@ def make_rollout(module, batch: dict[str, Any], *, source=None) -> RolloutBatch:
         if not settings.dynamic_sampling:
             kept, kept_text = rows, completions
             break
-        flat = zero_spread_groups(torch.tensor([r.reward for r in rows], dtype=torch.float64), group).tolist()
+        flat = zero_spread_groups(torch.tensor([r.reward for r in rows], dtype=torch.float32), group).tolist()
         for g, flat_group in enumerate(flat):
             if flat_group:
                 dropped += 1
@@ -156,12 +156,12 @@ def make_rollout(module, batch: dict[str, Any], *, source=None) -> RolloutBatch:
 def _metrics(rows: list[RolloutRow], per_function: dict[str, list[float]], group: int, settings: RolloutSettings,
              seconds: float) -> dict[str, float]:
     """Reward and completion statistics over every completion sampled this step."""
-    rewards = torch.tensor([r.reward for r in rows], dtype=torch.float64)
-    lengths = torch.tensor([len(r.completion_ids) for r in rows], dtype=torch.float64)
+    rewards = torch.tensor([r.reward for r in rows], dtype=torch.float32)
+    lengths = torch.tensor([len(r.completion_ids) for r in rows], dtype=torch.float32)
     metrics = {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if len(rows) > 1 else 0.0,
-        "reward/zero_spread_groups": float(zero_spread_groups(rewards, group).double().mean()),
+        "reward/zero_spread_groups": float(zero_spread_groups(rewards, group).float().mean()),
         "completion/length_mean": float(lengths.mean()),
         "completion/length_min": float(lengths.min()),
         "completion/length_max": float(lengths.max()),

@@ -239,8 +239,12 @@ def retrieval_metrics(
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of a 1-D tensor, ties given the average of the ranks they span."""
-    values = values.reshape(-1)
+    """1-based ranks of a 1-D tensor, ties given the average of the ranks they span.
+
+    Computed on the CPU in float64 (exact average ranks up to 2**53 rows): evaluation statistics,
+    never on the training path, and MPS has no float64.
+    """
+    values = values.detach().reshape(-1).cpu()
     sorted_values, order = values.sort(stable=True)
     n = values.numel()
     # a new group starts wherever the sorted value changes
