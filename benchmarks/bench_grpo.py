@@ -231,7 +231,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         work = Path(tmp)
         prepare(args, work)
-        passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--markdown")]
+        passthrough, raw = [], list(argv if argv is not None else sys.argv[1:])
+        while raw:  # drop --markdown and its value: the workers only print their result
+            arg = raw.pop(0)
+            if arg == "--markdown":
+                raw.pop(0) if raw else None
+            elif not arg.startswith("--markdown="):
+                passthrough.append(arg)
         for worker in ([args.only] if args.only else ["pmetal", "trl"]):
             cmd = [sys.executable, __file__, *passthrough, "--_worker", worker, "--_work", str(work)]
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -25,10 +25,9 @@ def build_optimizer(
         raise PmetalError("no trainable parameters: check the adapter settings (target_modules?)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    # The fused AdamW kernel (CPU, CUDA and MPS in torch >= 2.5) updates all tensors in one pass and
-    # keeps no foreach temporaries; it needs floating-point parameters.
-    fused = all(p.is_floating_point() for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    # Not fused: Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer
+    # (it unscales gradients internally), and clipping at 1.0 is on by default.
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)
 
 
 def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -127,3 +127,18 @@ def test_killed_run_resumes_to_identical_result(tiny_model_dir, tmp_path):
     curve_b = json.loads((tmp_path / "killed" / "loss_history.json").read_text())["train"]
     assert [s for s, _ in curve_a] == [s for s, _ in curve_b] == list(range(1, 9))
     assert [v for _, v in curve_a] == pytest.approx([v for _, v in curve_b], abs=1e-6)
+
+
+def test_mixed_precision_step_with_gradient_clipping(tiny_model_dir, tmp_path):
+    """bf16 autocast + clipping at 1.0, as on CUDA and MPS (Lightning refuses clipping with a fused optimizer)."""
+    from pmetal.data.datamodule import SftDataModule
+    from pmetal.modules import SftModule
+    from pmetal.runner import build_trainer
+
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=8)
+    module = SftModule(model=str(tiny_model_dir))
+    trainer = build_trainer(tmp_path / "run", precision="bf16-mixed", max_steps=2, max_epochs=None,
+                            enable_progress_bar=False)
+    assert trainer.gradient_clip_val == 1.0
+    trainer.fit(module, datamodule=SftDataModule(path=str(data), batch_size=2, max_seq_len=64, val_fraction=0.0))
+    assert trainer.global_step == 2
