@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN_PAIRS, HELD_OUT = 96, 24
 SYSTEM = "Answer briefly."  # shorter than SmolLM2's default system prompt: fewer tokens per step
-STEPS, BATCH = 8, 4
+STEPS, BATCH = 12, 4  # all four methods reached 1.00 held-out accuracy at 12 steps; ORPO needs more than 8
 
 
 def _rows():
