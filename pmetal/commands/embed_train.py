@@ -99,32 +99,15 @@ def run(args) -> int:
 
     import lightning as L
 
-    from pmetal.cli import report_outputs
-    from pmetal.commands.train import run_dir_for
-    from pmetal.runner import build_trainer, fit, resolve_resume
+    from pmetal.commands.train import launch
+    from pmetal.data.embedding import check_loss_layout
 
     L.seed_everything(args.seed, workers=True, verbose=False)
     module, datamodule = build(args)
     datamodule.setup("fit")  # read and check the data before the trainer starts
-    from pmetal.data.embedding import check_loss_layout
-
     check_loss_layout(args.loss, datamodule.kind, datamodule.path)
-    run_dir = run_dir_for(args, "embed")
-    trainer = build_trainer(
-        run_dir,
-        accelerator=args.accelerator,
-        precision=args.precision,
-        max_epochs=args.epochs,
-        max_steps=args.max_steps,
-        accumulate_grad_batches=args.gradient_accumulation_steps,
-        gradient_clip_val=args.max_grad_norm if args.max_grad_norm > 0 else None,
-        checkpoint_every_n_steps=args.checkpoint_every,
-        val_check_interval=args.eval_every,
-        check_val_every_n_epoch=None if args.eval_every else 1,
-        enable_progress_bar=args.progress_bar,
-    )
-    result = fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, args.resume))
-    report_outputs(result, "model")
+    result = launch(args, "embed", module, datamodule, val_check_interval=args.eval_every,
+                    check_val_every_n_epoch=None if args.eval_every else 1)
     metrics = Path(result["run_dir"]) / "eval_metrics.json"
     if metrics.is_file():
         print(f"  held-out metrics: {metrics} (every evaluation in eval_metrics.jsonl)", flush=True)

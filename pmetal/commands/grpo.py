@@ -102,4 +102,5 @@ def run(args) -> int:
         module = DapoModule(max_sampling_rounds=args.max_sampling_rounds, overlong_buffer=args.overlong_buffer, **kwargs)
     else:
         module = GrpoModule(**kwargs)
-    return launch(args, "dapo" if args.dapo else "grpo", module, prompt_datamodule(args))
+    launch(args, "dapo" if args.dapo else "grpo", module, prompt_datamodule(args))
+    return 0

@@ -40,4 +40,5 @@ def run(args) -> int:
         teacher_temperature=args.teacher_temperature, distill_beta=args.distill_beta,
         teacher_quantization=args.teacher_quantization, **rl_module_kwargs(args),
     )
-    return launch(args, "rlkd", module, prompt_datamodule(args))
+    launch(args, "rlkd", module, prompt_datamodule(args))
+    return 0

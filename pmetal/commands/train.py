@@ -80,7 +80,7 @@ def run_dir_for(args, method: str):
     return default_run_dir(method)
 
 
-def launch(args, method: str, module, datamodule, extra_callbacks=None) -> int:
+def launch(args, method: str, module, datamodule, extra_callbacks=None, **trainer_kwargs) -> dict:
     """Build the trainer from the shared flags, fit, and report where the outputs went."""
     from pmetal.cli import report_outputs
     from pmetal.runner import build_trainer, fit, resolve_resume
@@ -97,11 +97,12 @@ def launch(args, method: str, module, datamodule, extra_callbacks=None) -> int:
         checkpoint_every_n_steps=args.checkpoint_every,
         extra_callbacks=extra_callbacks,
         enable_progress_bar=args.progress_bar,
+        **trainer_kwargs,
     )
     ckpt = resolve_resume(run_dir, args.resume)
     result = fit(trainer, module, datamodule, ckpt_path=ckpt)
     report_outputs(result, getattr(module, "artifact_kind", "model"))
-    return 0
+    return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -133,4 +134,5 @@ def run(args) -> int:
         response_column=args.response_column, chat_template=args.chat_template, packing=args.packing,
         seed=args.seed,
     )
-    return launch(args, "sft", module, datamodule)
+    launch(args, "sft", module, datamodule)
+    return 0

@@ -166,13 +166,9 @@ class SftDataModule(L.LightningDataModule):
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
     def _tokenizer(self) -> Any:
-        tokenizer = self.tokenizer
-        if tokenizer is None and self.trainer is not None:
-            tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
-        if tokenizer is None:
-            raise PmetalError("SftDataModule needs a tokenizer: pass tokenizer=... or train a module that has "
-                              "a `tokenizer` attribute")
-        return tokenizer
+        from pmetal.data.render import datamodule_tokenizer
+
+        return datamodule_tokenizer(self)
 
     def _render(self, path: str, tokenizer: Any) -> tuple[RenderedDataset, str, int]:
         rows = load_rows(path)

@@ -42,7 +42,7 @@ import lightning as L
 import torch
 
 from pmetal.data.formats import coerce_messages, load_rows, locate, require_string, row_error
-from pmetal.data.render import ensure_chat_template, render_prompt_completion
+from pmetal.data.render import datamodule_tokenizer, ensure_chat_template, render_prompt_completion
 from pmetal.errors import DataError
 
 log = logging.getLogger("pmetal")
@@ -400,13 +400,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_items is not None:
             return
-        tokenizer = self.tokenizer
-        if tokenizer is None and self.trainer is not None:
-            tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
-        if tokenizer is None:
-            raise DataError(self.path, "no tokenizer: pass tokenizer=... or attach the DataModule to a Trainer "
-                            "whose module has one", expected="a tokenizer")
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = datamodule_tokenizer(self)
         ensure_chat_template(tokenizer, self.chat_template)
         train = self._examples(load_rows(self.path), self.path)
         if self.eval_path:

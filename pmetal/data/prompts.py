@@ -135,15 +135,9 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_items is not None:
             return
-        from pmetal.data.render import ensure_chat_template, render_prompt
+        from pmetal.data.render import datamodule_tokenizer, ensure_chat_template, render_prompt
 
-        tokenizer = self.tokenizer
-        if tokenizer is None and self.trainer is not None:
-            tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
-        if tokenizer is None:
-            raise DataError(self.path, "no tokenizer: pass tokenizer=... or attach the DataModule to a Trainer "
-                            "whose module has one", expected="a tokenizer")
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = datamodule_tokenizer(self)
         ensure_chat_template(tokenizer, self.chat_template)
         rows = load_rows(self.path)
         if not rows:

