@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_for_inference(name: str, *, trust_remote_code: bool = False, dtype=None):
     """(model, tokenizer) for a model name or a pmetal adapter directory."""
-    from pmetal.models import load_model_and_tokenizer, load_tokenizer
+    from pmetal.models import load_model_and_tokenizer
 
     adapter_config = Path(name) / "adapter_config.json"
     if not adapter_config.is_file():
@@ -34,7 +34,14 @@ def load_for_inference(name: str, *, trust_remote_code: bool = False, dtype=None
     base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or "default"
     model, _ = load_model_and_tokenizer(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, name)
-    return model, load_tokenizer(name, trust_remote_code=trust_remote_code)
+    # the adapter directory carries the tokenizer it was trained with (pad token and template included)
+    from transformers import AutoTokenizer
+
+    from pmetal.models import ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    ensure_pad_token(tokenizer)
+    return model, tokenizer
 
 
 def generate(model, tokenizer, prompts: list[str], *, system=None, max_new_tokens=128, temperature=0.0, top_p=1.0):

@@ -68,6 +68,12 @@ def test_train_reload_and_frozen_base(tiny_model_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, module.policy(ids).logits, atol=1e-5)
 
+    # the run's output is usable at once: `pmetal generate` loads base + adapter from it
+    from pmetal.cli import main
+
+    assert main(["generate", "--model", str(export), "--prompt", "Name colour number 3.", "--max-new-tokens", "4",
+                 "--accelerator", "cpu"]) == 0
+
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tiny_model_dir, tmp_path):
     from pmetal.data.datamodule import SftDataModule
