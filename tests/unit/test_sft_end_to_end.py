@@ -148,3 +148,16 @@ def test_mixed_precision_step_with_gradient_clipping(tiny_model_dir, tmp_path):
     assert trainer.gradient_clip_val == 1.0
     trainer.fit(module, datamodule=SftDataModule(path=str(data), batch_size=2, max_seq_len=64, val_fraction=0.0))
     assert trainer.global_step == 2
+
+
+def test_pmetal_train_defaults_to_the_example_dataset_and_reports_outputs(tiny_model_dir, tmp_path, capsys):
+    from pmetal.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--max-steps", "2", "--output-dir", str(out),
+                 "--no-progress-bar"]) == 0
+    printed = capsys.readouterr().out
+    assert f"adapter: {out / 'final'}" in printed and f"loss plot: {out / 'loss.png'}" in printed
+    assert (out / "final" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
+    settings = json.loads((out / "final" / "pmetal_config.json").read_text())
+    assert settings["learning_rate"] == 5e-4 and settings["lora_r"] == 16 and settings["lora_alpha"] is None
