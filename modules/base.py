@@ -176,6 +176,8 @@ class PmetalModule(L.LightningModule):
             raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
         batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         for name, value in metrics.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         return loss
