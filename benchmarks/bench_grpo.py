@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -33,10 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-QWEN3_06B_SHAPE = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
-                       max_position_embeddings=40960, rope_theta=1_000_000.0)
-WORDS = 8000
+from _common import WORDS, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 
 
 def length_reward(prompts, completions, **kwargs):
@@ -44,37 +41,8 @@ def length_reward(prompts, completions, **kwargs):
     return [(len(c) % 7) / 7.0 for c in completions]
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    return fast
-
-
 def prepare(args, work: Path) -> tuple[Path, Path]:
-    import torch
-
-    model_dir = work / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    if args.model == "qwen3-0.6b-shape":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        torch.manual_seed(0)
-        config = Qwen3Config(**QWEN3_06B_SHAPE, bos_token_id=None, eos_token_id=2, pad_token_id=0)
-        Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
-    else:
-        from pmetal.models import default_model_path
-
-        source = default_model_path() if args.model == "default" else Path(args.model)
-        for name in ("config.json", "model.safetensors", "generation_config.json"):
-            if (source / name).exists() and not (model_dir / name).exists():
-                os.symlink((source / name).resolve(), model_dir / name)
-    _tokenizer().save_pretrained(model_dir)
+    model_dir = write_model_dir(args.model, work)
     rng = random.Random(0)
     prompts = work / "prompts.jsonl"
     with open(prompts, "w") as f:
