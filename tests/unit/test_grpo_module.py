@@ -167,3 +167,23 @@ def test_cli_grpo_dapo_runs_and_saves_the_adapter(tiny_model_dir, prompt_file, t
     assert code == 0, capsys.readouterr().err
     assert (out / "metrics.csv").is_file()
     assert "train/reward/mean" in (out / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_rlkd_teacher_can_be_quantized(tiny_model_dir):
+    from pmetal.data.render import render_prompt
+    from pmetal.modules.rlkd import RlkdModule
+    from pmetal.quant import QuantLinear
+
+    torch.manual_seed(0)
+    module = RlkdModule(str(tiny_model_dir), teacher_model=str(tiny_model_dir), reward_fns=[char_parity_reward],
+                        num_generations=2, max_completion_length=4, alpha=1.0, teacher_quantization="nf4",
+                        gradient_checkpointing=False)
+    quantized = [m for m in module.teacher.modules() if isinstance(m, QuantLinear)]
+    assert quantized and not any(isinstance(m, QuantLinear) for m in module.policy.modules())
+    batch = collate_prompts([{"prompt_ids": render_prompt(module.tokenizer, [{"role": "user", "content": "Hi"}]),
+                              "prompt": "Hi", "columns": {}, "index": 0}])
+    rollout = make_rollout(module, batch)
+    loss, metrics = module.micro_batch_loss(rollout.micro_batches(8)[0], rollout.num_sequences,
+                                            rollout.num_completion_tokens)
+    # the NF4 teacher is close to, but not exactly, the full-precision student it was copied from
+    assert 0.0 < metrics["distill_loss"].item() < 1.0 and torch.isfinite(loss)
