@@ -8,25 +8,13 @@ import torch
 from pmetal.errors import PmetalError
 from pmetal.logps import backbone_and_head, backbone_hidden, completion_logps, lm_loss
 
+from tests.tiny import tiny_llama
+
 VOCAB = 97
 
 
 def _tiny_llama(seed=0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    config.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+    return tiny_llama(VOCAB, seed, **{"max_position_embeddings": 128, "tie_word_embeddings": False, **overrides})
 
 
 def _lora(model, target_modules=("q_proj", "v_proj", "up_proj")):

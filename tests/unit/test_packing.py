@@ -11,24 +11,13 @@ from pmetal.data.packing import pack_rows, packed_collate, packing_efficiency
 from pmetal.errors import DataError
 from pmetal.logps import backbone_hidden, completion_logps, lm_loss
 
+from tests.tiny import tiny_llama
+
 VOCAB = 61
 
 
 def _tiny_llama(attn="sdpa", seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(VOCAB, seed, attn_implementation=attn)
 
 
 def _rows(lengths, seed=0):
