@@ -38,7 +38,7 @@ class KtoModule(PreferenceModule):
         super().__init__(**kwargs)
 
     def on_fit_start(self) -> None:
-        from pmetal.data.preference import kto_balance_warning
+        from pmetal.data.kto import kto_balance_warning
 
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "num_desirable"):

@@ -39,7 +39,7 @@ METHODS: dict[str, Method] = {
                "simpo.yaml", "SimPO: length-normalized, reference-free preference optimization"),
         Method("orpo", "pmetal.modules.orpo:OrpoModule", "pmetal.data.preference:PreferenceDataModule", "orpo.yaml",
                "ORPO: SFT plus an odds-ratio preference term"),
-        Method("kto", "pmetal.modules.kto:KtoModule", "pmetal.data.preference:KtoDataModule", "kto.yaml",
+        Method("kto", "pmetal.modules.kto:KtoModule", "pmetal.data.kto:KtoDataModule", "kto.yaml",
                "KTO: unpaired desirable/undesirable feedback"),
         Method("grpo", "pmetal.modules.grpo:GrpoModule", "pmetal.data.prompts:PromptDataModule", "grpo.yaml",
                "GRPO: group-relative policy optimization with reward functions"),

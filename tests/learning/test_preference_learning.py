@@ -72,7 +72,8 @@ def test_preference_method_learns_the_held_out_preference(method, smollm2_dir, t
 
     import lightning as L
 
-    from pmetal.data.preference import KtoDataModule, PreferenceDataModule
+    from pmetal.data.kto import KtoDataModule
+    from pmetal.data.preference import PreferenceDataModule
 
     start = time.time()
     L.seed_everything(0)

@@ -9,15 +9,12 @@ import pytest
 import torch
 
 from pmetal.data.formats import load_rows
+from pmetal.data.kto import KtoDataModule, kto_balance_warning, to_kto_examples, tokenize_kto
 from pmetal.data.preference import (
-    KtoDataModule,
     PreferenceCollator,
     PreferenceDataModule,
     TruncationStats,
-    kto_balance_warning,
-    to_kto_examples,
     to_preference_pairs,
-    tokenize_kto,
     tokenize_pairs,
 )
 from pmetal.errors import DataError, PmetalError

@@ -11,7 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-from pmetal.data.preference import KtoDataModule, PreferenceDataModule
+from pmetal.data.kto import KtoDataModule
+from pmetal.data.preference import PreferenceDataModule
 from pmetal.modules.dpo import DpoModule
 from pmetal.modules.kto import KtoModule
 from pmetal.modules.orpo import OrpoModule
