@@ -14,6 +14,11 @@ gradient checkpointing on, bf16 on CUDA / fp32 on CPU. The first `--warmup` step
     python benchmarks/bench_dpo.py --device cuda --model qwen3-0.6b-shape --batch-size 8 \
         --prompt-len 256 --completion-len 256 --steps 20 --warmup 5
 
+Trainers (`--trainers`): `pmetal`, `trl`, and `pmetal-compile` / `trl-compile` (the same with the
+decoder compiled: pmetal's `compile=True`, TRL's `torch_compile=True`). With `--profile DIR` each
+trainer's timed steps also run under torch.profiler: DIR/<trainer>_ops.txt holds the top operators by
+device time and the table gains the fraction of wall time the GPU was busy.
+
 Prints a table (pairs/s, tokens/s, peak memory) and, with `--markdown FILE`, appends it as Markdown.
 """
 
@@ -30,6 +35,9 @@ from pathlib import Path
 
 from _common import WORDS, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+
+
+TRAINERS = ("pmetal", "trl", "pmetal-compile", "trl-compile")
 
 
 def prepare(args, work: Path) -> tuple[Path, Path]:
@@ -73,16 +81,19 @@ def run_pmetal(args, model_dir: Path, pairs: Path) -> float:
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if batch_idx == args.warmup:
                 _sync(args.device)
+                PROFILE.start()
                 self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             if batch_idx == args.steps - 1:
                 _sync(args.device)
                 self.seconds = time.perf_counter() - self.start
+                PROFILE.stop()
 
     module = DpoModule(model=str(model_dir), beta=0.1, loss_type="sigmoid", lora_r=args.lora_r,
                        lora_alpha=2 * args.lora_r, learning_rate=1e-5, gradient_checkpointing=True,
-                       weight_dtype="bfloat16" if args.device == "cuda" else "float32")
+                       weight_dtype="bfloat16" if args.device == "cuda" else "float32",
+                       compile=args.only.endswith("-compile"))
     data = PreferenceDataModule(str(pairs), batch_size=args.batch_size, max_seq_len=args.prompt_len +
                                 args.completion_len + 8)
     timer = Timer()
@@ -105,12 +116,14 @@ def run_trl(args, model_dir: Path, pairs: Path) -> float:
         def on_step_begin(self, targs, state, control, **kw):
             if state.global_step == args.warmup:
                 _sync(args.device)
+                PROFILE.start()
                 self.start = time.perf_counter()
 
         def on_step_end(self, targs, state, control, **kw):
             if state.global_step == args.steps:
                 _sync(args.device)
                 self.seconds = time.perf_counter() - self.start
+                PROFILE.stop()
 
     cuda = args.device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -118,7 +131,8 @@ def run_trl(args, model_dir: Path, pairs: Path) -> float:
     config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
                        max_steps=args.steps, learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"],
                        gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, report_to=[], logging_steps=1000,
-                       save_strategy="no", max_length=None, dataloader_num_workers=0, seed=0)
+                       save_strategy="no", max_length=None, dataloader_num_workers=0, seed=0,
+                       torch_compile=args.only.endswith("-compile"))
     peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                              target_modules="all-linear", task_type="CAUSAL_LM")
     timer = Timer()
@@ -126,6 +140,46 @@ def run_trl(args, model_dir: Path, pairs: Path) -> float:
                          split="train"), processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
     trainer.train()
     return timer.seconds
+
+
+class _Profile:
+    """torch.profiler over the timed steps when --profile is given; a no-op otherwise."""
+
+    def __init__(self):
+        self.profiler, self.path, self.busy = None, None, None
+
+    def setup(self, directory: Path | None, name: str, device: str) -> None:
+        if directory is None:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        self.profiler, self.path = profile(activities=activities), directory / f"{name}_ops.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        if self.profiler is not None:
+            self.profiler.start()
+            self.wall = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.stop()
+        wall = time.perf_counter() - self.wall
+        events = self.profiler.key_averages()
+        from torch.autograd import DeviceType
+
+        # kernels only: operator rows repeat their kernels' time
+        device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        self.busy = device_us / (wall * 1e6) if device_us else None
+        sort = "self_cuda_time_total" if device_us else "self_cpu_time_total"
+        self.path.write_text(f"wall {wall:.3f} s, device busy {self.busy:.1%}\n\n"
+                             + events.table(sort_by=sort, row_limit=40, max_name_column_width=60))
+        self.profiler = None
+
+
+PROFILE = _Profile()
 
 
 def child(args) -> None:
@@ -136,12 +190,13 @@ def child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     work = Path(args.work)
     model_dir, pairs = work / "model", work / "pairs.jsonl"
-    seconds = (run_pmetal if args.only == "pmetal" else run_trl)(args, model_dir, pairs)
+    PROFILE.setup(args.profile, args.only, args.device)
+    seconds = (run_pmetal if args.only.startswith("pmetal") else run_trl)(args, model_dir, pairs)
     timed_pairs = args.batch_size * (args.steps - args.warmup)
     tokens = timed_pairs * 2 * (args.prompt_len + args.completion_len + 1)
     print("RESULT " + json.dumps({"trainer": args.only, "pairs_per_s": timed_pairs / seconds,
                                   "tokens_per_s": tokens / seconds, "peak_gib": _peak_memory_gib(args.device),
-                                  "seconds": seconds}), flush=True)
+                                  "seconds": seconds, "device_busy": PROFILE.busy}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,13 +210,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps in all")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--trainers", default="pmetal,trl", help="comma-separated: pmetal, trl")
+    parser.add_argument("--trainers", default="pmetal,trl",
+                        help="comma-separated: pmetal, trl, pmetal-compile, trl-compile")
+    parser.add_argument("--profile", type=Path, help="profile the timed steps; operator tables go to this folder")
     parser.add_argument("--markdown", type=Path, help="append the table to this Markdown file")
-    parser.add_argument("--only", choices=["pmetal", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
+    unknown = set(args.trainers.split(",")) - set(TRAINERS)
+    if unknown:
+        parser.error(f"unknown trainer(s) {sorted(unknown)}; expected {TRAINERS}")
     if args.only:
         return child(args)
 
@@ -180,8 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     memory = "peak GPU memory allocated (GiB)" if args.device == "cuda" else "peak RSS (GiB)"
     shape = (f"{args.model}, {args.device}, LoRA r{args.lora_r}, {args.batch_size} pairs/step, "
              f"{args.prompt_len}+{args.completion_len} tokens a side, {args.steps - args.warmup} timed steps")
-    table = [f"DPO throughput: {shape}", "", f"| trainer | pairs/s | tokens/s | {memory} |", "|---|---|---|---|"]
-    table += [f"| {r['trainer']} | {r['pairs_per_s']:.3f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} |"
+    busy = lambda r: "" if r.get("device_busy") is None else f" {r['device_busy']:.0%} |"  # noqa: E731
+    extra = (" GPU busy |", "---|") if args.profile else ("", "")
+    table = [f"DPO throughput: {shape}", "", f"| trainer | pairs/s | tokens/s | {memory} |{extra[0]}",
+             f"|---|---|---|---|{extra[1]}"]
+    table += [f"| {r['trainer']} | {r['pairs_per_s']:.3f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} |{busy(r)}"
               for r in results]
     text = "\n".join(table)
     print(text)

@@ -29,6 +29,7 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, nu
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                  max_position_embeddings=4096)  # fmt: skip
 VARIANTS = ("lora", "pmetal-nf4", "pmetal-nf4-compiled", "pmetal-int8", "bnb-nf4")
+# also accepted by --variants: "lora-peft-cast", "pmetal-nf4-peft-cast" (PEFT's fp32 copy of each adapter input, as before)
 
 
 def _sync(device):
@@ -130,12 +131,12 @@ def train_variant(args, variant: str, model_dir: Path) -> dict:
 
     device = args.device
     base_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if variant == "lora":
+    if variant in ("lora", "lora-peft-cast"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype).to(device)
-    elif variant.startswith("pmetal"):
+    elif variant.startswith("pmetal"):  # pmetal-nf4, pmetal-nf4-compiled, pmetal-nf4-peft-cast, pmetal-int8
         quant_type = "int8" if "int8" in variant else "nf4"
         model = load_quantized_model(model_dir, quant_type, dtype=base_dtype, device=device, backend="pmetal")
-        if variant.endswith("compiled"):
+        if variant == "pmetal-nf4-compiled":
             compile_dequantize(True)
     elif variant == "bnb-nf4":
         from transformers import BitsAndBytesConfig
@@ -148,9 +149,17 @@ def train_variant(args, variant: str, model_dir: Path) -> dict:
         raise SystemExit(f"unknown variant {variant}")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     peft_model = prepare_peft(model, r=16)
+    # from_pretrained returns eval mode, and transformers checkpoints layers only in training mode
+    # (the first recorded runs of this benchmark were in eval mode, i.e. without checkpointing).
+    peft_model.train()
+    if variant.endswith("peft-cast"):  # what pmetal did before pmetal.lora_autocast: PEFT's fp32 input copy
+        for module in peft_model.modules():
+            if hasattr(module, "lora_A"):
+                module._cast_input_dtype = lambda x, dtype: x if x is None or x.dtype == dtype else x.to(dtype)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -201,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--layer-shape", type=int, nargs=2, default=(3072, 1024), metavar=("OUT", "IN"))
     p.add_argument("--variants", nargs="+", default=None, help=f"subset of {VARIANTS}")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                   help="keep every layer's activations (no gradient checkpointing)")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -231,6 +242,8 @@ def main(argv=None) -> int:
             base = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--batch-size",
                     str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                     "--warmup", str(args.warmup), "--_model-dir", str(model_dir)]  # fmt: skip
+            if not args.checkpointing:
+                base.append("--no-checkpointing")
             for variant in variants:
                 done = subprocess.run(base + ["--_variant", variant], capture_output=True, text=True)
                 lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -246,7 +259,9 @@ def main(argv=None) -> int:
             if "step_s" in r and bnb_row:
                 r["time_vs_bnb"] = r["step_s"] / bnb_row["step_s"]
         results["training"] = rows
-        print(f"\n## QLoRA training step (LoRA r16 all-linear, checkpointing), {args.steps} timed steps")
+        mode = "checkpointing" if args.checkpointing else "no checkpointing"
+        results["checkpointing"] = args.checkpointing
+        print(f"\n## QLoRA training step (LoRA r16 all-linear, {mode}), {args.steps} timed steps")
         _print_table(rows, ["variant", "step_s", "tokens_per_s", "peak_gib", "bytes_per_param", "time_vs_lora",
                             "time_vs_bnb", "error"])  # fmt: skip
     if args.json:

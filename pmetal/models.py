@@ -226,7 +226,11 @@ def apply_adapter(model, adapter: str = "lora", **lora_kwargs):
         from pmetal.quant import register_peft  # lets PEFT wrap pmetal's quantized linear layers
 
         register_peft(config)
-    return get_peft_model(model, config)
+    from pmetal.lora_autocast import keep_input_dtype_under_autocast
+
+    peft_model = get_peft_model(model, config)
+    keep_input_dtype_under_autocast(peft_model)  # no fp32 copies of layer inputs under bf16-mixed
+    return peft_model
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -143,6 +143,16 @@ def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, block_size: int) -
     return torch.cat([head, values[full:] * absmax[-1]])
 
 
+def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
+    """In-place `_scale_blocks` on a contiguous fp32 `values` [N]; returns it."""
+    n = values.numel()
+    full = n - n % block_size
+    values[:full].view(-1, block_size).mul_(absmax[: full // block_size].view(-1, 1))
+    if full < n:
+        values[full:].mul_(absmax[-1])
+    return values
+
+
 # ---------------------------------------------------------------------------------------------
 # double quantization of the absmax constants
 
@@ -298,8 +308,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     """
     n = state.numel
     table = _pair_table(state.quant_type, packed.device)
-    values = table[packed.reshape(-1).long()].view(-1)[:n]
-    return _scale_blocks(values, state.absmax_fp32(), state.block_size).to(dtype).view(state.shape)
+    # int32 indices and in-place scaling: the transient memory of a dequantization (it runs in every
+    # forward and backward of a QLoRA layer) is the fp32 values plus the result, nothing more.
+    values = torch.index_select(table, 0, packed.reshape(-1).int()).view(-1)[:n]  # [n] fp32
+    _scale_blocks_(values, state.absmax_fp32(), state.block_size)
+    return values.to(dtype).view(state.shape)
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool = False):

@@ -21,12 +21,14 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from pmetal.errors import PmetalError
+from pmetal.lora_autocast import AutocastInputMixin, keep_input_dtype_under_autocast
 from pmetal.quant import functional as QF
 from pmetal.quant.linear import QuantLinear
 
 
-class QuantLoraLinear(LoraLinear):
-    """PEFT's LoRA/DoRA linear around a frozen QuantLinear."""
+class QuantLoraLinear(AutocastInputMixin, LoraLinear):
+    """PEFT's LoRA/DoRA linear around a frozen QuantLinear (input left as is under autocast,
+    see `pmetal.lora_autocast`)."""
 
     def _get_in_out_features(self, module: nn.Module):
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
@@ -116,7 +118,9 @@ def prepare_peft(
         config = LoraConfig(r=r, lora_alpha=lora_alpha or 2 * r, lora_dropout=lora_dropout,
                             target_modules=target_modules, use_dora=use_dora, task_type=task_type)  # fmt: skip
     register_quant_lora(config)
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    keep_input_dtype_under_autocast(peft_model)
+    return peft_model
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
@@ -127,4 +131,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, is_trainable: bool =
     config = PeftConfig.from_pretrained(str(adapter_dir))
     if isinstance(config, LoraConfig):
         register_quant_lora(config)
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=is_trainable)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=is_trainable)
+    keep_input_dtype_under_autocast(peft_model)
+    return peft_model
