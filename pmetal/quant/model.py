@@ -128,6 +128,19 @@ def _shard_files(path: Path) -> list[Path]:
     raise PmetalError(f"{path}: no model.safetensors or model.safetensors.index.json; expected safetensors weights")
 
 
+def move_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Move the buffers that have data to `device`, in place, leaving parameters and dtypes alone.
+
+    Buffers computed at construction (the rotary `inv_freq` ...) are built on the CPU, outside
+    `init_empty_weights`' reach, and are not in the checkpoint; left there, every forward copies
+    them to the device (a host-device synchronization on CUDA).
+    """
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[key] = buffer.to(device)
+
+
 def load_quantized_model(
     path: str | Path,
     quant_type: str = "nf4",
@@ -231,6 +244,7 @@ def load_quantized_model(
         handles.clear()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    move_buffers(model, device)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise PmetalError(f"{path}: checkpoint is missing {len(still_meta)} tensors the model needs, e.g. {still_meta[:3]}")

@@ -82,3 +82,18 @@ def test_loader_errors_name_the_problem(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(PmetalError, match="quantized with 'gptq'; pmetal reads bitsandbytes 4-bit only"):
         load_quantized_model(tmp_path)
+
+
+def test_constructed_buffers_follow_the_model_to_its_device():
+    """The rotary inv_freq is built on the CPU at construction; the loader moves it where the weights
+    go (here "meta" stands in for a GPU), parameters and dtypes untouched."""
+    from pmetal.quant.model import move_buffers
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama()
+    dtypes = {n: b.dtype for n, b in model.named_buffers()}
+    assert dtypes, "the tiny Llama has a rotary inv_freq buffer"
+    move_buffers(model, "meta")
+    assert all(b.device.type == "meta" for b in model.buffers())
+    assert {n: b.dtype for n, b in model.named_buffers()} == dtypes
+    assert all(p.device.type == "cpu" for p in model.parameters())
