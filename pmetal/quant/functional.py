@@ -103,8 +103,25 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map [256] fp32 (sorted), used for the nested absmax."""
-    return _dynamic_map_cpu().to(device)
+    """bitsandbytes' signed 8-bit dynamic map [256] fp32 (sorted), used for the nested absmax.
+
+    Cached per device: every dequantization of a double-quantized weight reads it, and a fresh
+    host-to-device copy each time would synchronize the GPU with the host on every layer call.
+    """
+    return _on_device(_dynamic_map_cpu, torch.device(device))
+
+
+_device_tables: dict[tuple, torch.Tensor] = {}
+
+
+def _on_device(make_cpu_table, device: torch.device, *key) -> torch.Tensor:
+    """A constant CPU table (from the lru-cached `make_cpu_table(*key)`), copied once per device.
+    The copy is never written to: callers only index it."""
+    cache_key = (make_cpu_table.__name__, *key, device)
+    table = _device_tables.get(cache_key)
+    if table is None:
+        table = _device_tables[cache_key] = make_cpu_table(*key).to(device)
+    return table
 
 
 def check_block_size(block_size: int) -> int:
@@ -194,7 +211,7 @@ def _grid_table_cpu() -> torch.Tensor:
 
 
 def _grid_table(device: torch.device) -> torch.Tensor:
-    return _grid_table_cpu().to(device)
+    return _on_device(_grid_table_cpu, torch.device(device))
 
 
 def dequantize_dynamic_blockwise(
@@ -290,14 +307,8 @@ def _pair_table_cpu(quant_type: str) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=-1)
 
 
-_table_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    key = (quant_type, device)
-    if key not in _table_cache:
-        _table_cache[key] = _pair_table_cpu(quant_type).to(device)
-    return _table_cache[key]
+    return _on_device(_pair_table_cpu, torch.device(device), quant_type)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype = torch.float32) -> torch.Tensor:
