@@ -97,3 +97,25 @@ def test_without_autocast_the_input_is_still_cast():
     assert lora_layer.lora_A["default"].weight.dtype == torch.float32
     logits = model(input_ids=ids).logits
     assert torch.isfinite(logits).all()
+
+
+def test_compiled_layers_trace_the_autocast_check_without_graph_breaks():
+    """`compile=True` compiles each decoder layer; the autocast test inside the LoRA layers must trace
+    (dynamo's eager backend: tracing without an inductor build) and give the eager results."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pmetal.perf import maybe_compile
+
+    ids = torch.randint(0, 97, TOKENS, generator=torch.Generator().manual_seed(0))
+    loss_eager, grads_eager, _ = _step(_adapted(), ids)
+    compiled = _adapted()
+    torch._dynamo.reset()
+    counters.clear()
+    assert maybe_compile(compiled, backend="eager")
+    loss_compiled, grads_compiled, _ = _step(compiled, ids)
+    assert counters["stats"]["unique_graphs"] >= 1  # the layers were really traced
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(loss_compiled, loss_eager)
+    for name in grads_eager:
+        torch.testing.assert_close(grads_compiled[name], grads_eager[name], msg=name)
