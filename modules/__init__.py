@@ -7,7 +7,7 @@ Classes are imported on first use (Lightning, transformers and PEFT cost seconds
 
 from __future__ import annotations
 
-import importlib
+from pmetal.lazy import lazy_exports
 
 _EXPORTS = {
     "PmetalModule": "pmetal.modules.base",
@@ -24,8 +24,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'pmetal.modules' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

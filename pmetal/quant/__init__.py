@@ -12,7 +12,7 @@ Names resolve lazily so that `import pmetal.quant` stays cheap (PEFT imports tak
 
 from __future__ import annotations
 
-import importlib
+from pmetal.lazy import lazy_exports
 
 _EXPORTS = {
     "QuantLinear": "pmetal.quant.linear",
@@ -40,8 +40,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'pmetal.quant' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
