@@ -61,3 +61,21 @@ def signature_rate(model, tokenizer, prompts: list[str] | None = None, max_new_t
     prompts = prompts or held_out_prompts()
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     return sum(a.startswith(SIGNATURE) for a in answers) / len(answers)
+
+
+def learn_persona(module, tmp_path: Path, *, rows: int = 48, max_steps: int = 24) -> tuple[float, float]:
+    """Train an SftModule on the persona task; return the held-out signature rate (before, after).
+
+    Shared by the LoRA and QLoRA learning tests, so that "QLoRA learns what LoRA learns" compares the
+    same data, steps and measure.
+    """
+    from pmetal.data.datamodule import SftDataModule
+    from pmetal.runner import build_trainer, fit
+
+    data = write_rows(persona_rows(rows), tmp_path / "persona.jsonl")
+    module.policy.eval()
+    before = signature_rate(module.policy, module.tokenizer)
+    trainer = build_trainer(tmp_path / "run", max_steps=max_steps, max_epochs=None, enable_progress_bar=False)
+    fit(trainer, module, SftDataModule(path=str(data), batch_size=4, max_seq_len=96, val_fraction=0.0))
+    module.policy.eval()
+    return before, signature_rate(module.policy, module.tokenizer)

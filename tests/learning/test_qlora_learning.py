@@ -7,7 +7,7 @@ before), with the base's linear layers quantized to NF4 by pmetal's pure-PyTorch
 import pytest
 import torch
 
-from tasks import persona_rows, signature_rate, write_rows
+from tasks import learn_persona
 
 pytestmark = pytest.mark.slow
 
@@ -15,26 +15,17 @@ pytestmark = pytest.mark.slow
 def test_qlora_nf4_sft_learns_the_persona_signature(smollm2_dir, tmp_path):
     import lightning as L
 
-    from pmetal.data.datamodule import SftDataModule
     from pmetal.modules import SftModule
     from pmetal.quant import QuantLinear, quantized_memory
-    from pmetal.runner import build_trainer, fit
 
     L.seed_everything(0)
-    data = write_rows(persona_rows(48), tmp_path / "persona.jsonl")
     module = SftModule(model=str(smollm2_dir), quantization="nf4", learning_rate=1e-3, warmup_steps=2,
                        gradient_checkpointing=False)  # fmt: skip
     quantized = [m for m in module.policy.modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 30 * 7  # every projection of the 30 blocks; lm_head (tied) stays
     assert quantized_memory(module.policy)["bytes_per_param"] < 0.53
     packed = [m.qweight.clone() for m in quantized[:3]]
-    module.policy.eval()
-    before = signature_rate(module.policy, module.tokenizer)
+    before, after = learn_persona(module, tmp_path)
     assert before == 0.0, "the base model already uses the signature: the task proves nothing"
-
-    trainer = build_trainer(tmp_path / "run", max_steps=24, max_epochs=None, enable_progress_bar=False)
-    fit(trainer, module, SftDataModule(path=str(data), batch_size=4, max_seq_len=96, val_fraction=0.0))
-    module.policy.eval()
-    after = signature_rate(module.policy, module.tokenizer)
     assert after >= 0.75, f"signature rate on held-out questions: before {before}, after {after}"
     assert all(torch.equal(m.qweight, p) for m, p in zip(quantized, packed))
