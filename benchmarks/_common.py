@@ -4,6 +4,7 @@ model directory both contenders load (identical token ids for pmetal and TRL).""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 QWEN3_06B_SHAPE = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -48,3 +49,46 @@ def write_model_dir(model: str, work: Path) -> Path:
                 os.symlink((source / name).resolve(), model_dir / name)
     word_tokenizer().save_pretrained(model_dir)
     return model_dir
+
+
+class Profile:
+    """torch.profiler over the timed steps when --profile is given; a no-op otherwise."""
+
+    def __init__(self):
+        self.profiler, self.path, self.busy = None, None, None
+
+    def setup(self, directory: Path | None, name: str, device: str) -> None:
+        if directory is None:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        self.profiler, self.path = profile(activities=activities), directory / f"{name}_ops.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        if self.profiler is not None:
+            self.profiler.start()
+            self.wall = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.stop()
+        wall = time.perf_counter() - self.wall
+        events = self.profiler.key_averages()
+        from torch.autograd import DeviceType
+
+        # kernels only: operator rows repeat their kernels' time, and GPU user annotations (the
+        # optimizer's "Optimizer.step#AdamW.step" range) span whole queues of kernels
+        device_us = sum(e.self_device_time_total for e in events
+                        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                        and "#" not in e.key)  # fmt: skip
+        self.busy = device_us / (wall * 1e6) if device_us else None
+        sort = "self_cuda_time_total" if device_us else "self_cpu_time_total"
+        busy = f", device busy {self.busy:.1%}" if self.busy is not None else ""
+        self.path.write_text(f"wall {wall:.3f} s{busy}\n\n"
+                             + events.table(sort_by=sort, row_limit=40, max_name_column_width=60)
+                             + "\n\nBy CPU time (inclusive): where the host spends the step\n\n"
+                             + events.table(sort_by="cpu_time_total", row_limit=60, max_name_column_width=80))
+        self.profiler = None

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import WORDS, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import WORDS, Profile, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 
@@ -142,44 +142,7 @@ def run_trl(args, model_dir: Path, pairs: Path) -> float:
     return timer.seconds
 
 
-class _Profile:
-    """torch.profiler over the timed steps when --profile is given; a no-op otherwise."""
-
-    def __init__(self):
-        self.profiler, self.path, self.busy = None, None, None
-
-    def setup(self, directory: Path | None, name: str, device: str) -> None:
-        if directory is None:
-            return
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        self.profiler, self.path = profile(activities=activities), directory / f"{name}_ops.txt"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        if self.profiler is not None:
-            self.profiler.start()
-            self.wall = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.profiler is None:
-            return
-        self.profiler.stop()
-        wall = time.perf_counter() - self.wall
-        events = self.profiler.key_averages()
-        from torch.autograd import DeviceType
-
-        # kernels only: operator rows repeat their kernels' time
-        device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
-        self.busy = device_us / (wall * 1e6) if device_us else None
-        sort = "self_cuda_time_total" if device_us else "self_cpu_time_total"
-        self.path.write_text(f"wall {wall:.3f} s, device busy {self.busy:.1%}\n\n"
-                             + events.table(sort_by=sort, row_limit=40, max_name_column_width=60))
-        self.profiler = None
-
-
-PROFILE = _Profile()
+PROFILE = Profile()
 
 
 def child(args) -> None:

@@ -5,8 +5,11 @@ QLoRA training (tokens/s, peak memory) against LoRA and, where installed, bitsan
     GPU (Qwen3-0.6B shape, random weights, beside bitsandbytes):
         python benchmarks/bench_quant.py --device cuda --model qwen3-0.6b-shape --batch-size 8 --seq-len 1024 --steps 10
 
-Each training variant runs in its own subprocess so its peak memory is its own (CUDA: max allocated;
-CPU: peak RSS). The loss is pmetal's chunked `lm_loss` for every variant, LoRA r16 on all linear layers,
+Each training variant runs in its own subprocess so its peak memory is its own (CUDA: max allocated,
+and max reserved after the loader's cached blocks are released; CPU: peak RSS). `--alloc-conf`
+sets PYTORCH_CUDA_ALLOC_CONF for every variant alike (e.g. "expandable_segments:True", which
+pmetal's CLI uses by default; the default allocator leaves up to 1 MiB of a block unsplit per
+allocation, so equal tensors can read up to ~1 MiB apart). The loss is pmetal's chunked `lm_loss` for every variant, LoRA r16 on all linear layers,
 AdamW, gradient checkpointing, bf16 autocast on CUDA (fp32 on CPU).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -165,6 +169,7 @@ def train_variant(args, variant: str, model_dir: Path) -> dict:
         # Bytes the CUDA caching allocator counts beyond the tensors themselves (blocks it did not
         # split, an effect of the order of the loading's allocations): reported apart.
         slack = torch.cuda.memory_allocated() - _tensor_bytes(model)
+        torch.cuda.empty_cache()  # the loader's cached transient blocks: not the training's memory
         torch.cuda.reset_peak_memory_stats()
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -193,6 +198,18 @@ def train_variant(args, variant: str, model_dir: Path) -> dict:
         return loss
 
     seconds = _timeit(step, device, repeat=args.steps, warmup=args.warmup)
+    busy = None
+    if args.profile:  # a few more steps under torch.profiler, after the timing (which it would slow)
+        from _common import Profile  # benchmarks/ is on sys.path when run as a script
+
+        profile = Profile()
+        profile.setup(args.profile, variant, device)
+        profile.start()
+        for _ in range(3):
+            step()
+        _sync(device)
+        profile.stop()
+        busy = profile.busy
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -200,8 +217,9 @@ def train_variant(args, variant: str, model_dir: Path) -> dict:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     row = {"variant": variant, "step_s": seconds, "tokens_per_s": args.batch_size * args.seq_len / seconds,
-           "peak_gib": peak}  # fmt: skip
+           "peak_gib": peak, "device_busy": busy}  # fmt: skip
     if device == "cuda":
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         row["load_slack_mib"] = slack / 2**20
         row["peak_tensors_gib"] = peak - slack / 2**30
     if variant.startswith("pmetal"):
@@ -232,6 +250,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=None, help=f"subset of {VARIANTS}")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep every layer's activations (no gradient checkpointing)")
+    p.add_argument("--alloc-conf", default=None, metavar="CONF",
+                   help='PYTORCH_CUDA_ALLOC_CONF for every training variant, e.g. "expandable_segments:True" '
+                        '(default: inherited from this process)')
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="after timing, profile 3 steps of each variant; operator tables go to DIR/<variant>_ops.txt")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -264,26 +287,37 @@ def main(argv=None) -> int:
                     "--warmup", str(args.warmup), "--_model-dir", str(model_dir)]  # fmt: skip
             if not args.checkpointing:
                 base.append("--no-checkpointing")
+            if args.profile:
+                base += ["--profile", str(args.profile)]
+            env = dict(os.environ)
+            if args.alloc_conf is not None:
+                env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
             for variant in variants:
-                done = subprocess.run(base + ["--_variant", variant], capture_output=True, text=True)
+                done = subprocess.run(base + ["--_variant", variant], capture_output=True, text=True, env=env)
                 lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
                 if done.returncode != 0 or not lines:
                     rows.append({"variant": variant, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]})
                     continue
                 rows.append(json.loads(lines[-1]))
-        lora = next((r for r in rows if r["variant"] == "lora" and "step_s" in r), None)
-        bnb_row = next((r for r in rows if r["variant"] == "bnb-nf4" and "step_s" in r), None)
-        for r in rows:
-            if "step_s" in r and lora:
-                r["time_vs_lora"] = r["step_s"] / lora["step_s"]
-            if "step_s" in r and bnb_row:
-                r["time_vs_bnb"] = r["step_s"] / bnb_row["step_s"]
+        # A variant may be listed several times (run alternately): its k-th run is compared with the
+        # k-th run of the reference (or the last one), the closest in time.
+        timed = [r for r in rows if "step_s" in r]
+        seen: dict[str, int] = {}
+        for r in timed:
+            k = seen[r["variant"]] = seen.get(r["variant"], -1) + 1
+            for ref, column in (("lora", "time_vs_lora"), ("bnb-nf4", "time_vs_bnb")):
+                refs = [x for x in timed if x["variant"] == ref]
+                if refs:
+                    r[column] = r["step_s"] / refs[min(k, len(refs) - 1)]["step_s"]
         results["training"] = rows
         mode = "checkpointing" if args.checkpointing else "no checkpointing"
         results["checkpointing"] = args.checkpointing
-        print(f"\n## QLoRA training step (LoRA r16 all-linear, {mode}), {args.steps} timed steps")
-        _print_table(rows, ["variant", "step_s", "tokens_per_s", "peak_gib", "load_slack_mib", "peak_tensors_gib",
-                            "bytes_per_param", "time_vs_lora", "time_vs_bnb", "error"])  # fmt: skip
+        results["alloc_conf"] = env.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        print(f"\n## QLoRA training step (LoRA r16 all-linear, {mode}), {args.steps} timed steps, "
+              f"PYTORCH_CUDA_ALLOC_CONF={results['alloc_conf'] or '(default)'}")
+        _print_table(rows, ["variant", "step_s", "tokens_per_s", "peak_gib", "peak_reserved_gib", "load_slack_mib",
+                            "peak_tensors_gib",
+                            "bytes_per_param", "time_vs_lora", "time_vs_bnb", "device_busy", "error"])  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

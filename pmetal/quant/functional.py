@@ -328,7 +328,14 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         values = torch.index_select(table.view(torch.int64).view(-1), 0, index).view(torch.float32)[:n]
     else:
         values = torch.index_select(table, 0, index).view(-1)[:n]  # [n] fp32
-    _scale_blocks_(values, state.absmax_fp32(), state.block_size)
+    absmax = state.absmax_fp32()
+    if dtype != torch.float32 and n % state.block_size == 0:
+        # One kernel for the scaling and the cast: the product is computed in fp32 and rounded
+        # once on store, exactly like scaling in place and then casting.
+        out = torch.empty(n, dtype=dtype, device=packed.device)
+        torch.mul(values.view(-1, state.block_size), absmax.view(-1, 1), out=out.view(-1, state.block_size))
+        return out.view(state.shape)
+    _scale_blocks_(values, absmax, state.block_size)
     return values.to(dtype).view(state.shape)
 
 

@@ -249,4 +249,6 @@ def load_quantized_model(
     if still_meta:
         raise PmetalError(f"{path}: checkpoint is missing {len(still_meta)} tensors the model needs, e.g. {still_meta[:3]}")
     _record_quantization(model, quant_type, block_size, double_quant)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # give back the segments only the full-precision transients used
     return model.eval()

@@ -45,3 +45,24 @@ def test_gguf_and_directory_errors(tmp_path):
     with pytest.raises(PmetalError, match="without config.json"):
         resolve_model(str(tmp_path))
     assert resolve_model("org/name") == ("org/name", None)
+
+
+def test_cli_turns_on_expandable_segments_unless_configured(monkeypatch):
+    from pmetal import cli
+
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    for name in cli.ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main([]) == 0  # prints the help
+    assert cli.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "")
+    cli.configure_cuda_allocator()
+    assert cli.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    cli.configure_cuda_allocator()  # PYTORCH_ALLOC_CONF="" is the user's choice too
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in cli.os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setattr(cli.sys, "platform", "darwin")  # MPS has its own allocator
+    cli.configure_cuda_allocator()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in cli.os.environ

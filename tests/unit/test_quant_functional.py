@@ -69,6 +69,16 @@ def test_4bit_bytes_and_values_equal_bitsandbytes(quant_type, block_size, double
             assert torch.equal(ours, reference), (name, dtype)
 
 
+@pytest.mark.parametrize("block_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_in_half_precision_is_the_rounded_fp32_result(block_size, dtype):
+    # Half-precision results are scaled and cast in one kernel where blocks are whole; they must
+    # equal the fp32 result (checked against bitsandbytes above) rounded once.
+    for name, w in _weights().items():
+        packed, state = QF.quantize_4bit(w, "nf4", block_size, double_quant=True)
+        assert torch.equal(QF.dequantize_4bit(packed, state, dtype), QF.dequantize_4bit(packed, state).to(dtype)), name
+
+
 def test_bnb_native_cpu_dequantizer_misreads_blocks_spanning_rows():
     # Why tests use bnb's default backend for such shapes: its native CPU kernel is wrong there.
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
