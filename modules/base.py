@@ -108,6 +108,8 @@ class PmetalModule(L.LightningModule):
             quant_block_size=quant_block_size,
             double_quant=double_quant,
         )
+        if adapter == "full" and getattr(base, "pmetal_quantization", None):  # a checkpoint saved 4-bit
+            raise PmetalError(f"{model} is quantized and cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
         if gradient_checkpointing:
             enable_gradient_checkpointing(base, checkpoint_layers)
         base.config.use_cache = False

@@ -168,24 +168,73 @@ def load_model_and_tokenizer(
 
     source, gguf = resolve_model(name)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise PmetalError(f"could not load the model {name!r}: {exc}") from exc
+    weights = None if gguf else _layerwise_quantization_source(source, quantization)
+    if weights is not None:
+        from pmetal.device import choose_device
+        from pmetal.quant import load_quantized_model
+
+        # Quantize where training will run when that is CUDA (fast); otherwise on the CPU (MPS
+        # quantizes through the CPU anyway), and Lightning moves the packed weights.
+        device = "cuda" if choose_device().accelerator == "cuda" else "cpu"
+        log.info("quantizing %s layer by layer while loading it (%s)", name, device)
+        model = load_quantized_model(weights, quantization or "nf4", quant_block_size, double_quant,
+                                     compute_dtype=dtype or torch.float32, dtype=dtype or torch.float32,
+                                     device=device, trust_remote_code=trust_remote_code,
+                                     attn_implementation=attn_implementation)  # fmt: skip
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
+        if gguf:
+            kwargs["gguf_file"] = gguf
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise PmetalError(f"could not load the model {name!r}: {exc}") from exc
+        if quantization:  # a GGUF file, or weights without safetensors: whole model first, then quantized
+            from pmetal.quant import quantize_model
+
+            model = quantize_model(model, quantization, block_size=quant_block_size, double_quant=double_quant,
+                                   compute_dtype=dtype or torch.float32)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    if quantization:
-        from pmetal.quant import quantize_model
-
-        model = quantize_model(model, quantization, block_size=quant_block_size, double_quant=double_quant,
-                               compute_dtype=dtype or torch.float32)
     return model, tokenizer
+
+
+def _is_bnb_4bit(config: dict) -> bool:
+    settings = config.get("quantization_config") or {}
+    return settings.get("quant_method") == "bitsandbytes" and bool(settings.get("load_in_4bit"))
+
+
+def _layerwise_quantization_source(source: str, quantization: str | None) -> Path | None:
+    """The safetensors directory to quantize layer by layer, or None for the whole-model path.
+
+    Used when quantization is asked for, or when the checkpoint was saved 4-bit by bitsandbytes (then
+    its packed weights are taken as they are, on any device). A hub id is fetched first (config,
+    then the safetensors files), as `from_pretrained` would.
+    """
+    import json
+
+    path = Path(source)
+    try:
+        if not path.is_dir():  # a hub id
+            from huggingface_hub import hf_hub_download, snapshot_download
+
+            config = json.loads(Path(hf_hub_download(source, "config.json")).read_text())
+            if not (quantization or _is_bnb_4bit(config)):
+                return None
+            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+        else:
+            config = json.loads((path / "config.json").read_text())
+    except Exception as exc:  # offline without a cache, no such repository, unreadable config
+        raise PmetalError(f"could not load the model {source!r}: {exc}") from exc
+    if not (quantization or _is_bnb_4bit(config)):
+        return None
+    if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        log.warning("%s has no safetensors weights; loading the whole model before quantizing it", source)
+        return None
+    return path
 
 
 def lora_config(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -141,6 +142,30 @@ def move_buffers(model: nn.Module, device: torch.device | str) -> None:
                 module._buffers[key] = buffer.to(device)
 
 
+_TRIM_EVERY_BYTES = 64 * 2**20
+
+
+def release_freed_host_memory() -> bool:
+    """Return the C heap's free pages to the OS (glibc's `malloc_trim`); False where unavailable.
+
+    Quantizing on the CPU frees a full-precision weight per layer; glibc keeps such blocks in its
+    heap (after the first large free it serves same-sized requests from the heap, not mmap), and
+    the packed weights allocated in between pin it. Measured on SmolLM2-135M (bf16 checkpoint loaded
+    as fp32, 2 cores): peak anonymous memory 660-670 MiB without trimming, 472 MiB trimming after
+    every 64 MiB of freed weights (the loaded model alone: 461 MiB), against 813 MiB for loading the
+    whole model and then quantizing it.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):  # not glibc (musl ...)
+        return False
+
+
 def load_quantized_model(
     path: str | Path,
     quant_type: str = "nf4",
@@ -153,6 +178,7 @@ def load_quantized_model(
     device: torch.device | str = "cpu",
     backend: str = "auto",
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Build a causal LM from a Hugging Face directory, quantizing linear weights as they are read.
 
@@ -167,6 +193,7 @@ def load_quantized_model(
             the checkpoint's dtype.
         device: where the model is built and quantized.
         trust_remote_code: passed to transformers.
+        attn_implementation: "sdpa", "eager", ...; None: transformers' default.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -187,8 +214,13 @@ def load_quantized_model(
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    if (path / "generation_config.json").exists():  # from_config leaves the generation defaults
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
 
     key_files: dict[str, Path] = {}
     for file in files:
@@ -211,6 +243,7 @@ def load_quantized_model(
 
     handles = {file: safe_open(file, framework="pt", device=str(device)) for file in files}
     loaded: set[str] = set()
+    freed_host_bytes = 0
     try:
         for name in targets:
             linear = model.get_submodule(name)
@@ -231,7 +264,12 @@ def load_quantized_model(
                 weight = handles[key_files[weight_key]].get_tensor(weight_key)
                 layer = QuantLinear.from_weight(weight, bias, quant_type=quant_type, block_size=block_size,
                                                 double_quant=double_quant, compute_dtype=compute_dtype, backend=backend)  # fmt: skip
+                if weight.device.type == "cpu":
+                    freed_host_bytes += weight.numel() * 4  # its fp32 working copies, freed with it
                 del weight
+                if freed_host_bytes >= _TRIM_EVERY_BYTES:
+                    release_freed_host_memory()
+                    freed_host_bytes = 0
             _set_submodule(model, name, layer)
             loaded.update({f"{name}.weight", bias_key})
         for key in plain_keys:

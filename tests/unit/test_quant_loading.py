@@ -97,3 +97,86 @@ def test_constructed_buffers_follow_the_model_to_its_device():
     assert all(b.device.type == "meta" for b in model.buffers())
     assert {n: b.dtype for n, b in model.named_buffers()} == dtypes
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def _no_whole_model_load(monkeypatch):
+    """Make the whole-model path (from_pretrained) fail, so a test proves it was not taken."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole model was loaded before quantizing")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_training_loads_quantize_layer_by_layer(tiny_model_dir, monkeypatch):
+    """`--quantization` (load_model_and_tokenizer) reads a safetensors directory through the
+    quantizing loader, never holding the whole full-precision model, with the same result as
+    quantizing the loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    from pmetal.models import load_model_and_tokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    quantize_model(reference, "nf4", block_size=64, double_quant=True, compute_dtype=torch.float32)
+    _no_whole_model_load(monkeypatch)
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir, quantization="nf4")
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.pmetal_quantization["quant_type"] == "nf4"
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == len([m for m in reference.modules() if isinstance(m, QuantLinear)]) > 0
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 100, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference.eval()(ids).logits)
+
+
+def test_a_bitsandbytes_checkpoint_trains_as_qlora_without_quantization_flag(tiny_model_dir, tmp_path, monkeypatch):
+    """A `*-bnb-4bit` directory is read by pmetal's loader (any device, bitsandbytes not needed at
+    run time), its packed bytes kept; full fine-tuning of it is refused with a clear error."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from pmetal.modules import SftModule
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    bnb_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config, dtype=torch.float32)
+    bnb_model.save_pretrained(tmp_path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).exists():
+            shutil.copy(tiny_model_dir / name, tmp_path / name)
+    _no_whole_model_load(monkeypatch)
+    module = SftModule(model=str(tmp_path), learning_rate=1e-3)
+    layer = module.policy.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    assert isinstance(layer, QuantLinear) and layer.quant_type == "nf4"
+    assert torch.equal(layer.qweight, bnb_model.model.layers[0].mlp.down_proj.weight.data.view(-1))
+    with pytest.raises(PmetalError, match="is quantized and cannot be fully fine-tuned"):
+        SftModule(model=str(tmp_path), adapter="full")
+
+
+def test_a_checkpoint_without_safetensors_is_quantized_after_a_whole_load(tiny_model_dir, tmp_path):
+    """Weights only in pytorch_model.bin (no safetensors): the whole-model path, then quantization."""
+    from transformers import AutoModelForCausalLM
+
+    from pmetal.models import load_model_and_tokenizer
+
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    full.config.save_pretrained(tmp_path)
+    torch.save(full.state_dict(), tmp_path / "pytorch_model.bin")
+    for path in tiny_model_dir.iterdir():
+        if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    model, _ = load_model_and_tokenizer(tmp_path, quantization="int8")
+    assert any(isinstance(m, QuantLinear) and m.quant_type == "int8" for m in model.modules())
+
+
+def test_host_memory_release_is_safe_everywhere(monkeypatch):
+    import sys
+
+    from pmetal.quant.model import release_freed_host_memory
+
+    assert release_freed_host_memory() is (sys.platform == "linux")  # glibc on the Linux test machines
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert release_freed_host_memory() is False
