@@ -227,6 +227,54 @@ def train_variant(args, variant: str, model_dir: Path) -> dict:
     return row
 
 
+def load_variant(args, variant: str, model_dir: Path) -> dict:
+    """Time and memory of loading the model quantized, the way training loads it ("load-layerwise":
+    `load_model_and_tokenizer(quantization="nf4")`) or the whole model first and then quantized on
+    the CPU and moved ("load-whole", what pmetal did before). Host memory is the peak anonymous RSS
+    (sampled every 5 ms: mapped checkpoint pages are not counted)."""
+    import threading
+
+    from pmetal.models import load_model_and_tokenizer
+
+    def anon_mib() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("RssAnon")) / 1024
+
+    peak, done = [anon_mib()], threading.Event()
+    before = peak[0]
+
+    def watch():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], anon_mib())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.device == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+    watcher.start()
+    start = time.perf_counter()
+    if variant == "load-layerwise":
+        model, _ = load_model_and_tokenizer(model_dir, dtype=dtype, quantization="nf4")
+        model.to(args.device)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from pmetal.quant import quantize_model
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        quantize_model(model, "nf4", compute_dtype=dtype).to(args.device)
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    row = {"variant": variant, "load_s": seconds, "host_peak_mib": peak[0] - before}
+    if args.device == "cuda":
+        row["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row["gpu_after_mib"] = torch.cuda.memory_allocated() / 2**20
+    return row
+
+
 def _print_table(rows, columns):
     widths = [max(len(c), *(len(f"{r.get(c, ''):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for r in rows))
               for c in columns]  # fmt: skip
@@ -257,14 +305,17 @@ def main(argv=None) -> int:
                    help="after timing, profile 3 steps of each variant; operator tables go to DIR/<variant>_ops.txt")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--loading", action="store_true",
+                   help="also compare loading the model quantized: layer by layer vs. whole model first")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_model-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.model = args.model or ("qwen3-0.6b-shape" if args.device == "cuda" else "smollm2")
 
-    if args._variant:  # child process: one training variant
-        print(json.dumps(train_variant(args, args._variant, Path(args._model_dir))))
+    if args._variant:  # child process: one training or loading variant
+        run = load_variant if args._variant.startswith("load-") else train_variant
+        print(json.dumps(run(args, args._variant, Path(args._model_dir))))
         return 0
 
     results = {"device": args.device, "model": args.model, "batch": [args.batch_size, args.seq_len]}
@@ -318,6 +369,25 @@ def main(argv=None) -> int:
         _print_table(rows, ["variant", "step_s", "tokens_per_s", "peak_gib", "peak_reserved_gib", "load_slack_mib",
                             "peak_tensors_gib",
                             "bytes_per_param", "time_vs_lora", "time_vs_bnb", "device_busy", "error"])  # fmt: skip
+    if args.loading:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = _model_dir(args, Path(tmp))
+            if not (model_dir / "tokenizer_config.json").exists():  # a random-weight model: any tokenizer
+                sys.path.insert(0, str(Path(__file__).parent))
+                from _common import word_tokenizer
+
+                word_tokenizer().save_pretrained(model_dir)
+            rows = []
+            for variant in ("load-layerwise", "load-whole", "load-layerwise", "load-whole"):
+                done = subprocess.run([sys.executable, __file__, "--device", args.device, "--model", args.model,
+                                       "--_model-dir", str(model_dir), "--_variant", variant],
+                                      capture_output=True, text=True)  # fmt: skip
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+                rows.append(json.loads(lines[-1]) if done.returncode == 0 and lines else
+                            {"variant": variant, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]})
+        results["loading"] = rows
+        print("\n## loading the model NF4-quantized")
+        _print_table(rows, ["variant", "load_s", "host_peak_mib", "gpu_peak_mib", "gpu_after_mib", "error"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
