@@ -47,6 +47,8 @@ class PmetalModule(L.LightningModule):
         quantization: quantize the frozen base: "nf4", "fp4" or "int8" (QLoRA); None keeps it as is.
         quant_block_size: block size of the quantization.
         double_quant: also quantize the 4-bit absmax constants.
+        quant_backend: 4-bit dequantization kernels: "auto" (bitsandbytes on CUDA when it is
+            installed, else pmetal's pure PyTorch), "pmetal" or "bitsandbytes"; same values.
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not applied to biases and norms).
         warmup_steps: linear warmup steps.
@@ -81,6 +83,7 @@ class PmetalModule(L.LightningModule):
         quantization: Optional[Literal["nf4", "fp4", "int8"]] = None,
         quant_block_size: int = 64,
         double_quant: bool = True,
+        quant_backend: Literal["auto", "pmetal", "bitsandbytes"] = "auto",
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -107,6 +110,7 @@ class PmetalModule(L.LightningModule):
             quantization=quantization,
             quant_block_size=quant_block_size,
             double_quant=double_quant,
+            quant_backend=quant_backend,
         )
         if adapter == "full" and getattr(base, "pmetal_quantization", None):  # a checkpoint saved 4-bit
             raise PmetalError(f"{model} is quantized and cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")

@@ -70,6 +70,7 @@ class RlkdModule(GrpoModule):
         teacher, teacher_tokenizer = load_model_and_tokenizer(
             hp.teacher_model, dtype=dtype, trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation, quantization=hp.teacher_quantization,
+            quant_backend=hp.quant_backend,
         )
         check_same_vocabulary(self.tokenizer, teacher_tokenizer, hp.model, hp.teacher_model)
         teacher.eval()

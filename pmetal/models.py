@@ -152,6 +152,7 @@ def load_model_and_tokenizer(
     quantization: str | None = None,
     quant_block_size: int = 64,
     double_quant: bool = True,
+    quant_backend: str = "auto",
 ):
     """Load a causal LM and its tokenizer (with chat template and a non-EOS pad token).
 
@@ -163,6 +164,7 @@ def load_model_and_tokenizer(
         quantization: None, "nf4", "fp4" or "int8": quantize the linear layers of the base model.
         quant_block_size: block size of the quantization.
         double_quant: quantize the 4-bit absmax constants too.
+        quant_backend: "auto", "pmetal" or "bitsandbytes": whose kernels dequantize 4-bit weights.
     """
     from transformers import AutoModelForCausalLM
 
@@ -179,7 +181,7 @@ def load_model_and_tokenizer(
         log.info("quantizing %s layer by layer while loading it (%s)", name, device)
         model = load_quantized_model(weights, quantization or "nf4", quant_block_size, double_quant,
                                      compute_dtype=dtype or torch.float32, dtype=dtype or torch.float32,
-                                     device=device, trust_remote_code=trust_remote_code,
+                                     device=device, backend=quant_backend, trust_remote_code=trust_remote_code,
                                      attn_implementation=attn_implementation)  # fmt: skip
     else:
         kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
@@ -195,7 +197,7 @@ def load_model_and_tokenizer(
             from pmetal.quant import quantize_model
 
             model = quantize_model(model, quantization, block_size=quant_block_size, double_quant=double_quant,
-                                   compute_dtype=dtype or torch.float32)
+                                   compute_dtype=dtype or torch.float32, backend=quant_backend)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -30,6 +30,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, learning_rate: float, lor
     g.add_argument("--quantization", choices=["nf4", "fp4", "int8"], default=None, help="quantize the frozen base (QLoRA)")
     g.add_argument("--quant-block-size", type=int, default=64)
     g.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    g.add_argument("--quant-backend", choices=["auto", "pmetal", "bitsandbytes"], default="auto",
+                   help="4-bit dequantization kernels: auto (bitsandbytes on CUDA when installed, else pmetal's "
+                        "pure PyTorch), pmetal, or bitsandbytes; the same values either way")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     g.add_argument("--checkpoint-layers", default="all", help="layers to checkpoint: all, every:2, 0-11")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fastest on CUDA)")
@@ -62,7 +65,7 @@ def module_kwargs(args) -> dict:
     return dict(
         model=args.model, adapter=adapter, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, target_modules=targets, quantization=args.quantization,
-        quant_block_size=args.quant_block_size, double_quant=args.double_quant,
+        quant_block_size=args.quant_block_size, double_quant=args.double_quant, quant_backend=args.quant_backend,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_layers=args.checkpoint_layers, compile=args.compile,

@@ -190,3 +190,35 @@ def test_merge_on_quantized_layer_requantizes_and_dora_merge_is_refused():
     dora = prepare_peft(copy.deepcopy(model), r=4, use_dora=True)
     with pytest.raises(PmetalError, match="DoRA adapter into quantized weights"):
         dora.base_model.model.model.layers[0].self_attn.q_proj.merge()
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_bitsandbytes_backend_gives_the_same_values(quant_type, double_quant):
+    """`quant_backend="bitsandbytes"` dequantizes with bitsandbytes' kernel (its native CPU kernel
+    here; rows hold whole blocks): outputs and input gradients equal pmetal's, bit for bit."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    weight = torch.randn(48, 128) * 0.05
+    layers = {backend: QuantLinear.from_weight(weight, quant_type=quant_type, double_quant=double_quant, backend=backend)
+              for backend in ("pmetal", "bitsandbytes")}  # fmt: skip
+    assert layers["bitsandbytes"]._use_bitsandbytes() and not layers["pmetal"]._use_bitsandbytes()
+    results = {}
+    for backend, layer in layers.items():
+        x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = layer(x)
+        out.square().sum().backward()
+        results[backend] = (out.detach(), x.grad)
+    assert torch.equal(results["pmetal"][0], results["bitsandbytes"][0])
+    assert torch.equal(results["pmetal"][1], results["bitsandbytes"][1])
+
+
+def test_quant_backend_reaches_every_quantized_layer(tiny_model_dir):
+    from pmetal.commands.train import add_model_arguments, module_kwargs
+    from pmetal.modules import SftModule
+
+    parser = __import__("argparse").ArgumentParser()
+    add_model_arguments(parser, learning_rate=1e-3)
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--quantization", "nf4", "--quant-backend", "pmetal"])
+    module = SftModule(**module_kwargs(args))
+    layers = [m for m in module.policy.modules() if isinstance(m, QuantLinear)]
+    assert layers and {layer.backend for layer in layers} == {"pmetal"}
