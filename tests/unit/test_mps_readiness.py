@@ -9,6 +9,7 @@ version; those need Apple hardware.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -22,9 +23,11 @@ def _write(path, rows):
     return str(path)
 
 
-def _build(method, tiny_model_dir, tiny_bert_dir, tmp_path):
+def _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **module_kwargs):
     spec = METHODS[method]
     module_cls, dm_cls = spec.module_class(), spec.datamodule_class()
+    if module_kwargs:
+        module_cls = functools.partial(module_cls, **module_kwargs)
     model = str(tiny_model_dir)
     if method == "sft":
         data = _write(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
@@ -64,13 +67,23 @@ def test_guard_catches_float64_and_unsupported_ops():
         torch.linalg.eigh(torch.eye(2))
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_one_training_step_is_mps_ready(method, tiny_model_dir, tiny_bert_dir, tmp_path):
+QLORA = {"quantization": "nf4", "quant_backend": "pmetal"}  # pmetal's kernels: the ones MPS runs
+LM_METHODS = [m for m in METHODS if m != "embed"]
+
+
+@pytest.mark.parametrize("method,qlora", [(m, False) for m in METHODS] + [(m, True) for m in LM_METHODS],
+                         ids=[m for m in METHODS] + [f"{m}-qlora" for m in LM_METHODS])  # fmt: skip
+def test_one_training_step_is_mps_ready(method, qlora, tiny_model_dir, tiny_bert_dir, tmp_path):
+    """Every method, and every language-model method on an NF4 base (QLoRA), takes a step."""
     import lightning as L
     import torch
 
+    from pmetal.quant import QuantLinear
+
     L.seed_everything(0)
-    module, datamodule = _build(method, tiny_model_dir, tiny_bert_dir, tmp_path)
+    module, datamodule = _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **(QLORA if qlora else {}))
+    packed = {n: b.clone() for n, b in module.named_buffers() if n.endswith("qweight")}
+    assert bool(packed) == qlora
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         gradient_clip_val=None if not module.automatic_optimization else 1.0,
@@ -82,3 +95,7 @@ def test_one_training_step_is_mps_ready(method, tiny_model_dir, tiny_bert_dir, t
     assert "aten::mm" in mode.seen or "aten::addmm" in mode.seen or "aten::bmm" in mode.seen
     changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p.detach(), trainable[n])]
     assert changed, f"{method}: the training step changed no parameter"
+    if qlora:
+        assert all(isinstance(m.base_layer, QuantLinear) for m in module.policy.modules() if hasattr(m, "lora_A"))
+        assert all(torch.equal(b, packed[n]) for n, b in module.named_buffers() if n in packed)
+        assert all("lora_" in n for n in changed), "only adapters train on a quantized base"
