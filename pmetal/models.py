@@ -9,6 +9,7 @@ cached safetensors directory and later loads take a fraction of a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -216,8 +217,6 @@ def _layerwise_quantization_source(source: str, quantization: str | None) -> Pat
     its packed weights are taken as they are, on any device). A hub id is fetched first (config,
     then the safetensors files), as `from_pretrained` would.
     """
-    import json
-
     path = Path(source)
     try:
         if not path.is_dir():  # a hub id
