@@ -15,7 +15,8 @@ gradient checkpointing on, bf16 on CUDA / fp32 on CPU. The first `--warmup` step
         --prompt-len 256 --completion-len 256 --steps 20 --warmup 5
 
 Trainers (`--trainers`): `pmetal`, `trl`, and `pmetal-compile` / `trl-compile` (the same with the
-decoder compiled: pmetal's `compile=True`, TRL's `torch_compile=True`). With `--profile DIR` each
+decoder compiled: pmetal's `compile=True`, each decoder layer; TRL's `torch_compile=True`), and
+`pmetal-compile-model` (pmetal's `compile_scope="model"`: the whole decoder stack as one graph). With `--profile DIR` each
 trainer's timed steps also run under torch.profiler: DIR/<trainer>_ops.txt holds the top operators by
 device time and the table gains the fraction of wall time the GPU was busy.
 
@@ -37,7 +38,7 @@ from _common import WORDS, Profile, write_model_dir  # noqa: E402  (benchmarks/ 
 
 
 
-TRAINERS = ("pmetal", "trl", "pmetal-compile", "trl-compile")
+TRAINERS = ("pmetal", "trl", "pmetal-compile", "trl-compile", "pmetal-compile-model")
 
 
 def prepare(args, work: Path) -> tuple[Path, Path]:
@@ -93,7 +94,8 @@ def run_pmetal(args, model_dir: Path, pairs: Path) -> float:
     module = DpoModule(model=str(model_dir), beta=0.1, loss_type="sigmoid", lora_r=args.lora_r,
                        lora_alpha=2 * args.lora_r, learning_rate=1e-5, gradient_checkpointing=True,
                        weight_dtype="bfloat16" if args.device == "cuda" else "float32",
-                       compile=args.only.endswith("-compile"))
+                       compile="-compile" in args.only,
+                       compile_scope="model" if args.only.endswith("-model") else "layers")
     data = PreferenceDataModule(str(pairs), batch_size=args.batch_size, max_seq_len=args.prompt_len +
                                 args.completion_len + 8)
     timer = Timer()
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--trainers", default="pmetal,trl",
-                        help="comma-separated: pmetal, trl, pmetal-compile, trl-compile")
+                        help="comma-separated: " + ", ".join(TRAINERS))
     parser.add_argument("--profile", type=Path, help="profile the timed steps; operator tables go to this folder")
     parser.add_argument("--markdown", type=Path, help="append the table to this Markdown file")
     parser.add_argument("--only", choices=TRAINERS, help=argparse.SUPPRESS)

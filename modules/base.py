@@ -60,6 +60,8 @@ class PmetalModule(L.LightningModule):
         compile: compile each decoder layer with torch.compile (regional compilation): on an H200
             it took SFT of a Qwen3-0.6B shape from 32.5k to 74.6k tokens/s (benchmarks/RESULTS.md).
             The first steps pay the compile time.
+        compile_scope: what `compile` compiles: "layers" (each decoder layer; quick to compile) or
+            "model" (the whole decoder stack as one graph; fewer Python calls per step).
         weight_dtype: dtype of the frozen base weights: "auto" (bf16 on a GPU that supports it when
             training adapters, fp32 on CPU and for full fine-tuning), "float32", "bfloat16", "float16".
         trust_remote_code: allow custom modelling code from the model's repository.
@@ -92,6 +94,7 @@ class PmetalModule(L.LightningModule):
         gradient_checkpointing: bool = True,
         checkpoint_layers: str = "all",
         compile: bool = False,
+        compile_scope: Literal["layers", "model"] = "layers",
         weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
@@ -121,7 +124,7 @@ class PmetalModule(L.LightningModule):
             base, adapter, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules
         )
         if compile:
-            maybe_compile(self.policy)
+            maybe_compile(self.policy, scope=compile_scope)
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.artifact_kind = "model" if adapter == "full" else "adapter"
         # Lightning loads our trainable-only checkpoints with strict=False.

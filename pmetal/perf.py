@@ -84,12 +84,15 @@ def enable_gradient_checkpointing(model, layers: str | list[int] | None = None) 
     return sorted(selected)
 
 
-def maybe_compile(model, enabled: bool = True, **compile_kwargs) -> bool:
-    """Compile each decoder layer in place with `torch.compile` (regional compilation).
+def maybe_compile(model, enabled: bool = True, scope: str = "layers", **compile_kwargs) -> bool:
+    """Compile the model in place with `torch.compile`.
 
-    Identical layers share one compiled graph (PyTorch inlines nn.Module parameters as inputs), so
-    compile time does not grow with depth, and the embedding, LM head and chunked loss stay eager.
-    Returns whether compilation was turned on; off when disabled or when dynamo is unavailable.
+    scope "layers" compiles each decoder layer (regional compilation): identical layers share one
+    compiled graph (PyTorch inlines nn.Module parameters as inputs), so compile time does not grow
+    with depth. scope "model" compiles the whole decoder stack (embedding, every layer with its
+    checkpointing, final norm) as one graph: longer to compile, fewer Python calls per step. The LM
+    head and chunked loss stay eager either way. Returns whether compilation was turned on; off when
+    disabled or when dynamo is unavailable.
     """
     if not enabled:
         return False
@@ -98,6 +101,13 @@ def maybe_compile(model, enabled: bool = True, **compile_kwargs) -> bool:
     except Exception as error:  # pragma: no cover - platforms without dynamo
         log.warning("torch.compile unavailable (%s); running eager", error)
         return False
+    if scope not in ("layers", "model"):
+        raise PmetalError(f"compile scope {scope!r} not understood; expected 'layers' or 'model'")
+    if scope == "model":
+        from pmetal.logps import backbone_and_head
+
+        backbone_and_head(model)[0].compile(**compile_kwargs)
+        return True
     blocks = decoder_layers(model)
     if not blocks:
         log.warning("no decoder layers to compile in %s; running eager", type(model).__name__)

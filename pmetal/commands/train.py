@@ -36,6 +36,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, learning_rate: float, lor
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     g.add_argument("--checkpoint-layers", default="all", help="layers to checkpoint: all, every:2, 0-11")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fastest on CUDA)")
+    g.add_argument("--compile-scope", choices=["layers", "model"], default="layers",
+                   help="with --compile: each decoder layer (default), or the whole decoder stack as one graph")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
     o = p.add_argument_group("optimization")
     o.add_argument("--learning-rate", "--lr", type=float, default=learning_rate,
@@ -68,7 +70,7 @@ def module_kwargs(args) -> dict:
         quant_block_size=args.quant_block_size, double_quant=args.double_quant, quant_backend=args.quant_backend,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule, gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_layers=args.checkpoint_layers, compile=args.compile,
+        checkpoint_layers=args.checkpoint_layers, compile=args.compile, compile_scope=args.compile_scope,
         trust_remote_code=args.trust_remote_code,
     )
 

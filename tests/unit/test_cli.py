@@ -66,3 +66,16 @@ def test_cli_turns_on_expandable_segments_unless_configured(monkeypatch):
     monkeypatch.setattr(cli.sys, "platform", "darwin")  # MPS has its own allocator
     cli.configure_cuda_allocator()
     assert "PYTORCH_CUDA_ALLOC_CONF" not in cli.os.environ
+
+
+def test_compile_scope_flag_reaches_the_module_settings():
+    import argparse
+
+    from pmetal.commands.train import add_model_arguments, module_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser, learning_rate=1e-3)
+    assert module_kwargs(parser.parse_args([]))["compile_scope"] == "layers"
+    assert module_kwargs(parser.parse_args(["--compile", "--compile-scope", "model"]))["compile_scope"] == "model"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile-scope", "everything"])
