@@ -205,11 +205,6 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def _is_bnb_4bit(config: dict) -> bool:
-    settings = config.get("quantization_config") or {}
-    return settings.get("quant_method") == "bitsandbytes" and bool(settings.get("load_in_4bit"))
-
-
 def _layerwise_quantization_source(source: str, quantization: str | None) -> Path | None:
     """The safetensors directory to quantize layer by layer, or None for the whole-model path.
 
@@ -217,21 +212,33 @@ def _layerwise_quantization_source(source: str, quantization: str | None) -> Pat
     its packed weights are taken as they are, on any device). A hub id is fetched first (config,
     then the safetensors files), as `from_pretrained` would.
     """
-    path = Path(source)
-    try:
-        if not path.is_dir():  # a hub id
-            from huggingface_hub import hf_hub_download, snapshot_download
+    from pmetal.quant.bnb_compat import bitsandbytes_bits
 
-            config = json.loads(Path(hf_hub_download(source, "config.json")).read_text())
-            if not (quantization or _is_bnb_4bit(config)):
-                return None
-            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
-        else:
-            config = json.loads((path / "config.json").read_text())
-    except Exception as exc:  # offline without a cache, no such repository, unreadable config
-        raise PmetalError(f"could not load the model {source!r}: {exc}") from exc
-    if not (quantization or _is_bnb_4bit(config)):
+    path = Path(source)
+    if path.is_dir():
+        config_file = path / "config.json"
+    else:  # a hub id
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config_file = Path(hf_hub_download(source, "config.json"))
+        except Exception as exc:  # offline without a cache, no such repository, no access
+            raise PmetalError(f"could not fetch config.json of the model {source!r}: {exc}") from exc
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PmetalError(f"{config_file}: not a readable JSON model config ({exc}); expected a Hugging Face "
+                          "config.json") from exc  # fmt: skip
+    saved_4bit = bitsandbytes_bits(config) == 4
+    if not (quantization or saved_4bit):
         return None
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as exc:
+            raise PmetalError(f"could not fetch the weights of the model {source!r}: {exc}") from exc
     if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         log.warning("%s has no safetensors weights; loading the whole model before quantizing it", source)
         return None

@@ -39,11 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _is_bnb_checkpoint(base: str) -> bool:
+    from pmetal.quant.bnb_compat import bitsandbytes_bits
+
     config = Path(base) / "config.json"
-    if not config.is_file():
-        return False
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "bitsandbytes"
+    # 8-bit too: pmetal's loader then says it reads bitsandbytes 4-bit only
+    return config.is_file() and bitsandbytes_bits(json.loads(config.read_text())) is not None
 
 
 def _logits(model, batch):

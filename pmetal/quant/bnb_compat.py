@@ -106,6 +106,14 @@ def parse_bnb_state(prefix: str, tensors: dict[str, torch.Tensor], source: str =
     return packed.reshape(-1), state
 
 
+def bitsandbytes_bits(config: dict) -> int | None:
+    """4 or 8 when a Hugging Face `config.json` (as a dict) says bitsandbytes saved the weights, else None."""
+    settings = config.get("quantization_config") or {}
+    if settings.get("quant_method") != "bitsandbytes":
+        return None
+    return 4 if settings.get("load_in_4bit") else 8
+
+
 def bnb_config_settings(config) -> dict | None:
     """The 4-bit settings from a HF config's `quantization_config`, or None if it is not bnb 4-bit."""
     qc = getattr(config, "quantization_config", None)

@@ -180,3 +180,29 @@ def test_host_memory_release_is_safe_everywhere(monkeypatch):
     assert release_freed_host_memory() is (sys.platform == "linux")  # glibc on the Linux test machines
     monkeypatch.setattr(sys, "platform", "darwin")
     assert release_freed_host_memory() is False
+
+
+def test_bitsandbytes_bits_reads_the_config():
+    from pmetal.quant.bnb_compat import bitsandbytes_bits
+
+    assert bitsandbytes_bits({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}) == 4
+    assert bitsandbytes_bits({"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}) == 8
+    assert bitsandbytes_bits({"quantization_config": {"quant_method": "gptq"}}) is None
+    assert bitsandbytes_bits({"model_type": "llama"}) is None
+
+
+def test_quantized_loading_errors_name_the_file_or_model(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from pmetal.models import _layerwise_quantization_source
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(PmetalError, match=r"config\.json: not a readable JSON model config .*line 1 column 2"):
+        _layerwise_quantization_source(str(tmp_path), "nf4")
+
+    def offline(*args, **kwargs):
+        raise OSError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(PmetalError, match="could not fetch config.json of the model 'org/model': offline"):
+        _layerwise_quantization_source("org/model", "nf4")
