@@ -12,3 +12,21 @@ def tiny_llama(vocab_size: int = 97, seed: int = 0, **overrides):
     config.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def save_bnb_4bit_copy(model_dir, target, quant_type: str = "nf4", double_quant: bool = True):
+    """Save `model_dir`'s causal LM the way transformers + bitsandbytes save a `*-bnb-4bit` checkpoint
+    (quantized on the CPU), with its tokenizer files; returns the bitsandbytes model (fp32 compute)."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.float32)
+    model.save_pretrained(target, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (Path(model_dir) / name).exists():
+            shutil.copy(Path(model_dir) / name, Path(target) / name)
+    return model

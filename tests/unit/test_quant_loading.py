@@ -134,19 +134,10 @@ def test_training_loads_quantize_layer_by_layer(tiny_model_dir, monkeypatch):
 def test_a_bitsandbytes_checkpoint_trains_as_qlora_without_quantization_flag(tiny_model_dir, tmp_path, monkeypatch):
     """A `*-bnb-4bit` directory is read by pmetal's loader (any device, bitsandbytes not needed at
     run time), its packed bytes kept; full fine-tuning of it is refused with a clear error."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     from pmetal.modules import SftModule
+    from tests.tiny import save_bnb_4bit_copy
 
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-    bnb_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config, dtype=torch.float32)
-    bnb_model.save_pretrained(tmp_path, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (tiny_model_dir / name).exists():
-            shutil.copy(tiny_model_dir / name, tmp_path / name)
+    bnb_model = save_bnb_4bit_copy(tiny_model_dir, tmp_path)
     _no_whole_model_load(monkeypatch)
     module = SftModule(model=str(tmp_path), learning_rate=1e-3)
     layer = module.policy.get_base_model().model.layers[0].mlp.down_proj.base_layer

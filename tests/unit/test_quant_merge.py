@@ -62,3 +62,37 @@ def test_merge_without_adapter_names_the_directory(tmp_path, capsys):
 
     assert main(["merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no adapter_config.json; expected a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_merge_onto_a_bitsandbytes_checkpoint(tiny_model_dir, tmp_path):
+    """An adapter trained on a `*-bnb-4bit` base merges into that base's dequantized weights, read
+    from its packed bytes (no requantization): the merged model gives the adapter's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from pmetal.cli import main
+    from pmetal.modules import SftModule
+    from tests.tiny import save_bnb_4bit_copy
+
+    base = tmp_path / "bnb"
+    save_bnb_4bit_copy(tiny_model_dir, base)
+    module = SftModule(model=str(base))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a non-trivial adapter without a training run
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    adapter = module.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--base", str(base), "--out", str(out)]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["quantization"] == "nf4"
+    assert report["logits_max_abs_diff"] < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert not any(isinstance(m, QuantLinear) for m in merged.modules())
+    ids = torch.tensor([[1, 20, 300, 4000, 5, 6]])
+    module.policy.eval()
+    with torch.no_grad():
+        adapted = module.policy(input_ids=ids).logits
+        with module.policy.disable_adapter():
+            assert not torch.allclose(adapted, module.policy(input_ids=ids).logits, atol=1e-3)  # the adapter matters
+        assert torch.allclose(merged(ids).logits, adapted, atol=1e-4)
