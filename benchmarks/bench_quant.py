@@ -275,14 +275,25 @@ def load_variant(args, variant: str, model_dir: Path) -> dict:
     return row
 
 
+def _run_variant(command: list[str], variant: str, env: dict | None = None) -> dict:
+    """Run one variant in a child process; its JSON row, or the last line of its error."""
+    done = subprocess.run(command + ["--_variant", variant], capture_output=True, text=True, env=env)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"variant": variant, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    return json.loads(lines[-1])
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
 def _print_table(rows, columns):
-    widths = [max(len(c), *(len(f"{r.get(c, ''):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for r in rows))
-              for c in columns]  # fmt: skip
+    widths = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("-+-".join("-" * w for w in widths))
     for r in rows:
-        cells = [f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
-        print(" | ".join(cell.ljust(w) for cell, w in zip(cells, widths)))
+        print(" | ".join(_cell(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
 
 
 def main(argv=None) -> int:
@@ -330,7 +341,6 @@ def main(argv=None) -> int:
     if not args.skip_training:
         variants = args.variants or [v for v in VARIANTS if (v != "bnb-nf4" or _has_bnb(args.device))
                                      and (v != "pmetal-nf4-compiled" or args.device == "cuda")]  # fmt: skip
-        rows = []
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = _model_dir(args, Path(tmp))
             base = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--batch-size",
@@ -343,13 +353,7 @@ def main(argv=None) -> int:
             env = dict(os.environ)
             if args.alloc_conf is not None:
                 env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
-            for variant in variants:
-                done = subprocess.run(base + ["--_variant", variant], capture_output=True, text=True, env=env)
-                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-                if done.returncode != 0 or not lines:
-                    rows.append({"variant": variant, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]})
-                    continue
-                rows.append(json.loads(lines[-1]))
+            rows = [_run_variant(base, variant, env) for variant in variants]
         # A variant may be listed several times (run alternately): its k-th run is compared with the
         # k-th run of the reference (or the last one), the closest in time.
         timed = [r for r in rows if "step_s" in r]
@@ -377,14 +381,8 @@ def main(argv=None) -> int:
                 from _common import word_tokenizer
 
                 word_tokenizer().save_pretrained(model_dir)
-            rows = []
-            for variant in ("load-layerwise", "load-whole", "load-layerwise", "load-whole"):
-                done = subprocess.run([sys.executable, __file__, "--device", args.device, "--model", args.model,
-                                       "--_model-dir", str(model_dir), "--_variant", variant],
-                                      capture_output=True, text=True)  # fmt: skip
-                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-                rows.append(json.loads(lines[-1]) if done.returncode == 0 and lines else
-                            {"variant": variant, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]})
+            base = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--_model-dir", str(model_dir)]
+            rows = [_run_variant(base, v) for v in ("load-layerwise", "load-whole", "load-layerwise", "load-whole")]
         results["loading"] = rows
         print("\n## loading the model NF4-quantized")
         _print_table(rows, ["variant", "load_s", "host_peak_mib", "gpu_peak_mib", "gpu_after_mib", "error"])
