@@ -56,7 +56,7 @@ def held_out_prompts() -> list[str]:
 
 def signature_rate(model, tokenizer, prompts: list[str] | None = None, max_new_tokens: int = 6) -> float:
     """Fraction of greedy answers to held-out questions that start with the signature."""
-    from pmetal.commands.generate import generate
+    from pmetal.cli.commands.generate import generate
 
     prompts = prompts or held_out_prompts()
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
@@ -70,7 +70,7 @@ def learn_persona(module, tmp_path: Path, *, rows: int = 48, max_steps: int = 24
     same data, steps and measure.
     """
     from pmetal.data.datamodule import SftDataModule
-    from pmetal.runner import build_trainer, fit
+    from pmetal.cli.runner import build_trainer, fit
 
     data = write_rows(persona_rows(rows), tmp_path / "persona.jsonl")
     module.policy.eval()

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pmetal.cli import main
-from pmetal.lightning_cli import rewrite_model_flag, run_lightning_cli
+from pmetal.cli.lightning import rewrite_model_flag, run_lightning_cli
 
 
 def test_model_flag_names_the_model():
@@ -48,7 +48,7 @@ def test_gguf_and_directory_errors(tmp_path):
 
 
 def test_cli_turns_on_expandable_segments_unless_configured(monkeypatch):
-    from pmetal import cli
+    from pmetal.cli import dispatch as cli
 
     monkeypatch.setattr(cli.sys, "platform", "linux")
     for name in cli.ALLOCATOR_VARIABLES:
@@ -71,7 +71,7 @@ def test_cli_turns_on_expandable_segments_unless_configured(monkeypatch):
 def test_compile_scope_flag_reaches_the_module_settings():
     import argparse
 
-    from pmetal.commands.train import add_model_arguments, module_kwargs
+    from pmetal.cli.commands.train import add_model_arguments, module_kwargs
 
     parser = argparse.ArgumentParser()
     add_model_arguments(parser, learning_rate=1e-3)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pmetal.lightning_cli import run_lightning_cli
-from pmetal.methods import METHODS
+from pmetal.cli.lightning import run_lightning_cli
+from pmetal.cli.methods import METHODS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pmetal.commands import dataset
+from pmetal.cli.commands import dataset
 from pmetal.data.inspect import LengthStats, show_mask
 from pmetal.errors import DataError
 

@@ -190,7 +190,7 @@ def test_embed_train_command_reports_bad_data(tiny_bert_dir, tmp_path, capsys):
 
 def test_fit_method_embed_builds_from_the_config(tiny_bert_dir, tmp_path):
     from pmetal.data.embedding import EmbeddingDataModule
-    from pmetal.lightning_cli import run_lightning_cli
+    from pmetal.cli.lightning import run_lightning_cli
     from pmetal.modules.embed import EmbedModule
 
     config = Path(__file__).resolve().parents[2] / "configs" / "embed.yaml"

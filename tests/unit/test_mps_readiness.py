@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from pmetal.methods import METHODS
+from pmetal.cli.methods import METHODS
 from pmetal.mps_guard import MpsReadinessError, MpsReadinessMode, unsupported_ops
 
 

@@ -213,7 +213,7 @@ def test_bitsandbytes_backend_gives_the_same_values(quant_type, double_quant):
 
 
 def test_quant_backend_reaches_every_quantized_layer(tiny_model_dir):
-    from pmetal.commands.train import add_model_arguments, module_kwargs
+    from pmetal.cli.commands.train import add_model_arguments, module_kwargs
     from pmetal.modules import SftModule
 
     parser = __import__("argparse").ArgumentParser()

@@ -28,7 +28,7 @@ def test_sft_module_qlora_trains_and_merges(tiny_model_dir, tmp_path):
     from pmetal.cli import main
     from pmetal.data.datamodule import SftDataModule
     from pmetal.modules import SftModule
-    from pmetal.runner import build_trainer, fit
+    from pmetal.cli.runner import build_trainer, fit
 
     L.seed_everything(0)
     module = SftModule(model=str(tiny_model_dir), quantization="nf4", learning_rate=2e-2, lr_schedule="constant")

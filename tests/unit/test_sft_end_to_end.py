@@ -37,7 +37,7 @@ def test_train_reload_and_frozen_base(tiny_model_dir, tmp_path):
 
     from pmetal.data.datamodule import SftDataModule
     from pmetal.modules import SftModule
-    from pmetal.runner import build_trainer, fit
+    from pmetal.cli.runner import build_trainer, fit
 
     L.seed_everything(0)
     data = write_chat_data(tmp_path / "chat.jsonl")
@@ -79,7 +79,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tiny_model_dir, 
     from pmetal.data.datamodule import SftDataModule
     from pmetal.errors import NonFiniteLossError
     from pmetal.modules import SftModule
-    from pmetal.runner import build_trainer
+    from pmetal.cli.runner import build_trainer
 
     class NanAtStep3(SftModule):
         def compute_loss(self, batch):
@@ -139,7 +139,7 @@ def test_mixed_precision_step_with_gradient_clipping(tiny_model_dir, tmp_path):
     """bf16 autocast + clipping at 1.0, as on CUDA and MPS (Lightning refuses clipping with a fused optimizer)."""
     from pmetal.data.datamodule import SftDataModule
     from pmetal.modules import SftModule
-    from pmetal.runner import build_trainer
+    from pmetal.cli.runner import build_trainer
 
     data = write_chat_data(tmp_path / "chat.jsonl", rows=8)
     module = SftModule(model=str(tiny_model_dir))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from pmetal.commands.train import add_model_arguments, launch, module_kwargs
+from pmetal.cli.commands.train import add_model_arguments, launch, module_kwargs
 
 
 def add_rl_arguments(p: argparse.ArgumentParser) -> None:

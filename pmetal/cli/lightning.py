@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pmetal.errors import PmetalError
-from pmetal.methods import METHODS, get_method
+from pmetal.cli.methods import METHODS, get_method
 
 _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -89,7 +89,7 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
     """Parse `pmetal fit|validate ...` and run it (or only build the objects with run=False)."""
     from lightning.pytorch.cli import LightningCLI
 
-    from pmetal.runner import build_trainer, default_run_dir, pmetal_callbacks, resolve_resume
+    from pmetal.cli.runner import build_trainer, default_run_dir, pmetal_callbacks, resolve_resume
 
     subcommand, rest = argv[0], argv[1:]
     method_name, rest = _pop_option(rest, "--method")
@@ -147,8 +147,7 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
     if not run:
         return cli
     ckpt = resolve_resume(cli.trainer.default_root_dir, resume)
-    from pmetal.cli import report_outputs
-    from pmetal.runner import fit
+    from pmetal.cli.runner import fit, report_outputs
 
     if subcommand == "fit":
         result = fit(cli.trainer, cli.model, cli.datamodule, ckpt_path=ckpt)

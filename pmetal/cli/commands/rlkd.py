@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from pmetal.commands.grpo import add_rl_arguments, prompt_datamodule, rl_module_kwargs
-from pmetal.commands.train import add_model_arguments, launch
+from pmetal.cli.commands.grpo import add_rl_arguments, prompt_datamodule, rl_module_kwargs
+from pmetal.cli.commands.train import add_model_arguments, launch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,20 +17,19 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 
 from pmetal.errors import PmetalError
 
 # command name -> module with add_arguments(parser) and run(args) -> int
 COMMANDS = {
-    "train": "pmetal.commands.train",
-    "grpo": "pmetal.commands.grpo",
-    "rlkd": "pmetal.commands.rlkd",
-    "embed-train": "pmetal.commands.embed_train",
-    "dataset": "pmetal.commands.dataset",
-    "merge": "pmetal.commands.merge",
-    "bench": "pmetal.commands.bench",
-    "generate": "pmetal.commands.generate",
+    "train": "pmetal.cli.commands.train",
+    "grpo": "pmetal.cli.commands.grpo",
+    "rlkd": "pmetal.cli.commands.rlkd",
+    "embed-train": "pmetal.cli.commands.embed_train",
+    "dataset": "pmetal.cli.commands.dataset",
+    "merge": "pmetal.cli.commands.merge",
+    "bench": "pmetal.cli.commands.bench",
+    "generate": "pmetal.cli.commands.generate",
 }
 LIGHTNING_COMMANDS = ("fit", "validate")
 
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_cuda_allocator()
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
-            from pmetal.lightning_cli import run_lightning_cli
+            from pmetal.cli.lightning import run_lightning_cli
 
             run_lightning_cli(argv)
             return 0
@@ -106,19 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pmetal: interrupted; resume with --resume", file=sys.stderr)
         return 130
-
-
-def report_outputs(result: dict, kind: str = "adapter") -> None:
-    """Tell the user where everything went, in a few lines."""
-    run_dir = Path(result["run_dir"])
-    lines = [f"done: {result['steps']} optimizer steps in {result['seconds']:.0f} s"]
-    if result.get("export_dir"):
-        lines.append(f"  {kind}: {result['export_dir']}")
-    if result.get("plot"):
-        lines.append(f"  loss plot: {result['plot']}")
-    lines.append(f"  metrics: {run_dir / 'metrics.csv'}")
-    lines.append(f"  checkpoints (for --resume): {run_dir / 'checkpoints'}")
-    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -154,3 +154,16 @@ def fit(trainer, module, datamodule, *, ckpt_path: str | None = None) -> dict[st
         "seconds": time.time() - start,
         "steps": trainer.global_step,
     }
+
+
+def report_outputs(result: dict, kind: str = "adapter") -> None:
+    """Tell the user where everything went, in a few lines."""
+    run_dir = Path(result["run_dir"])
+    lines = [f"done: {result['steps']} optimizer steps in {result['seconds']:.0f} s"]
+    if result.get("export_dir"):
+        lines.append(f"  {kind}: {result['export_dir']}")
+    if result.get("plot"):
+        lines.append(f"  loss plot: {result['plot']}")
+    lines.append(f"  metrics: {run_dir / 'metrics.csv'}")
+    lines.append(f"  checkpoints (for --resume): {run_dir / 'checkpoints'}")
+    print("\n".join(lines), flush=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pmetal.errors import PmetalError
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sft.py"
+_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_sft.py"
 
 
 def _load_script():

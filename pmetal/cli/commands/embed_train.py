@@ -99,7 +99,7 @@ def run(args) -> int:
 
     import lightning as L
 
-    from pmetal.commands.train import launch
+    from pmetal.cli.commands.train import launch
     from pmetal.data.embedding import check_loss_layout
 
     L.seed_everything(args.seed, workers=True, verbose=False)

@@ -79,7 +79,7 @@ def run_dir_for(args, method: str):
     """The run directory: --output-dir, the directory of a resumed checkpoint, or a new one."""
     from pathlib import Path
 
-    from pmetal.runner import default_run_dir
+    from pmetal.cli.runner import default_run_dir
 
     if args.output_dir:
         return Path(args.output_dir)
@@ -94,8 +94,7 @@ def run_dir_for(args, method: str):
 
 def launch(args, method: str, module, datamodule, extra_callbacks=None, **trainer_kwargs) -> dict:
     """Build the trainer from the shared flags, fit, and report where the outputs went."""
-    from pmetal.cli import report_outputs
-    from pmetal.runner import build_trainer, fit, resolve_resume
+    from pmetal.cli.runner import build_trainer, fit, report_outputs, resolve_resume
 
     run_dir = run_dir_for(args, method)
     trainer = build_trainer(
