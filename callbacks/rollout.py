@@ -158,18 +158,23 @@ def _metrics(rows: list[RolloutRow], per_function: dict[str, list[float]], group
     """Reward and completion statistics over every completion sampled this step."""
     rewards = torch.tensor([r.reward for r in rows], dtype=torch.float32)
     lengths = torch.tensor([len(r.completion_ids) for r in rows], dtype=torch.float32)
-    metrics = {
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std()) if len(rows) > 1 else 0.0,
-        "reward/zero_spread_groups": float(zero_spread_groups(rewards, group).float().mean()),
-        "completion/length_mean": float(lengths.mean()),
-        "completion/length_min": float(lengths.min()),
-        "completion/length_max": float(lengths.max()),
-        "completion/truncated": sum(r.truncated for r in rows) / len(rows),
+    terminated = torch.tensor([len(r.completion_ids) for r in rows if not r.truncated], dtype=torch.float32)
+    metrics = {  # TRL's GRPOTrainer names (docs/metrics.md)
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if len(rows) > 1 else 0.0,
+        "frac_reward_zero_std": float(zero_spread_groups(rewards, group).float().mean()),
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": sum(r.truncated for r in rows) / len(rows),
+        "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,
+        "completions/min_terminated_length": float(terminated.min()) if len(terminated) else 0.0,
+        "completions/max_terminated_length": float(terminated.max()) if len(terminated) else 0.0,
         "rollout/tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
         "rollout/seconds": seconds,
     }
     for name, scores in per_function.items():
-        finite = [s for s in scores if not math.isnan(s)]
-        metrics[f"reward/{name}"] = sum(finite) / len(finite) if finite else float("nan")
+        finite = torch.tensor([s for s in scores if not math.isnan(s)], dtype=torch.float32)
+        metrics[f"rewards/{name}/mean"] = float(finite.mean()) if len(finite) else float("nan")
+        metrics[f"rewards/{name}/std"] = float(finite.std()) if len(finite) > 1 else 0.0
     return metrics

@@ -32,7 +32,68 @@ log = logging.getLogger("pmetal")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class PmetalModule(L.LightningModule):
+class TrainableModule(L.LightningModule):
+    """What every pmetal LightningModule shares, the language-model methods and `EmbedModule` alike.
+
+    The adapter over the trained model (PEFT LoRA/DoRA, or every weight for "full"), AdamW over the
+    trainable parameters with warmup + cosine/linear/constant decay, checkpoints that hold only the
+    trainable parameters, and the settings file written next to a saved model. A subclass stores
+    the trained model as the attribute named by `trained_attribute` and has the settings `adapter`,
+    `lora_r`, `lora_alpha`, `lora_dropout`, `target_modules`, `learning_rate`, `weight_decay`,
+    `warmup_steps`, `lr_schedule` and `min_lr_ratio` in its hparams.
+    """
+
+    #: the attribute that holds the trained model (its parameters are optimized and checkpointed).
+    trained_attribute = "policy"
+    #: optimizer steps one training batch makes (GRPO: `num_iterations` per rollout).
+    steps_per_batch = 1
+
+    def wrap_adapter(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        """`model` wrapped in the adapter of the module's settings (`pmetal.models.apply_adapter`)."""
+        hp = self.hparams
+        return apply_adapter(model, hp.adapter, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
+                             target_modules=hp.target_modules, **kwargs)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(getattr(self, self.trained_attribute).parameters(), hp.learning_rate,
+                                    hp.weight_decay)
+        # The total is asked lazily (a callable): see build_scheduler for why.
+        scheduler = build_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, self._total_steps, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole fit (the end of the learning-rate decay; RLKD's annealing).
+
+        Lightning's estimate counts training batches, capped by `max_steps`; `max_steps` counts
+        optimizer steps. So the total is the estimate times `steps_per_batch`, capped by `max_steps`.
+        1000 without a trainer or a finite estimate. Ask it only once training has started or from
+        the scheduler (the estimate builds the train dataloader).
+        """
+        estimate = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        if not (isinstance(estimate, (int, float)) and 0 < estimate < float("inf")):
+            return 1000
+        total = int(estimate) * self.steps_per_batch
+        return min(total, self.trainer.max_steps) if self.trainer.max_steps > 0 else total
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The learning rate this step uses, logged once for every method (TRL's name, under train/).
+        if self.trainer.optimizers:
+            self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefix = self.trained_attribute
+        trained = getattr(self, prefix)
+        trainable = {f"{prefix}.{n}" for n, p in trained.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def write_settings(self, out: Path) -> None:
+        """pmetal_config.json in `out`: the method's class name and its plain-valued settings."""
+        settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
+        (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
+
+
+class PmetalModule(TrainableModule):
     """Base LightningModule: model + adapter setup, log-probs, reference, optimizer, saving.
 
     Args:
@@ -120,9 +181,7 @@ class PmetalModule(L.LightningModule):
         if gradient_checkpointing:
             enable_gradient_checkpointing(base, checkpoint_layers)
         base.config.use_cache = False
-        self.policy = apply_adapter(
-            base, adapter, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules
-        )
+        self.policy = self.wrap_adapter(base)
         if compile:
             maybe_compile(self.policy, scope=compile_scope)
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
@@ -185,8 +244,6 @@ class PmetalModule(L.LightningModule):
             raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
         batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         for name, value in metrics.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         return loss
@@ -199,22 +256,7 @@ class PmetalModule(L.LightningModule):
             self.log(f"val/{name}", value, sync_dist=True, batch_size=batch_size)
         return loss
 
-    # ------------------------------------------------------------------ optimization
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = build_optimizer(self.policy.parameters(), hp.learning_rate, hp.weight_decay)
-        scheduler = build_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, self._total_steps, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _total_steps(self) -> int:
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return int(total) if isinstance(total, (int, float)) and 0 < total < float("inf") else 1000
-
-    # ------------------------------------------------------------------ checkpoints and saving
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-
+    # ------------------------------------------------------------------ saving
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the adapter (PEFT format) or the full model, the tokenizer and pmetal's settings."""
         out = Path(out_dir)
@@ -223,6 +265,5 @@ class PmetalModule(L.LightningModule):
             raise PmetalError("cannot save a quantized full model")
         self.policy.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
-        settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
-        (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
+        self.write_settings(out)
         return out

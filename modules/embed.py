@@ -28,12 +28,10 @@ validation epoch, is logged as `val/...` and appended to `<run_dir>/eval_metrics
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import lightning as L
 import torch
 
 from pmetal.embedding import (
@@ -49,15 +47,15 @@ from pmetal.embedding import (
 )
 from pmetal.errors import PmetalError, non_finite_error
 from pmetal.losses.embedding import cosent_loss, duplicate_text_mask, info_nce_loss, triplet_loss
-from pmetal.models import apply_adapter, count_parameters
-from pmetal.optim import build_optimizer, build_scheduler
+from pmetal.models import count_parameters
+from pmetal.modules.base import TrainableModule
 
 log = logging.getLogger("pmetal")
 
 EMBED_LOSSES = ("infonce", "triplet", "cosent")
 
 
-class EmbedModule(L.LightningModule):
+class EmbedModule(TrainableModule):
     """Fine-tune a sentence-embedding model with InfoNCE, triplet or CoSENT loss.
 
     Args:
@@ -89,6 +87,7 @@ class EmbedModule(L.LightningModule):
     """
 
     artifact_kind = "model"
+    trained_attribute = "encoder"
 
     def __init__(
         self,
@@ -129,10 +128,7 @@ class EmbedModule(L.LightningModule):
         if gradient_checkpointing and hasattr(transformer.model, "gradient_checkpointing_enable"):
             transformer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if adapter != "full":
-            transformer.model = apply_adapter(
-                transformer.model, adapter, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                target_modules=target_modules, task_type="FEATURE_EXTRACTION",
-            )
+            transformer.model = self.wrap_adapter(transformer.model, task_type="FEATURE_EXTRACTION")
         # SentenceTransformer loads in eval mode and Lightning 2.6 keeps module modes as they are:
         # train mode here so dropout is on during training, as in sentence-transformers' trainer.
         self.encoder.train()
@@ -285,25 +281,11 @@ class EmbedModule(L.LightningModule):
             self.train(was_training)
         return eval_metrics(outputs)
 
-    # ------------------------------------------------------------------ optimization and saving
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = build_optimizer(self.encoder.parameters(), hp.learning_rate, hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1000
-        if not isinstance(total, int) or total <= 0:
-            total = 1000
-        scheduler = build_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, int(total), hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"encoder.{n}" for n, p in self.encoder.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-
+    # ------------------------------------------------------------------ saving
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """A directory `SentenceTransformer(out_dir)` loads as it is (LoRA merged; adapter in `adapter/`)."""
         out = save_sentence_transformer(self.encoder, out_dir)
-        settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
-        (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
+        self.write_settings(out)
         return out
 
 

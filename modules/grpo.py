@@ -27,7 +27,6 @@ Where pmetal departs:
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Literal, Optional
 
@@ -35,6 +34,7 @@ import torch
 
 from pmetal.errors import PmetalError, non_finite_error
 from pmetal.modules.base import PmetalModule
+from pmetal.tokens import IGNORE_INDEX
 
 
 class GrpoModule(PmetalModule):
@@ -149,21 +149,11 @@ class GrpoModule(PmetalModule):
                 return []
         return [RolloutCallback()]
 
-    def configure_optimizers(self):
-        from pmetal.optim import build_optimizer, build_scheduler
-
-        hp = self.hparams
-        optimizer = build_optimizer(self.policy.parameters(), hp.learning_rate, hp.weight_decay)
-        total = 1000
-        if self._trainer is not None:
-            estimate = self.trainer.estimated_stepping_batches
-            if isinstance(estimate, (int, float)) and math.isfinite(estimate) and estimate > 0:
-                # estimated_stepping_batches counts batches; each batch (rollout) makes num_iterations steps
-                total = int(estimate) if self.trainer.max_steps > 0 else int(estimate) * hp.num_iterations
-        scheduler = build_scheduler(optimizer, hp.lr_schedule, hp.warmup_steps, total, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     # ------------------------------------------------------------------ update side
+    @property
+    def steps_per_batch(self) -> int:  # each batch (rollout) makes num_iterations optimizer steps
+        return self.hparams.num_iterations
+
     @property
     def _loss_temperature(self) -> float:
         return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
@@ -174,14 +164,19 @@ class GrpoModule(PmetalModule):
 
     def micro_batch_loss(self, part: dict[str, torch.Tensor], num_sequences: int, num_tokens: int):
         """GRPO loss of one micro-batch, normalized so the micro-batch losses sum to the rollout's."""
+        return self.policy_loss(self.token_logps(part), part, num_sequences, num_tokens)
+
+    def policy_loss(self, token_logps: torch.Tensor, part: dict[str, torch.Tensor], num_sequences: int,
+                    num_tokens: int):
+        """`pmetal.losses.policy.grpo_loss` of one micro-batch from its token log-probs `[n, T]`."""
         from pmetal.losses.policy import grpo_loss
 
         hp = self.hparams
         return grpo_loss(
-            self.token_logps(part),
+            token_logps,
             part["old_logps"],
             part["advantages"],
-            part["labels"] != -100,
+            part["labels"] != IGNORE_INDEX,
             ref_logps=part.get("ref_logps"),
             beta=hp.beta,
             epsilon_low=hp.epsilon,
@@ -209,7 +204,7 @@ class GrpoModule(PmetalModule):
                               "(it is added by configure_callbacks; check that no callback removed it)")
         num_prompts = len(batch["prompt_ids"])
         for name, value in rollout.metrics.items():
-            self.log(f"train/{name}", value, batch_size=num_prompts, prog_bar=name == "reward/mean")
+            self.log(f"train/{name}", value, batch_size=num_prompts, prog_bar=name == "reward")
         if rollout.num_sequences == 0:  # dynamic sampling found no group with a reward spread
             self.log("train/skipped_steps", 1.0, batch_size=num_prompts)
             return None
@@ -229,7 +224,7 @@ class GrpoModule(PmetalModule):
                 if not torch.isfinite(loss.detach()):
                     raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
                 self.manual_backward(loss)
-                share = float((part["labels"] != -100).sum()) / max(num_tokens, 1)
+                share = float((part["labels"] != IGNORE_INDEX).sum()) / max(num_tokens, 1)
                 totals["loss"] += float(loss.detach())
                 for name, value in metrics.items():
                     totals[name] += float(value) * share

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from pmetal.losses.preference import kto_loss
-from pmetal.modules.preference import PreferenceModule, concat_sides, log, split_sides
+from pmetal.modules.preference import PreferenceModule, SideLogps, concat_sides, log, mean_logit, split_sides
 
 
 class KtoModule(PreferenceModule):
@@ -56,7 +56,8 @@ class KtoModule(PreferenceModule):
 
     def compute_loss(self, batch):
         hp = self.hparams
-        policy = self.completion_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        policy = self.completion_logps(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       return_mean_logits=True)
         with torch.no_grad():
             policy_kl = self.completion_logps(batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
         ref = self.reference_values(batch)  # [B, 2]: completion, mismatched completion
@@ -69,6 +70,8 @@ class KtoModule(PreferenceModule):
             if rows.any():
                 metrics[f"rewards/{name}"] = rewards[rows].mean()
                 metrics[f"logps/{name}"] = policy.sum.detach()[rows].mean()
+                metrics[f"logits/{name}"] = mean_logit(SideLogps(policy.sum, policy.mean, policy.num_tokens,
+                                                                 policy.token_mean_logits.sum(-1)), rows)
         if desirable.any() and (~desirable).any():
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         return losses.mean(), metrics

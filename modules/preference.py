@@ -6,7 +6,8 @@
   under full fine-tuning), optionally cached per example (`precompute_ref_logps`): filled once
   before training from the DataModule's splits, after which full fine-tuning drops its frozen copy.
   Under LoRA the reference never changes, so the cache only saves the reference forward.
-- `preference_metrics`: the logged numbers TRL users know (`rewards/*`, `logps/*`).
+- `preference_metrics`: the logged numbers TRL users know (`rewards/*`, `logps/*`, `logits/*`;
+  docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 
 from pmetal.errors import PmetalError
 from pmetal.modules.base import PmetalModule
+from pmetal.tokens import IGNORE_INDEX
 
 log = logging.getLogger("pmetal")
-IGNORE_INDEX = -100
 
 
 class SideLogps(NamedTuple):
@@ -29,6 +30,15 @@ class SideLogps(NamedTuple):
     sum: torch.Tensor
     mean: torch.Tensor
     num_tokens: torch.Tensor
+    logits_sum: torch.Tensor | None = None  # sum over the completion tokens of the mean logit (no gradient)
+
+
+def mean_logit(side: SideLogps, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean logit over every completion token of `side` (of its `rows` if given): TRL's `logits/*`."""
+    logits, tokens = side.logits_sum, side.num_tokens
+    if rows is not None:
+        logits, tokens = logits[rows], tokens[rows]
+    return logits.sum() / tokens.sum().clamp_min(1)
 
 
 def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -45,10 +55,27 @@ def concat_sides(batch: dict[str, torch.Tensor], first: str, second: str) -> tup
     return tuple(out)
 
 
-def split_sides(sums: torch.Tensor, means: torch.Tensor, counts: torch.Tensor) -> tuple[SideLogps, SideLogps]:
+def split_sides(sums: torch.Tensor, means: torch.Tensor, counts: torch.Tensor,
+                logits_sums: torch.Tensor | None = None) -> tuple[SideLogps, SideLogps]:
     """Split `[2B]` results of a concatenated forward into the two `[B]` halves."""
     half = sums.shape[0] // 2
-    return (SideLogps(sums[:half], means[:half], counts[:half]), SideLogps(sums[half:], means[half:], counts[half:]))
+    first, second = slice(None, half), slice(half, None)
+    return tuple(SideLogps(sums[part], means[part], counts[part], None if logits_sums is None else logits_sums[part])
+                 for part in (first, second))
+
+
+def completion_sides(out, labels: torch.Tensor) -> tuple[SideLogps, SideLogps]:
+    """The two `[B]` halves of a concatenated `[2B, T]` forward, over the completion tokens of `labels`.
+
+    `out` is a `pmetal.logps.CompletionLogps` with `token_logps` and `token_mean_logits`; it may have
+    scored more tokens than the completions (ORPO's full-sequence NLL).
+    """
+    completion = labels != IGNORE_INDEX
+    completion[:, 0] = False  # nothing predicts position 0
+    sums = (out.token_logps * completion).sum(-1)
+    counts = completion.sum(-1)
+    logits = (out.token_mean_logits * completion).sum(-1) if out.token_mean_logits is not None else None
+    return split_sides(sums, sums / counts.clamp_min(1), counts, logits)
 
 
 class PreferenceModule(PmetalModule):
@@ -61,11 +88,27 @@ class PreferenceModule(PmetalModule):
     needs_reference = True
 
     # ------------------------------------------------------------------ policy
+    def pair_forward(self, batch: dict[str, torch.Tensor], *, score_chosen_prompt: bool = False):
+        """One `[2B, T]` policy forward over the chosen then the rejected rows.
+
+        Returns `(out, labels)`: a `pmetal.logps.CompletionLogps` with token log-probs and mean
+        logits, and the completion labels `[2B, T]` (see `completion_sides`). With
+        `score_chosen_prompt` the chosen rows are scored on every real token, prompt included
+        (`out.sum[:B]`, `out.num_tokens[:B]`), as TRL's ORPO NLL is.
+        """
+        input_ids, attention_mask, labels = concat_sides(batch, "chosen_", "rejected_")
+        scored = labels
+        if score_chosen_prompt:
+            half = batch["chosen_input_ids"].shape[0]
+            scored = labels.clone()
+            scored[:half] = input_ids[:half].masked_fill(attention_mask[:half] == 0, IGNORE_INDEX)
+        out = self.completion_logps(input_ids, attention_mask, scored, return_token_logps=True,
+                                    return_mean_logits=True)
+        return out, labels
+
     def pair_logps(self, batch: dict[str, torch.Tensor]) -> tuple[SideLogps, SideLogps]:
         """Policy log-probs of chosen and rejected completions from one `[2B, T]` forward."""
-        input_ids, attention_mask, labels = concat_sides(batch, "chosen_", "rejected_")
-        out = self.completion_logps(input_ids, attention_mask, labels)
-        return split_sides(out.sum, out.mean, out.num_tokens)
+        return completion_sides(*self.pair_forward(batch))
 
     # ------------------------------------------------------------------ reference
     def _compute_reference(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -112,10 +155,12 @@ class PreferenceModule(PmetalModule):
     # ------------------------------------------------------------------ metrics
     @staticmethod
     def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                           chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, Any]:
-        """`rewards/{chosen,rejected,margins,accuracies}` and `logps/{chosen,rejected}` (batch means)."""
+                           chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+                           chosen: SideLogps | None = None, rejected: SideLogps | None = None) -> dict[str, Any]:
+        """`rewards/{chosen,rejected,margins,accuracies}`, `logps/{chosen,rejected}` (batch means) and,
+        given the two sides, `logits/{chosen,rejected}` (the mean logit over their completion tokens)."""
         chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-        return {
+        metrics = {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
@@ -123,6 +168,10 @@ class PreferenceModule(PmetalModule):
             "logps/chosen": chosen_logps.detach().mean(),
             "logps/rejected": rejected_logps.detach().mean(),
         }
+        for name, side in (("chosen", chosen), ("rejected", rejected)):
+            if side is not None and side.logits_sum is not None:
+                metrics[f"logits/{name}"] = mean_logit(side)
+        return metrics
 
     def _batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         key = "chosen_input_ids" if "chosen_input_ids" in batch else "input_ids"

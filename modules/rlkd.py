@@ -59,7 +59,6 @@ class RlkdModule(GrpoModule):
             raise PmetalError(f"teacher_temperature={teacher_temperature}; expected a value > 0")
         super().__init__(model, **kwargs)
         self._teacher: list[torch.nn.Module] = []  # a list keeps it out of state_dict and the optimizer
-        self._total_steps = 1
         self._load_teacher()
 
     def _load_teacher(self) -> None:
@@ -86,52 +85,32 @@ class RlkdModule(GrpoModule):
         super().on_fit_start()
         self.teacher.to(self.device)
 
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
-        if self._trainer is not None:
-            estimate = self.trainer.estimated_stepping_batches
-            if isinstance(estimate, int) and estimate > 0:
-                self._total_steps = estimate if self.trainer.max_steps > 0 else estimate * self.hparams.num_iterations
-        return config
-
     def current_alpha(self) -> float:
         hp = self.hparams
         if hp.final_alpha is None:
             return hp.alpha
-        progress = min(1.0, self.global_step / max(1, self._total_steps))
+        progress = min(1.0, self.global_step / max(1, self._total_steps()))
         return hp.alpha + (hp.final_alpha - hp.alpha) * progress
 
     def micro_batch_loss(self, part: dict[str, torch.Tensor], num_sequences: int, num_tokens: int):
-        from pmetal.logps import backbone_and_head, backbone_hidden
+        from pmetal.logps import backbone_and_head, selected_hidden
         from pmetal.losses.distill import jsd_loss
-        from pmetal.losses.policy import grpo_loss
 
         hp = self.hparams
         ids, attention, labels = part["input_ids"], part["attention_mask"], part["labels"]
-        scored = labels != -100  # [n, T]
-        scored[:, 0] = False  # nothing predicts position 0
-        predicting = scored[:, 1:]  # [n, T-1]: hidden state t predicts token t + 1
-        targets = labels[scored]  # [M]
-
         _, head = backbone_and_head(self.policy)
-        hidden = backbone_hidden(self.policy, ids, attention)[:, :-1][predicting]  # [M, H]
+        hidden, targets, scored = selected_hidden(self.policy, ids, attention, labels)  # [M, H], [M], [n, T]
         student_logits = head(hidden).float()  # [M, V]: completion positions only
         with torch.no_grad():
             _, teacher_head = backbone_and_head(self.teacher)
-            teacher_hidden = backbone_hidden(self.teacher, ids, attention)[:, :-1][predicting]  # [M, H]
+            teacher_hidden, _, _ = selected_hidden(self.teacher, ids, attention, labels)  # [M, H]
             teacher_logits = teacher_head(teacher_hidden).float()  # [M, V']
 
         sampled_logps = torch.log_softmax(student_logits / self._loss_temperature, dim=-1)
         sampled_logps = sampled_logps.gather(1, targets[:, None]).squeeze(1)  # [M]
         token_logps = torch.zeros(scored.shape, dtype=sampled_logps.dtype, device=ids.device)
         token_logps = token_logps.masked_scatter(scored, sampled_logps)  # [n, T]
-        policy_loss, metrics = grpo_loss(
-            token_logps, part["old_logps"], part["advantages"], scored, ref_logps=part.get("ref_logps"),
-            beta=hp.beta, epsilon_low=hp.epsilon,
-            epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
-            loss_type=hp.loss_type, max_completion_length=hp.max_completion_length,
-            num_sequences=num_sequences, num_tokens=num_tokens,
-        )
+        policy_loss, metrics = self.policy_loss(token_logps, part, num_sequences, num_tokens)
         vocab = min(len(self.tokenizer), student_logits.shape[-1], teacher_logits.shape[-1])  # padded heads differ
         distill = jsd_loss(student_logits[:, :vocab], teacher_logits[:, :vocab], beta=hp.distill_beta,
                            temperature=hp.teacher_temperature) * hp.teacher_temperature**2

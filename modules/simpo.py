@@ -5,7 +5,8 @@ of the chosen and rejected completions, scaled by beta, against a target margin 
 reference model, so each step is one forward (chosen and rejected concatenated) and one backward.
 
 Departures from the paper: none in the loss; `label_smoothing` (0 by default) adds the cDPO-style
-smoothing TRL's CPO trainer offers. Logged rewards are beta times the average log-probs, as in TRL.
+smoothing TRL's CPO trainer offers. Logged rewards are beta times the average log-probs and `logps/*`
+the average log-probs, as in TRL.
 """
 
 from __future__ import annotations
@@ -39,4 +40,6 @@ class SimpoModule(PreferenceModule):
             chosen.mean, rejected.mean, beta=hp.beta, gamma_beta_ratio=hp.gamma_beta_ratio,
             label_smoothing=hp.label_smoothing,
         )
-        return losses.mean(), self.preference_metrics(chosen_rewards, rejected_rewards, chosen.sum, rejected.sum)
+        # logps/* are the average log-probs SimPO scores, as TRL's CPOTrainer (loss_type simpo) logs them
+        return losses.mean(), self.preference_metrics(chosen_rewards, rejected_rewards, chosen.mean, rejected.mean,
+                                                     chosen, rejected)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from pmetal.errors import PmetalError
-from pmetal.losses.lm import IGNORE_INDEX, chunked_linear_cross_entropy, chunked_linear_logps
+from pmetal.losses.lm import chunked_linear_cross_entropy, chunked_linear_logps
+from pmetal.tokens import IGNORE_INDEX
 
 
 class CompletionLogps(NamedTuple):
@@ -36,6 +37,8 @@ class CompletionLogps(NamedTuple):
     mean: torch.Tensor  # [B] sum / num_tokens (0 for a row without label tokens)
     num_tokens: torch.Tensor  # [B] long, label tokens that were scored
     token_logps: torch.Tensor | None  # [B, T] aligned with labels, 0 where not scored
+    # [B, T] the mean over the vocabulary of each scored position's logits (TRL's `logits/*`), no gradient
+    token_mean_logits: torch.Tensor | None = None
 
 
 def backbone_and_head(model) -> tuple[nn.Module, nn.Module]:
@@ -138,8 +141,33 @@ def _module_chunked_logps(hidden, head, targets, *, temperature, softcap, chunk_
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _selected_hidden(model, input_ids, attention_mask, labels, position_ids, seq_lens):
-    """Hidden states of the positions that predict a label: (hidden [M, H], targets [M], mask [B, T])."""
+@torch.no_grad()
+def _vocab_mean_logits(hidden, head, *, softcap, chunk_tokens: int = 1024) -> torch.Tensor:
+    """The mean over the vocabulary of the logits of each row of hidden [M, H] -> [M] fp32.
+
+    For a plain linear head without softcapping the mean is linear, mean(h W^T + b) = h . mean(W) + mean(b),
+    so no logits are made; otherwise the head runs chunk by chunk.
+    """
+    hidden = hidden.detach()
+    if _is_plain_linear(head) and softcap is None:
+        mean = hidden.float() @ head.weight.float().mean(0)
+        return mean + head.bias.float().mean() if head.bias is not None else mean
+    parts = []
+    for i in range(0, hidden.shape[0], chunk_tokens):
+        logits = head(hidden[i : i + chunk_tokens]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        parts.append(logits.mean(-1))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def selected_hidden(model, input_ids, attention_mask, labels, position_ids=None, seq_lens=None):
+    """Hidden states of the positions that predict a label: (hidden [M, H], targets [M], mask [B, T]).
+
+    The label shift of every method: `hidden[i]` is the state at t - 1 of the i-th scored label
+    position t (`mask[b, t]`, in row-major order) and `targets[i]` is its label. A method that needs
+    more than log-probs (RLKD's teacher and student logits) starts here.
+    """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
     if seq_lens is not None and int(seq_lens.sum()) != input_ids.numel():
@@ -166,6 +194,7 @@ def completion_logps(
     seq_lens: torch.Tensor | None = None,
     temperature: float = 1.0,
     return_token_logps: bool = False,
+    return_mean_logits: bool = False,
 ) -> CompletionLogps:
     """Sum / mean / per-token log-probs of the label tokens of each row.
 
@@ -178,11 +207,13 @@ def completion_logps(
         seq_lens: [R] row lengths of a packed batch; the results are then per row ([R]).
         temperature: logits are divided by it before the softmax (GRPO's sampling temperature).
         return_token_logps: also return token_logps [B, T].
+        return_mean_logits: also return token_mean_logits [B, T] (the mean logit over the vocabulary
+            at each scored position, before the temperature; a logged statistic, without gradient).
     """
     config = _config(model)
     softcap = getattr(config, "final_logit_softcapping", None)
     _, head = backbone_and_head(model)
-    hidden, targets, mask = _selected_hidden(model, input_ids, attention_mask, labels, position_ids, seq_lens)
+    hidden, targets, mask = selected_hidden(model, input_ids, attention_mask, labels, position_ids, seq_lens)
     logps = _head_logps(hidden, head, targets, temperature=temperature, softcap=softcap)  # [M] fp32
     token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
     if seq_lens is None:
@@ -194,7 +225,11 @@ def completion_logps(
         sums = token_logps.new_zeros(seq_lens.numel()).index_add(0, row, token_logps.view(-1))  # [R]
         counts = torch.zeros_like(seq_lens).index_add(0, row, mask.view(-1).long())  # [R]
     means = sums / counts.clamp_min(1)
-    return CompletionLogps(sums, means, counts, token_logps if return_token_logps else None)
+    mean_logits = None
+    if return_mean_logits:
+        mean_logits = torch.zeros(mask.shape, dtype=torch.float32, device=logps.device)
+        mean_logits = mean_logits.masked_scatter(mask, _vocab_mean_logits(hidden, head, softcap=softcap))
+    return CompletionLogps(sums, means, counts, token_logps if return_token_logps else None, mean_logits)
 
 
 def lm_loss(model, batch: dict, *, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +240,7 @@ def lm_loss(model, batch: dict, *, chunk_size: int | None = None) -> tuple[torch
     config = _config(model)
     softcap = getattr(config, "final_logit_softcapping", None)
     _, head = backbone_and_head(model)
-    hidden, targets, _ = _selected_hidden(
+    hidden, targets, _ = selected_hidden(
         model,
         batch["input_ids"],
         batch.get("attention_mask"),

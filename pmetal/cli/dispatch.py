@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from pmetal.cli.methods import METHODS
 from pmetal.errors import PmetalError
 
 # command name -> module with add_arguments(parser) and run(args) -> int
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pmetal",
         description="Fine-tune language and embedding models on Apple Silicon, CUDA and CPU.",
         epilog="`pmetal fit --method METHOD --help` shows every setting of a method "
-        "(methods: sft, dpo, simpo, orpo, kto, grpo, dapo, rlkd, embed).",
+        f"(methods: {', '.join(METHODS)}).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("fit", help="train any method through LightningCLI (--method, --config, --print_config)", add_help=False)

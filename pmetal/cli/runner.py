@@ -25,7 +25,7 @@ def default_run_dir(method: str) -> Path:
 
 def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "final") -> list:
     """The callbacks every pmetal run has (checkpoint, NaN guard, loss plot, throughput, export)."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from pmetal.callbacks.checkpoint import ExportOnTrainEnd
     from pmetal.callbacks.guards import NanGuard
@@ -44,7 +44,6 @@ def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "
         ),
         NanGuard(),
         LossHistory(),
-        LearningRateMonitor(logging_interval="step"),
         ExportOnTrainEnd(export_subdir),
     ]
     try:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from pmetal.tokens import IGNORE_INDEX
+
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pmetal.data.collate import PaddingCollator
 from pmetal.data.formats import example_path, load_rows, locate, to_sft_examples
 from pmetal.data.render import RenderedDataset, ensure_chat_template, render_sft_dataset
 from pmetal.data.sampler import LengthGroupedBatchSampler, ResumableDataLoader
+from pmetal.tokens import IGNORE_INDEX
 from pmetal.errors import DataError, PmetalError
 
 log = logging.getLogger("pmetal")
@@ -159,7 +160,7 @@ class SftDataModule(L.LightningDataModule):
             path=self.path, format=fmt, rows=n_rows, truncated=truncated, dropped=dropped,
             train_rows=len(self.train_rows), val_rows=len(self.val_rows),
             train_tokens=sum(len(r["input_ids"]) for r in self.train_rows),
-            train_trained_tokens=sum(1 for r in self.train_rows for x in r["labels"] if x != -100),
+            train_trained_tokens=sum(1 for r in self.train_rows for x in r["labels"] if x != IGNORE_INDEX),
             max_seq_len=self.max_seq_len,
         )
         log.info(self.stats.summary())

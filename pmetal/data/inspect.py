@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pmetal.data.formats import Rows, load_rows, locate, to_sft_examples
-from pmetal.data.render import IGNORE_INDEX, RenderedDataset, ensure_chat_template, render_sft_dataset
+from pmetal.data.render import RenderedDataset, ensure_chat_template, render_sft_dataset
+from pmetal.tokens import IGNORE_INDEX
 
 FORMAT_NAMES = {
     "messages": "OpenAI messages [{role, content}]",

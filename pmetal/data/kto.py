@@ -21,7 +21,6 @@ from typing import Any
 from pmetal.data.formats import row_error
 from pmetal.data.preference import (
     COMPLETION_FIELDS,
-    IGNORE_INDEX,
     PreferenceCollator,
     PreferenceDataModule,
     TruncationStats,
@@ -32,6 +31,7 @@ from pmetal.data.preference import (
     _render,
     _split_prompt,
 )
+from pmetal.tokens import IGNORE_INDEX
 
 log = logging.getLogger("pmetal")
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 
 from pmetal.errors import DataError
+from pmetal.tokens import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -39,13 +39,13 @@ import torch
 from pmetal.data.formats import coerce_messages, load_rows, locate, require_string, row_error
 from pmetal.data.render import datamodule_tokenizer, ensure_chat_template, render_prompt_completion
 from pmetal.errors import DataError
+from pmetal.tokens import IGNORE_INDEX
 
 log = logging.getLogger("pmetal")
 
 CHOSEN_FIELDS = ("chosen", "accepted", "preferred", "chosen_response")
 REJECTED_FIELDS = ("rejected", "dispreferred", "rejected_response")
 COMPLETION_FIELDS = ("completion", "response", "output")
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -29,18 +29,14 @@ from typing import Any
 
 from pmetal.data.formats import SftExample
 from pmetal.errors import PmetalError
+from pmetal.tokens import END_OF_TURN_TOKENS, IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 # The fallback template picked explicitly with chat_template="chatml" for models that ship none.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# End-of-turn markers of common templates; EOS is always added. Only those present in the
-# tokenizer's template are used, so ordinary text never matches by accident.
-END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
-                       "<|end_of_text|>", "</s>", "<｜end▁of▁sentence｜>", "[/TOOL_RESULTS]")
 
 
 class NoChatTemplateError(PmetalError):
@@ -98,9 +94,13 @@ def ensure_chat_template(tokenizer: Any, chat_template: str | None = None) -> No
 
 
 def end_of_turn_markers(tokenizer: Any) -> list[str]:
-    """The strings that close an assistant turn for this tokenizer's template (EOS first)."""
+    """The strings that close an assistant turn for this tokenizer's template (EOS first).
+
+    Only the `END_OF_TURN_TOKENS` present in the template are used, so ordinary text never matches
+    by accident; EOS is always added.
+    """
     template = getattr(tokenizer, "chat_template", None) or ""
-    markers = [m for m in END_OF_TURN_MARKERS if m in template]
+    markers = [m for m in END_OF_TURN_TOKENS if m in template]
     eos = getattr(tokenizer, "eos_token", None)
     if eos and eos not in markers:
         markers.insert(0, eos)

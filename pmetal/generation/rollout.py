@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pmetal.generation.sampling import Generation
+from pmetal.tokens import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-# End-of-turn tokens of common chat templates; added to the stop set when the vocabulary has them.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+from pmetal.tokens import END_OF_TURN_TOKENS
+
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Generation:
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """EOS ids of the tokenizer and the model's generation config, plus known end-of-turn tokens."""
+    """EOS ids of the tokenizer and the model's generation config, plus the `END_OF_TURN_TOKENS` in the vocabulary."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))

@@ -35,7 +35,8 @@ import os
 
 import torch
 
-IGNORE_INDEX = -100
+from pmetal.tokens import IGNORE_INDEX
+
 # Elements of fp32 logits per chunk (2**25 = 128 MiB); the few [chunk, vocab] temporaries of one
 # chunk stay under ~1 GiB while the matmuls stay large enough to run at full speed.
 DEFAULT_CHUNK_ELEMENTS = 2**25

@@ -138,10 +138,10 @@ def grpo_loss(
 
     Returns:
         ``(loss, metrics)``: the scalar loss and detached scalar metrics: ``kl`` (mean k3 KL over
-        tokens, only when ``beta > 0``), ``ratio`` (mean importance ratio), ``clip_low``,
-        ``clip_high``, ``clip_region`` (fractions of tokens whose clipped term is the one in
-        effect: ratio below ``1-epsilon_low`` with a negative advantage, above ``1+epsilon_high``
-        with a positive one, and either).
+        tokens, only when ``beta > 0``), ``ratio`` (mean importance ratio), ``clip_ratio/low_mean``,
+        ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (TRL's names: fractions of tokens whose
+        clipped term is the one in effect: ratio below ``1-epsilon_low`` with a negative advantage,
+        above ``1+epsilon_high`` with a positive one, and either).
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected one of {', '.join(GRPO_LOSS_TYPES)}")
@@ -184,7 +184,7 @@ def grpo_loss(
         low = (ratio < 1.0 - epsilon_low) & (adv < 0)  # [N, L]
         high = (ratio > 1.0 + epsilon_high) & (adv > 0)  # [N, L]
         metrics["ratio"] = (ratio * mask).sum() / token_count
-        metrics["clip_low"] = (low.to(mask.dtype) * mask).sum() / token_count
-        metrics["clip_high"] = (high.to(mask.dtype) * mask).sum() / token_count
-        metrics["clip_region"] = ((low | high).to(mask.dtype) * mask).sum() / token_count
+        metrics["clip_ratio/low_mean"] = (low.to(mask.dtype) * mask).sum() / token_count
+        metrics["clip_ratio/high_mean"] = (high.to(mask.dtype) * mask).sum() / token_count
+        metrics["clip_ratio/region_mean"] = ((low | high).to(mask.dtype) * mask).sum() / token_count
     return loss, metrics

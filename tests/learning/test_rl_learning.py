@@ -32,8 +32,8 @@ class RewardHistory(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         metrics = batch["rollout"].metrics
-        self.rewards.append(metrics["reward/mean"])
-        self.accuracy.append(metrics["reward/accuracy"])
+        self.rewards.append(metrics["reward"])
+        self.accuracy.append(metrics["rewards/accuracy/mean"])
 
 
 @pytest.fixture(scope="module")

@@ -41,13 +41,13 @@ def test_num_iterations_moves_the_ratio_and_engages_clipping(tiny_model_dir, pro
     trainer.fit(module, PromptDataModule(str(prompt_file), batch_size=2))
     assert trainer.global_step == 2  # one rollout, two optimizer steps
     first, second = module.iteration_metrics
-    assert first["ratio"] == pytest.approx(1.0, abs=1e-3) and first["clip_region"] == 0.0
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-3) and first["clip_ratio/region_mean"] == 0.0
     assert abs(second["ratio"] - 1.0) > 1e-2
-    assert second["clip_region"] > 0.0
+    assert second["clip_ratio/region_mean"] > 0.0
     assert module._clip_val == 1.0 and trainer.gradient_clip_val is None
     assert sum(isinstance(cb, RolloutCallback) for cb in trainer.callbacks) == 1
-    for key in ("train/loss", "train/reward/mean", "train/reward/char_parity_reward", "train/clip_high",
-                "train/completion/truncated", "train/reward/zero_spread_groups"):
+    for key in ("train/loss", "train/reward", "train/rewards/char_parity_reward/mean", "train/clip_ratio/high_mean",
+                "train/completions/clipped_ratio", "train/frac_reward_zero_std"):
         assert key in trainer.callback_metrics
 
 
@@ -130,7 +130,8 @@ def test_rlkd_loss_blends_grpo_and_distillation(tiny_model_dir):
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.policy.parameters())
     # linear annealing of alpha
-    module.hparams.alpha, module.hparams.final_alpha, module._total_steps = 0.3, 0.1, 10
+    module.hparams.alpha, module.hparams.final_alpha = 0.3, 0.1
+    module._total_steps = lambda: 10
     assert module.current_alpha() == pytest.approx(0.3)
 
 
@@ -166,7 +167,7 @@ def test_cli_grpo_dapo_runs_and_saves_the_adapter(tiny_model_dir, prompt_file, t
                  "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out)])
     assert code == 0, capsys.readouterr().err
     assert (out / "metrics.csv").is_file()
-    assert "train/reward/mean" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert "train/reward" in (out / "metrics.csv").read_text().splitlines()[0].split(",")
 
 
 def test_rlkd_teacher_can_be_quantized(tiny_model_dir):

@@ -221,3 +221,19 @@ def test_whole_model_compile_keeps_training_results():
         torch.testing.assert_close(comp_grads[name], grad, msg=name)
     with pytest.raises(PmetalError, match="compile scope"):
         maybe_compile(_tiny_llama(), scope="everything")
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_token_mean_logits_are_trl_mean_logits(softcap):
+    # TRL's logits/chosen|rejected: the mean over the vocabulary of each completion position's logits
+    model = _tiny_llama(final_logit_softcapping=softcap) if softcap else _tiny_llama()
+    input_ids, attention_mask, labels = _batch()
+    out = completion_logps(model, input_ids, attention_mask, labels, return_mean_logits=True)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    if softcap:  # Llama's forward ignores the setting; pmetal applies it wherever the config has it
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = torch.zeros(labels.shape)
+    expected[:, 1:] = torch.where(labels[:, 1:] != -100, logits[:, :-1].mean(-1), 0.0)
+    torch.testing.assert_close(out.token_mean_logits, expected, atol=1e-5, rtol=1e-5)
+    assert not out.token_mean_logits.requires_grad
+    assert completion_logps(model, input_ids, attention_mask, labels).token_mean_logits is None

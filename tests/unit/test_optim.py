@@ -31,3 +31,24 @@ def test_optimizer_covers_trainable_only_and_skips_decay_on_vectors():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.75)
     with pytest.raises(PmetalError, match="no trainable parameters"):
         build_optimizer(frozen.parameters(), 1e-3)
+
+
+@pytest.mark.parametrize(
+    "estimate, max_steps, steps_per_batch, expected",
+    [
+        (7, -1, 1, 7),  # SFT/DPO: one optimizer step per (accumulated) batch
+        (4, -1, 2, 8),  # GRPO, 4 rollouts of 2 iterations each
+        (4, 10, 2, 8),  # the epochs end first: 4 rollouts x 2 < max_steps
+        (10, 10, 3, 10),  # max_steps (optimizer steps) ends first
+        (float("inf"), -1, 1, 1000),  # no finite estimate (an iterable dataset without max_steps)
+        (None, -1, 1, 1000),  # no trainer
+    ],
+)
+def test_total_steps_is_one_rule_for_every_method(estimate, max_steps, steps_per_batch, expected):
+    from types import SimpleNamespace
+
+    from pmetal.modules.base import TrainableModule
+
+    trainer = None if estimate is None else SimpleNamespace(estimated_stepping_batches=estimate, max_steps=max_steps)
+    module = SimpleNamespace(_trainer=trainer, trainer=trainer, steps_per_batch=steps_per_batch)
+    assert TrainableModule._total_steps(module) == expected

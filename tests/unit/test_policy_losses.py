@@ -82,9 +82,9 @@ def test_grpo_loss_by_hand_clipping_and_aggregation():
     assert loss.item() == pytest.approx((-1.2 - 0.9 + 1.6) / 3)
     loss, _ = grpo_loss(logps, old, adv, mask, loss_type="dr_grpo", max_completion_length=4)
     assert loss.item() == pytest.approx((-1.2 - 0.9 + 1.6) / (2 * 4))
-    assert m["clip_high"].item() == pytest.approx(1 / 3)
-    assert m["clip_low"].item() == pytest.approx(1 / 3)
-    assert m["clip_region"].item() == pytest.approx(2 / 3)
+    assert m["clip_ratio/high_mean"].item() == pytest.approx(1 / 3)
+    assert m["clip_ratio/low_mean"].item() == pytest.approx(1 / 3)
+    assert m["clip_ratio/region_mean"].item() == pytest.approx(2 / 3)
     assert m["ratio"].item() == pytest.approx((1.5 + 0.9 + 0.5) / 3)
 
 
@@ -219,9 +219,9 @@ def test_grpo_loss_matches_trl(loss_type, beta):
     ours.backward()
     theirs.backward()
     torch.testing.assert_close(ours_logps.grad, trl_logps.grad)
-    assert metrics["clip_low"].item() == pytest.approx(trl_metrics["clip_ratio/low_mean"][0])
-    assert metrics["clip_high"].item() == pytest.approx(trl_metrics["clip_ratio/high_mean"][0])
-    assert metrics["clip_region"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"][0])
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(trl_metrics["clip_ratio/low_mean"][0])
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(trl_metrics["clip_ratio/high_mean"][0])
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"][0])
     if beta:
         assert metrics["kl"].item() == pytest.approx(trl_metrics["kl"][0])
 

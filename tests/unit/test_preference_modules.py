@@ -76,7 +76,8 @@ def test_training_step_moves_only_the_adapter(tiny_model_dir, pair_file, kto_fil
     logged = {k.removeprefix("train/") for k in trainer.callback_metrics}
     expected = {"loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"}
     expected |= {"kl"} if kto else PAIR_METRICS  # KTO logs margins only for batches with both labels
-    expected |= {"nll_loss", "log_odds_ratio"} if cls is OrpoModule else set()
+    expected |= {"logits/chosen", "logits/rejected", "learning_rate"}
+    expected |= {"nll_loss", "log_odds_ratio", "log_odds_chosen"} if cls is OrpoModule else set()
     assert expected <= logged, expected - logged
     assert all(torch.isfinite(v) for v in trainer.callback_metrics.values())
 
@@ -196,3 +197,54 @@ def test_bad_settings_fail_before_loading_the_model():
         DpoModule(model="/nonexistent", loss_type="nope")
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
         SimpoModule(model="/nonexistent", label_smoothing=0.7)
+
+
+class _TableLogps:
+    """A stand-in for the policy's log-probs: log p(token) = -token / 10 at every scored position."""
+
+    def __init__(self):
+        self.scored = None
+
+    def __call__(self, input_ids, attention_mask, labels, **kwargs):
+        from pmetal.logps import CompletionLogps
+
+        scored = labels != -100
+        scored[:, 0] = False
+        self.scored = scored
+        token = torch.where(scored, -input_ids.float() / 10, 0.0)
+        counts = scored.sum(-1)
+        return CompletionLogps(token.sum(-1), token.sum(-1) / counts.clamp_min(1), counts, token,
+                               torch.where(scored, input_ids.float(), 0.0))
+
+
+@pytest.mark.parametrize("scope, nll", [("completion", (0.7 + 0.8 + 0.3) / 3), ("full", (0.6 + 0.7 + 0.8 + 0.2 + 0.3) / 5)])
+def test_orpo_nll_scope_by_hand(tiny_model_dir, scope, nll):
+    module = OrpoModule(model=str(tiny_model_dir), nll_scope=scope, **COMMON)
+    table = _TableLogps()
+    module.completion_logps = table
+    # chosen rows: prompt [5, 6] + completion [7, 8]; prompt [1, 2] + completion [3] and a pad
+    batch = {
+        "chosen_input_ids": torch.tensor([[5, 6, 7, 8], [1, 2, 3, 0]]),
+        "chosen_attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "chosen_labels": torch.tensor([[-100, -100, 7, 8], [-100, -100, 3, -100]]),
+        "rejected_input_ids": torch.tensor([[5, 6, 9], [1, 2, 4]]),
+        "rejected_attention_mask": torch.ones(2, 3, dtype=torch.long),
+        "rejected_labels": torch.tensor([[-100, -100, 9], [-100, -100, 4]]),
+    }
+    loss, metrics = module.compute_loss(batch)
+    # NLL: "completion" = tokens 7, 8, 3; "full" = every real token but each row's first: 6, 7, 8 and 2, 3
+    assert metrics["nll_loss"].item() == pytest.approx(nll, abs=1e-6)
+    # the odds ratio and logps/* see the completions only, whatever the scope (TRL: per-token means)
+    chosen_mean, rejected_mean = torch.tensor([-0.75, -0.3]), torch.tensor([-0.9, -0.4])
+    assert metrics["logps/chosen"].item() == pytest.approx(chosen_mean.mean().item(), abs=1e-6)
+    assert metrics["logps/rejected"].item() == pytest.approx(rejected_mean.mean().item(), abs=1e-6)
+    log_odds = (chosen_mean - rejected_mean) - (torch.log1p(-chosen_mean.exp()) - torch.log1p(-rejected_mean.exp()))
+    assert metrics["log_odds_chosen"].item() == pytest.approx(log_odds.mean().item(), abs=1e-5)
+    assert metrics["log_odds_ratio"].item() == pytest.approx(torch.nn.functional.logsigmoid(log_odds).mean().item(), abs=1e-5)
+    assert loss.item() == pytest.approx(nll - 0.1 * torch.nn.functional.logsigmoid(log_odds).mean().item(), abs=1e-5)
+    # logits/chosen: the mean logit over the chosen completion tokens (here the token id itself)
+    assert metrics["logits/chosen"].item() == pytest.approx((7 + 8 + 3) / 3)
+    assert metrics["logits/rejected"].item() == pytest.approx((9 + 4) / 2)
+    chosen_scored = table.scored[:2].tolist()
+    assert chosen_scored == ([[False, False, True, True], [False, False, True, False]] if scope == "completion"
+                             else [[False, True, True, True], [False, True, True, False]])

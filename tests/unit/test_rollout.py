@@ -56,11 +56,11 @@ def test_rollout_layout_logps_and_advantages(grpo):
             now = grpo.token_logps(part)
             mask = part["labels"] != -100
             torch.testing.assert_close(now[mask], part["old_logps"][mask], atol=2e-4, rtol=1e-4)
-    for key in ("reward/mean", "reward/std", "reward/length_parity_reward", "reward/zero_spread_groups",
-                "completion/length_mean", "completion/length_min", "completion/length_max", "completion/truncated"):
+    for key in ("reward", "reward_std", "rewards/length_parity_reward/mean", "frac_reward_zero_std",
+                "completions/mean_length", "completions/min_length", "completions/max_length", "completions/clipped_ratio"):
         assert key in rollout.metrics
     rewards = torch.tensor([len(c) % 2 for c in rollout.completions], dtype=torch.float32)
-    assert rollout.metrics["reward/mean"] == pytest.approx(float(rewards.mean()))
+    assert rollout.metrics["reward"] == pytest.approx(float(rewards.mean()))
 
 
 class _Source:
