@@ -28,6 +28,7 @@ from pmetal.data.preference import (
     _first_field,
     _full_prompt,
     _missing,
+    _raw_prompt,
     _render,
     _split_prompt,
 )
@@ -47,7 +48,7 @@ LABEL_HELP = "true/false, 1/0, or one of: " + ", ".join(w for words in LABEL_WOR
 class KtoExample:
     """One normalized KTO row: prompt messages, a completion text, and whether it is desirable."""
 
-    prompt: list[dict[str, str]]
+    prompt: list[dict[str, str]] | str  # raw text under chat_template=False
     completion: str
     desirable: bool
 
@@ -70,9 +71,11 @@ def parse_label(rows: Sequence[dict], index: int, *, field: str = "label", path:
     raise row_error(rows, index, got, field=field, expected=LABEL_HELP, path=path)
 
 
-def to_kto_examples(rows: Sequence[dict], *, system_prompt: str | None = None,
-                    path: str | None = None) -> list[KtoExample]:
+def to_kto_examples(rows: Sequence[dict], *, system_prompt: str | None = None, path: str | None = None,
+                    raw: bool = False) -> list[KtoExample]:
     """Normalize KTO rows: prompt, completion (or response/output) and label.
+
+    `raw`: keep plain-string prompts as text, for tokenizing without a chat template.
 
     Raises:
         DataError: a missing/empty prompt or completion, or a label that is not a bool, 0/1 or a
@@ -84,7 +87,7 @@ def to_kto_examples(rows: Sequence[dict], *, system_prompt: str | None = None,
         if field is None:
             raise _missing(rows, i, COMPLETION_FIELDS, path)
         context, completion = _completion(rows, i, field, path)
-        prompt = _full_prompt(rows, i, context, system_prompt, path)
+        prompt = _raw_prompt(rows, i, context, field, path) if raw else _full_prompt(rows, i, context, system_prompt, path)
         examples.append(KtoExample(prompt, completion, parse_label(rows, i, path=path)))
     return examples
 
@@ -159,7 +162,7 @@ class KtoDataModule(PreferenceDataModule):
     num_undesirable: int = 0
 
     def _examples(self, rows, path) -> list:
-        return to_kto_examples(rows, system_prompt=self.system_prompt, path=path)
+        return to_kto_examples(rows, system_prompt=self.system_prompt, path=path, raw=self.chat_template is False)
 
     def _tokenize(self, tokenizer, examples, first_index: int, stats: TruncationStats) -> list[dict]:
         return tokenize_kto(tokenizer, examples, self.max_seq_len, first_index=first_index, seed=self.seed,

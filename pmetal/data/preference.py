@@ -20,7 +20,10 @@ rejected completions are identical carries no preference: it is skipped and coun
 with the first few row numbers), never trained on.
 
 **Rendering.** The chat template renders the prompt (with the generation prompt); the loss mask
-covers the completion tokens only (end-of-turn included). When prompt + completion exceed
+covers the completion tokens only (end-of-turn included). A plain-string prompt becomes a user turn
+and a plain-string completion the assistant turn. With `chat_template=False` plain-string rows are
+tokenized as raw text instead, as TRL does (`prompt + completion + EOS`; see
+`pmetal.data.render.render_raw_prompt_completion`): for base models and for runs compared with TRL. When prompt + completion exceed
 `max_seq_len`, the prompt keeps its tail (the turns nearest the answer); the cut tokens are counted
 and reported once per split.
 """
@@ -31,13 +34,18 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 import torch
 
 from pmetal.data.formats import coerce_messages, load_rows, locate, require_string, row_error
-from pmetal.data.render import datamodule_tokenizer, ensure_chat_template, render_prompt_completion
+from pmetal.data.render import (
+    datamodule_tokenizer,
+    ensure_chat_template,
+    render_prompt_completion,
+    render_raw_prompt_completion,
+)
 from pmetal.errors import DataError
 from pmetal.tokens import IGNORE_INDEX
 
@@ -50,9 +58,9 @@ COMPLETION_FIELDS = ("completion", "response", "output")
 
 @dataclass
 class PreferencePair:
-    """One normalized preference pair: prompt messages and the two completion texts."""
+    """One normalized preference pair: prompt messages (raw text under chat_template=False) and the two completions."""
 
-    prompt: list[dict[str, str]]
+    prompt: list[dict[str, str]] | str
     chosen: str
     rejected: str
 
@@ -91,6 +99,17 @@ def _full_prompt(rows, i, context: list[dict[str, str]], system_prompt: str | No
     return messages
 
 
+def _raw_prompt(rows, i, context: list[dict[str, str]], completion_field: str, path) -> str:
+    """The plain-text prompt of a row that is tokenized without a chat template (chat_template=False)."""
+    if context or isinstance(rows[i].get("prompt"), list):
+        field = "prompt" if isinstance(rows[i].get("prompt"), list) else completion_field
+        raise row_error(rows, i, "a conversation cannot be tokenized without a chat template", field=field,
+                        expected="plain-string prompt and completions (or keep chat_template on)", path=path)
+    if rows[i].get("prompt") is None:
+        raise _missing(rows, i, ("prompt",), path)
+    return require_string(rows, i, "prompt", path=path)
+
+
 def _completion(rows, i, field: str, path) -> tuple[list[dict[str, str]], str]:
     """(turns before the completion, completion text) of a string or message-list completion."""
     value = rows[i][field]
@@ -114,9 +133,11 @@ def _missing(rows, i, names: Sequence[str], path) -> DataError:
                      expected="one of " + ", ".join(names), path=path)
 
 
-def to_preference_pairs(rows: Sequence[dict], *, system_prompt: str | None = None,
-                        path: str | None = None) -> tuple[list[PreferencePair], list[int]]:
+def to_preference_pairs(rows: Sequence[dict], *, system_prompt: str | None = None, path: str | None = None,
+                        raw: bool = False) -> tuple[list[PreferencePair], list[int]]:
     """Normalize preference rows (fields: see the module docstring); `path` names plain lists in errors.
+
+    `raw`: keep plain-string prompts as text, for tokenizing without a chat template.
 
     Returns:
         (pairs, skipped): the pairs in file order, and the 1-based row numbers of rows skipped
@@ -139,7 +160,10 @@ def to_preference_pairs(rows: Sequence[dict], *, system_prompt: str | None = Non
             raise row_error(rows, i, f"'{chosen_field}' and '{rejected_field}' differ before their last message",
                             field=rejected_field, path=path,
                             expected="the same conversation in both, differing only in the final assistant turn")
-        prompt = _full_prompt(rows, i, chosen_context, system_prompt, path)
+        if raw:
+            prompt = _raw_prompt(rows, i, chosen_context, chosen_field, path)
+        else:
+            prompt = _full_prompt(rows, i, chosen_context, system_prompt, path)
         if chosen.strip() == rejected.strip():
             skipped.append(locate(rows, i, path)[1])
             continue
@@ -173,10 +197,11 @@ class TruncationStats:
 
 
 def _render(tokenizer, prompt, completion: str, max_seq_len: int, stats: TruncationStats) -> tuple[list, list]:
-    ids, labels, truncated = render_prompt_completion(tokenizer, prompt, completion, max_seq_len, keep="prompt_tail")
+    render = render_raw_prompt_completion if isinstance(prompt, str) else render_prompt_completion
+    ids, labels, truncated = render(tokenizer, prompt, completion, max_seq_len, keep="prompt_tail")
     stats.sequences += 1
     if truncated:
-        full, _, _ = render_prompt_completion(tokenizer, prompt, completion, None)
+        full, _, _ = render(tokenizer, prompt, completion, None)
         stats.truncated += 1
         stats.tokens_cut += len(full) - len(ids)
     return ids, labels
@@ -252,7 +277,9 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: seed of the validation split, the shuffling and KTO's mismatched pairs.
         tokenizer: a tokenizer; None takes the training module's (`trainer.lightning_module.tokenizer`).
         system_prompt: a system message added to prompts that have none.
-        chat_template: None keeps the model's template; "chatml", a Jinja string or a .jinja file replaces it.
+        chat_template: None (or true) keeps the model's template; "chatml", a Jinja string or a .jinja
+            file replaces it; false tokenizes plain-string rows as raw text, without a template (as TRL
+            does; for base models).
         num_workers: DataLoader worker processes.
     """
 
@@ -261,9 +288,12 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def __init__(self, path: Optional[str] = None, eval_path: Optional[str] = None, val_fraction: float = 0.0,
                  batch_size: int = 4, max_seq_len: int = 1024, seed: int = 0, tokenizer: Optional[Any] = None,
-                 system_prompt: Optional[str] = None, chat_template: Optional[str] = None,
+                 system_prompt: Optional[str] = None, chat_template: Union[bool, str, None] = None,
                  num_workers: int = 0) -> None:
         super().__init__()
+        if chat_template is False and system_prompt:
+            raise DataError(None, "system_prompt needs a chat template; chat_template=false tokenizes raw text",
+                            expected="system_prompt unset, or chat_template left on")
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(None, f"val_fraction={val_fraction} is out of range", expected="0 <= val_fraction < 1")
         if path is None:
@@ -279,7 +309,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # What differs between pairs and KTO rows.
     def _examples(self, rows, path) -> list:
-        return to_preference_pairs(rows, system_prompt=self.system_prompt, path=path)[0]
+        return to_preference_pairs(rows, system_prompt=self.system_prompt, path=path, raw=self.chat_template is False)[0]
 
     def _tokenize(self, tokenizer, examples, first_index: int, stats: TruncationStats) -> list[dict]:
         return tokenize_pairs(tokenizer, examples, self.max_seq_len, first_index=first_index, stats=stats)
@@ -288,7 +318,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_items is not None:
             return
         self.tokenizer = tokenizer = datamodule_tokenizer(self)
-        ensure_chat_template(tokenizer, self.chat_template)
+        if self.chat_template is not False:
+            ensure_chat_template(tokenizer, None if self.chat_template is True else self.chat_template)
         train = self._examples(load_rows(self.path), self.path)
         if self.eval_path:
             val = self._examples(load_rows(self.eval_path), self.eval_path)

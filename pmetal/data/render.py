@@ -300,6 +300,31 @@ def render_prompt_completion(
     if end is None and getattr(tokenizer, "eos_token_id", None) is not None:
         completion_ids.append(tokenizer.eos_token_id)
     prompt_ids = _tokenize(tokenizer, prompt_text)
+    return _truncate_prompt_completion(prompt_ids, completion_ids, max_seq_len, keep)
+
+
+def render_raw_prompt_completion(tokenizer: Any, prompt: str, completion: str, max_seq_len: int | None = None,
+                                 keep: str = "prompt_tail") -> tuple[list[int], list[int], bool]:
+    """Tokenize a plain-text prompt and completion as raw text, without a chat template, as TRL does.
+
+    The text is `prompt + completion + EOS` (EOS unless the completion ends with it), tokenized with
+    the tokenizer's special tokens (a BOS where the tokenizer adds one); the completion starts where
+    the tokens of the prompt alone and of the whole text first differ (a token merging across the
+    boundary belongs to the completion). Truncation and the return value as in
+    `render_prompt_completion`.
+    """
+    if keep not in ("prompt_tail", "start"):
+        raise PmetalError(f"keep={keep!r} is not one of 'prompt_tail', 'start'")
+    eos = getattr(tokenizer, "eos_token", None)
+    text = prompt + (completion if not eos or completion.endswith(eos) else completion + eos)
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    full_ids = list(tokenizer(text)["input_ids"])
+    start = next((k for k, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids)))
+    return _truncate_prompt_completion(full_ids[:start], full_ids[start:], max_seq_len, keep)
+
+
+def _truncate_prompt_completion(prompt_ids: list[int], completion_ids: list[int], max_seq_len: int | None,
+                                keep: str) -> tuple[list[int], list[int], bool]:
     truncated = max_seq_len is not None and len(prompt_ids) + len(completion_ids) > max_seq_len
     if truncated:
         if keep == "prompt_tail":

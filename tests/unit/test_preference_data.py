@@ -233,3 +233,64 @@ def test_shipped_example_files_parse():
     assert len(pairs) >= 100 and not skipped and all(p.chosen == p.rejected.upper() for p in pairs)
     kto = to_kto_examples(load_rows(str(data / "kto.jsonl")))
     assert 0.4 < sum(e.desirable for e in kto) / len(kto) < 0.6
+
+
+# SmolLM2's tokenizer: "What is 2 plus 2?" -> 1780 314 216 34 8055 216 34 47; " 4." -> 216 36 30; <|im_end|> = 2
+RAW_PAIR = {"prompt": "What is 2 plus 2?", "chosen": " 4.", "rejected": " 5, I think."}
+QUESTION = [1780, 314, 216, 34, 8055, 216, 34, 47]
+SMOLLM_SYSTEM = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+                 8182, 2, 198]  # <|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["chat_template", "raw"])
+def test_plain_string_pair_token_ids_either_way(tokenizer, raw):
+    pairs, _ = to_preference_pairs([RAW_PAIR], raw=raw)
+    (item,) = tokenize_pairs(tokenizer, pairs, max_seq_len=256)
+    if raw:  # as TRL: prompt + completion + EOS, no template, no system prompt
+        prompt = QUESTION
+    else:  # system turn of the template, user turn, assistant header
+        prompt = SMOLLM_SYSTEM + [1, 4093, 198] + QUESTION + [2, 198, 1, 520, 9531, 198]
+    assert item["chosen_input_ids"] == prompt + [216, 36, 30, 2]
+    assert item["chosen_labels"] == [-100] * len(prompt) + [216, 36, 30, 2]
+    assert item["rejected_input_ids"] == prompt + [216, 37, 28, 339, 1510, 30, 2]
+    assert item["rejected_labels"] == [-100] * len(prompt) + [216, 37, 28, 339, 1510, 30, 2]
+
+
+def test_raw_pair_tokens_equal_trl(tokenizer):
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    pairs, _ = to_preference_pairs([RAW_PAIR, {**RAW_PAIR, "chosen": "4<|im_end|>"}], raw=True)
+    for row, item in zip([RAW_PAIR, {**RAW_PAIR, "chosen": "4<|im_end|>"}], tokenize_pairs(tokenizer, pairs, 256)):
+        eos = tokenizer.eos_token
+        prompt_ids = _tokenize(tokenizer, row["prompt"])["input_ids"]
+        for side in ("chosen", "rejected"):
+            text = row[side] if row[side].endswith(eos) else row[side] + eos
+            full = _tokenize(tokenizer, row["prompt"] + text)["input_ids"]
+            start = common_prefix_length(prompt_ids, full)
+            assert item[f"{side}_input_ids"] == full
+            assert item[f"{side}_labels"] == [-100] * start + full[start:]
+
+
+def test_raw_kto_rows_and_conversations_without_template(tmp_path, tokenizer):
+    rows = [{"prompt": "What is 2 plus 2?", "completion": " 4.", "label": True},
+            {"prompt": "What is 2 plus 2?", "completion": " 5, I think.", "label": False}]
+    (item, _) = tokenize_kto(tokenizer, to_kto_examples(rows, raw=True), max_seq_len=128)
+    assert item["input_ids"] == QUESTION + [216, 36, 30, 2]
+    assert item["labels"] == [-100] * len(QUESTION) + [216, 36, 30, 2]
+    conversation = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "a", "rejected": "b"}
+    with pytest.raises(DataError, match="cannot be tokenized without a chat template") as err:
+        to_preference_pairs([RAW_PAIR, conversation], raw=True)
+    assert "row 2" in str(err.value) and "prompt" in str(err.value)
+
+
+def test_datamodule_chat_template_false_needs_no_template(tmp_path, tokenizer):
+    import copy
+
+    base_tokenizer = copy.deepcopy(tokenizer)
+    base_tokenizer.chat_template = None  # a base model
+    path = _write(tmp_path, [RAW_PAIR] * 4)
+    dm = PreferenceDataModule(str(path), batch_size=2, tokenizer=base_tokenizer, chat_template=False)
+    dm.setup("fit")
+    assert dm.train_items[0]["chosen_input_ids"] == QUESTION + [216, 36, 30, 2]
+    with pytest.raises(DataError, match="system_prompt needs a chat template"):
+        PreferenceDataModule(str(path), tokenizer=base_tokenizer, chat_template=False, system_prompt="Be brief.")
