@@ -1,5 +1,9 @@
-"""Speed and memory switches for training: selective gradient checkpointing, regional
-`torch.compile`, optional Liger kernels on CUDA.
+"""Speed and memory switches for training: selective gradient checkpointing and regional
+`torch.compile`.
+
+There is no Liger switch: pmetal's chunked linear cross-entropy (`pmetal.losses.lm`) is Liger's
+fused-linear-cross-entropy trick in plain PyTorch, and regional `torch.compile` fuses the
+RMSNorm/SwiGLU/RoPE element-wise work that Liger's other kernels hand-write, on every device.
 
 Gradient checkpointing is non-reentrant (`torch.utils.checkpoint(use_reentrant=False)`): it needs no
 `enable_input_require_grads` hack for frozen embeddings under LoRA and composes with `torch.compile`.
@@ -114,26 +118,4 @@ def maybe_compile(model, enabled: bool = True, scope: str = "layers", **compile_
         return False
     for block in blocks:
         block.compile(**compile_kwargs)
-    return True
-
-
-def maybe_apply_liger(model) -> bool:
-    """On CUDA, swap in Liger's RMSNorm/SwiGLU/RoPE kernels when `liger_kernel` is installed.
-
-    Liger's own fused cross-entropy stays off: pmetal's chunked loss already avoids the logits.
-    Never required; returns whether the kernels were applied.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(base.parameters()).device
-    if device.type != "cuda":
-        return False
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        return False
-    try:
-        _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
-    except Exception as error:  # an architecture Liger does not know
-        log.warning("Liger kernels not applied to %s: %s", type(base).__name__, error)
-        return False
     return True
