@@ -58,32 +58,11 @@ GIB = 1024**3
 
 
 def parse_args(argv=None):
+    from pmetal.cli.commands.bench import add_arguments  # the flags live once, with the `pmetal bench` command
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return parser.parse_args(argv)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    parser.add_argument("--model", default=None, help="'default' (SmolLM2-135M), 'qwen3-0.6b' (random weights, "
-                        "Qwen3-0.6B shape), or a local HF directory; default: qwen3-0.6b on cuda, else default")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048 on cuda, else 512)")
-    parser.add_argument("--batch", type=int, default=None, help="rows per optimizer step (default 16 on cuda, else 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 6 on cuda, else 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on cuda, else 1)")
-    parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times, alternating")
-    parser.add_argument("--variants", default=None, help="comma list of: " + ", ".join(VARIANTS))
-    parser.add_argument("--baseline", default=None, help="variant the ratios are against (default: first hf*)")
-    parser.add_argument("--data", choices=["full", "variable"], default="full", help="row lengths")
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--ckpt-layers", default="all", help="checkpointed layers of the pmetal variants "
-                        "(all, none, every:N, 0-11,...)")
-    parser.add_argument("--ce-chunk", type=int, default=None, help="tokens per LM-head chunk (default: auto)")
-    parser.add_argument("--attn", default="sdpa", help="attn_implementation for every variant")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's; "
-                        "on a shared, loaded CPU 1 avoids OpenMP spin-waiting slowdowns)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
 # ----------------------------------------------------------------------------- worker side

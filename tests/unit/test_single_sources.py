@@ -104,3 +104,23 @@ def test_bitsandbytes_is_imported_only_by_its_compatibility_module():
             if any(n == "bitsandbytes" or n.startswith("bitsandbytes.") for n in names):
                 importers.append(path.relative_to(ROOT).as_posix())
     assert sorted(set(importers)) == ["pmetal/quant/bnb_compat.py"]
+
+
+def test_bench_parser_runs_no_file_outside_the_package(monkeypatch):
+    import importlib.util
+
+    from pmetal.cli.dispatch import build_parser
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"building the parser loaded a file: {args}")
+
+    monkeypatch.setattr(importlib.util, "spec_from_file_location", refuse)
+    args = build_parser().parse_args(["bench", "--device", "cpu", "--variants", "hf,pmetal", "--rounds", "2"])
+    assert (args.device, args.variants, args.rounds) == ("cpu", "hf,pmetal", 2)
+    # the script parses its own command line with the same flags
+    monkeypatch.undo()
+    script_spec = importlib.util.spec_from_file_location("bench_sft_probe", ROOT / "benchmarks" / "bench_sft.py")
+    script = importlib.util.module_from_spec(script_spec)
+    script_spec.loader.exec_module(script)
+    script_args = script.parse_args(["--device", "cpu", "--variants", "hf,pmetal", "--rounds", "2"])
+    assert vars(script_args) == {k: v for k, v in vars(args).items() if k not in ("command", "_run")}
