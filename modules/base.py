@@ -118,9 +118,8 @@ class PmetalModule(TrainableModule):
         gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
         checkpoint_layers: which decoder layers to checkpoint: "all", "every:2", "0-11,20" (speed
             for memory: unchecked layers keep their activations).
-        compile: compile each decoder layer with torch.compile (regional compilation): on an H200
-            it took SFT of a Qwen3-0.6B shape from 32.5k to 74.6k tokens/s (benchmarks/RESULTS.md).
-            The first steps pay the compile time.
+        compile: compile each decoder layer with torch.compile (regional compilation; measured in
+            benchmarks/RESULTS.md). The first steps pay the compile time.
         compile_scope: what `compile` compiles: "layers" (each decoder layer; quick to compile) or
             "model" (the whole decoder stack as one graph; fewer Python calls per step).
         weight_dtype: dtype of the frozen base weights: "auto" (bf16 on a GPU that supports it when

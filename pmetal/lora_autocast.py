@@ -8,7 +8,7 @@ the adapters are kept in full precision, as QLoRA prescribes). Under autocast (L
 - the bf16 tensor autocast hands to `lora_A` is a *new* tensor, which autograd saves for lora_A's
   weight gradient beside the input the base layer already saved: a second copy of the input of
   every adapted layer. Without gradient checkpointing that is a large share of activation memory
-  (benchmarks/RESULTS.md, issue 4: it was the whole gap to bitsandbytes' QLoRA on an H200).
+  (measured in benchmarks/RESULTS.md, "LoRA inputs under autocast").
 
 PEFT's own bitsandbytes LoRA layers skip the cast when autocast is on, for the same reason; this
 does the same for PEFT's plain `lora.Linear` and pmetal's `QuantLoraLinear`. A cast is skipped only

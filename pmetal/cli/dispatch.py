@@ -49,12 +49,12 @@ ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH
 def configure_cuda_allocator() -> None:
     """Use PyTorch's expandable segments on Linux unless the allocator is configured already.
 
-    The default caching allocator keeps a block whole when less than 1 MiB of it would be left
-    over and keeps a segment while any block in it lives. Loading a model quantizes it layer by
-    layer, so short-lived full-precision weights and long-lived packed ones alternate; with the
-    default allocator that left 26 MiB more reserved memory and ~1 MiB of whole blocks for a
-    QLoRA run of Qwen3-0.6B (benchmarks/RESULTS.md). Expandable segments split any block. It
-    must be set before CUDA's first allocation; set any of ALLOCATOR_VARIABLES (even to "") to
+    The default caching allocator keeps a block whole when little of it would be left over and
+    keeps a segment while any block in it lives. Loading a model quantizes it layer by layer, so
+    short-lived full-precision weights and long-lived packed ones alternate, which leaves unsplit
+    blocks and extra reserved segments with the default allocator (measured for QLoRA in
+    benchmarks/RESULTS.md, "Quantization"). Expandable segments split any block. It must be set
+    before CUDA's first allocation; set any of ALLOCATOR_VARIABLES (even to "") to
     keep your own setting.
     """
     if sys.platform == "linux" and not any(name in os.environ for name in ALLOCATOR_VARIABLES):

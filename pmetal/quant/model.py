@@ -150,10 +150,9 @@ def release_freed_host_memory() -> bool:
 
     Quantizing on the CPU frees a full-precision weight per layer; glibc keeps such blocks in its
     heap (after the first large free it serves same-sized requests from the heap, not mmap), and
-    the packed weights allocated in between pin it. Measured on SmolLM2-135M (bf16 checkpoint loaded
-    as fp32, 2 cores): peak anonymous memory 660-670 MiB without trimming, 472 MiB trimming after
-    every 64 MiB of freed weights (the loaded model alone: 461 MiB), against 813 MiB for loading the
-    whole model and then quantizing it.
+    the packed weights allocated in between pin it. Trimming every `_TRIM_EVERY_BYTES` of freed
+    weights keeps the loader's peak near the loaded model's size (benchmarks/RESULTS.md, "`--quantization`
+    now loads layer by layer").
     """
     if sys.platform != "linux":
         return False
