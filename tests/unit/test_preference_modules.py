@@ -248,3 +248,24 @@ def test_orpo_nll_scope_by_hand(tiny_model_dir, scope, nll):
     chosen_scored = table.scored[:2].tolist()
     assert chosen_scored == ([[False, False, True, True], [False, False, True, False]] if scope == "completion"
                              else [[False, True, True, True], [False, True, True, False]])
+
+
+def test_fit_orpo_full_nll_on_raw_text_rows(tiny_model_dir, pair_file, tmp_path, capsys):
+    """The new settings through `pmetal fit`: typed, parsed from the command line, and trained with."""
+    import yaml
+
+    from pmetal.cli.lightning import run_lightning_cli
+
+    args = ["fit", "--method", "orpo", "--model", str(tiny_model_dir), "--data.path", pair_file,
+            "--data.chat_template", "false", "--model.nll_scope", "full"]
+    with pytest.raises(SystemExit):
+        run_lightning_cli([*args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["chat_template"] is False and printed["model"]["nll_scope"] == "full"
+    run_lightning_cli([*args, "--data.batch_size", "4", "--data.max_seq_len", "64", "--model.lora_r", "4",
+                       "--model.gradient_checkpointing", "false", "--trainer.max_steps", "2",
+                       "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    header = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    for name in ("train/nll_loss", "train/log_odds_chosen", "train/logits/chosen", "train/learning_rate"):
+        assert name in header, (name, header)
+    assert not any(name.startswith("lr-") for name in header)  # the learning rate is logged once
