@@ -99,3 +99,23 @@ def test_one_training_step_is_mps_ready(method, qlora, tiny_model_dir, tiny_bert
         assert all(isinstance(m.base_layer, QuantLinear) for m in module.policy.modules() if hasattr(m, "lora_A"))
         assert all(torch.equal(b, packed[n]) for n, b in module.named_buffers() if n in packed)
         assert all("lora_" in n for n in changed), "only adapters train on a quantized base"
+
+
+def test_orpo_full_nll_on_raw_text_is_mps_ready(tiny_model_dir, tmp_path):
+    """The modes this issue added: ORPO's full-sequence NLL, raw-text (no chat template) preference rows."""
+    import lightning as L
+
+    from pmetal.data.preference import PreferenceDataModule
+    from pmetal.modules.orpo import OrpoModule
+
+    L.seed_everything(0)
+    data = _write(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+                                         for i in range(4)])
+    module = OrpoModule(model=str(tiny_model_dir), nll_scope="full")
+    datamodule = PreferenceDataModule(path=data, batch_size=2, chat_template=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=1.0, default_root_dir=str(tmp_path))
+    with MpsReadinessMode():
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
