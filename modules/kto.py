@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from pmetal.losses.preference import kto_loss
-from pmetal.modules.preference import PreferenceModule, SideLogps, concat_sides, log, mean_logit, split_sides
+from pmetal.modules.preference import PreferenceModule, concat_sides, log, mean_logit, split_sides
 
 
 class KtoModule(PreferenceModule):
@@ -66,12 +66,12 @@ class KtoModule(PreferenceModule):
         losses, rewards = kto_loss(policy.sum, ref[:, 0], desirable, kl, beta=hp.beta,
                                    desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight)
         metrics = {"kl": kl}
+        logits_sum = policy.token_mean_logits.sum(-1)  # [B]
         for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
             if rows.any():
                 metrics[f"rewards/{name}"] = rewards[rows].mean()
                 metrics[f"logps/{name}"] = policy.sum.detach()[rows].mean()
-                metrics[f"logits/{name}"] = mean_logit(SideLogps(policy.sum, policy.mean, policy.num_tokens,
-                                                                 policy.token_mean_logits.sum(-1)), rows)
+                metrics[f"logits/{name}"] = mean_logit(logits_sum[rows], policy.num_tokens[rows])
         if desirable.any() and (~desirable).any():
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         return losses.mean(), metrics

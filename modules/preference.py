@@ -33,12 +33,10 @@ class SideLogps(NamedTuple):
     logits_sum: torch.Tensor | None = None  # sum over the completion tokens of the mean logit (no gradient)
 
 
-def mean_logit(side: SideLogps, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """The mean logit over every completion token of `side` (of its `rows` if given): TRL's `logits/*`."""
-    logits, tokens = side.logits_sum, side.num_tokens
-    if rows is not None:
-        logits, tokens = logits[rows], tokens[rows]
-    return logits.sum() / tokens.sum().clamp_min(1)
+def mean_logit(logits_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """The mean logit over every completion token of some rows (their per-row sums and token counts `[B]`):
+    TRL's `logits/*`."""
+    return logits_sum.sum() / num_tokens.sum().clamp_min(1)
 
 
 def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -170,7 +168,7 @@ class PreferenceModule(PmetalModule):
         }
         for name, side in (("chosen", chosen), ("rejected", rejected)):
             if side is not None and side.logits_sum is not None:
-                metrics[f"logits/{name}"] = mean_logit(side)
+                metrics[f"logits/{name}"] = mean_logit(side.logits_sum, side.num_tokens)
         return metrics
 
     def _batch_size(self, batch: dict[str, torch.Tensor]) -> int:
