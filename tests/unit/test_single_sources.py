@@ -27,7 +27,7 @@ def test_ignore_index_is_stated_once_and_never_bare():
             elif _is_minus_100(node):
                 bare.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert defined == ["pmetal/tokens.py"]
-    assert bare == ["pmetal/tokens.py:15"], bare
+    assert [where.split(":")[0] for where in bare] == ["pmetal/tokens.py"], bare  # its one definition
 
 
 class _Tokenizer:
