@@ -180,9 +180,11 @@ def argparse_kwargs(setting: Setting) -> dict[str, Any] | None:
         return {"nargs": len(parts), "type": _scalar(parts[0])}
     elif scalars:
         first = _scalar(scalars[0])
-        if lists:  # X | list[X]: a comma-separated value is the list
-            def convert(text: str, _one=first):
-                return [_one(t) for t in text.split(",")] if "," in text else _one(text)
+        if lists:  # X | list[X]: a comma-separated list; the default's own string stays a string
+
+            def convert(text: str, _one=first, _keep=setting.default):
+                return text if text == _keep else [_one(t) for t in text.split(",")]
+
             convert.choices = getattr(first, "choices", None)  # type: ignore[attr-defined]
         else:
             convert = first
@@ -311,3 +313,8 @@ class CommandFlags:
             }
         given = {name for s in out.values() for name in s if name in values}
         return Resolved(out["model"], out["data"], out["trainer"], given)
+
+
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", nargs="?", const="last", default=None,
+                        help="continue a killed run: its last checkpoint in --output-dir, or a .ckpt path")

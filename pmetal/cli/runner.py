@@ -233,6 +233,28 @@ def fit(trainer, module, datamodule, *, ckpt_path: str | None = None) -> dict[st
     }
 
 
+def run_dir_for(output_dir: str | Path | None, resume: str | None, method: str) -> Path:
+    """The run directory: --output-dir, the directory of a resumed checkpoint, or a new one."""
+    if output_dir:
+        return Path(output_dir)
+    if resume and resume != "last" and Path(resume).is_file():
+        return Path(resume).resolve().parent.parent
+    if resume:
+        raise PmetalError("--resume needs --output-dir (the run to continue) or a checkpoint path")
+    return default_run_dir(method)
+
+
+def launch(args, settings, method: str, module, datamodule, **trainer_overrides: Any) -> dict:
+    """A PMetal command's run: the Trainer from its resolved settings, fit, and where the outputs went."""
+    trainer_kwargs = {**settings.trainer, **trainer_overrides}
+    resume = getattr(args, "resume", None)
+    run_dir = run_dir_for(trainer_kwargs.pop("default_root_dir", None), resume, method)
+    trainer = build_trainer(run_dir, **trainer_kwargs)
+    result = fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, resume))
+    report_outputs(result, getattr(module, "artifact_kind", "model"))
+    return result
+
+
 def report_outputs(result: dict, kind: str = "adapter") -> None:
     """Tell the user where everything went, in a few lines."""
     run_dir = Path(result["run_dir"])
