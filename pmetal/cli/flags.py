@@ -96,14 +96,17 @@ def _docs(obj) -> dict[str, str]:
     return docs
 
 
+_FRAMEWORKS = ("lightning.", "torch.", "builtins")  # their __init__(*args, **kwargs) ends the walk
+
+
 def signature_settings(target) -> dict[str, Setting]:
     """The parameters of a function, or of a class's `__init__` and, through `**kwargs`, its bases'.
 
     The most derived declaration of a name wins (its default and its docstring text); the walk
-    stops at the first `__init__` without `**kwargs` or outside pmetal (Lightning's own bases).
+    stops at the first `__init__` without `**kwargs`, or at Lightning's and torch's own bases.
     """
     owners = [target] if not isinstance(target, type) else [
-        c for c in target.__mro__ if "__init__" in vars(c) and c.__module__.startswith("pmetal")
+        c for c in target.__mro__ if "__init__" in vars(c) and not c.__module__.startswith(_FRAMEWORKS)
     ]
     settings: dict[str, Setting] = {}
     docs: dict[str, str] = {}
