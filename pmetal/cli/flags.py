@@ -277,15 +277,21 @@ class CommandFlags:
                 group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
                 shortcuts = [s for s in self.shortcuts if s.param == name]
                 target = group.add_mutually_exclusive_group() if shortcuts else group
-                target.add_argument(*self.flag_names(name), dest=name, default=argparse.SUPPRESS,
+                names = self.flag_names(name)
+                if "metavar" not in read and read.get("action") is not argparse.BooleanOptionalAction:
+                    read["metavar"] = names[0].lstrip("-").replace("-", "_").upper()
+                target.add_argument(*names, dest=name, default=argparse.SUPPRESS,
                                     required=name in self.required,
-                                    help=self._help(setting, others, section), **read)
+                                    help=self._help(setting, others, section, repeated=read.get("action") == "append"),
+                                    **read)
                 for s in shortcuts:
                     target.add_argument(s.flag, dest=name, action="store_const", const=s.value,
                                         default=argparse.SUPPRESS, help=s.help)
 
-    def _help(self, setting: Setting, others: dict, section: str) -> str:
+    def _help(self, setting: Setting, others: dict, section: str, repeated: bool = False) -> str:
         text = setting.doc or setting.name.replace("_", " ")
+        if repeated:
+            text += " Repeat the flag for each value."
         if setting.name in self.required:
             text += " (required)"
         elif setting.default is not REQUIRED:

@@ -130,7 +130,7 @@ def build_trainer(
 
     Args:
         default_root_dir: the run directory: checkpoints, metrics, the loss plot and the trained
-            adapter or model go there; None means runs/run-<time>.
+            adapter or model go there; None means a new runs/<method>-<time>.
         accelerator: "auto" (mps, then cuda, then cpu), "mps", "cuda" or "cpu".
         precision: "auto" (bf16 autocast where the device has it, fp16 autocast otherwise on a GPU,
             fp32 on CPU), or a Lightning precision: "32-true", "bf16-mixed", "16-mixed", "bf16-true".
