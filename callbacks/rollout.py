@@ -15,7 +15,8 @@ the rounds and dropped groups are logged. If the rounds run out, the update uses
 
 The module supplies the settings (``rollout_settings()``), the reward set (``rewards``), the
 policy and the tokenizer; the callback keeps only a cache of the tokenizer's stop ids, so it can
-be added by the module itself (``configure_callbacks``) and plain ``Trainer().fit(GrpoModule(...), dm)`` works.
+be added by the module itself (``configure_callbacks``) and plain
+``Trainer().fit(GrpoModule(...), dm)`` works.
 """
 
 from __future__ import annotations

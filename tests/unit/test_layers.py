@@ -147,3 +147,19 @@ def test_no_import_cycle():
     cycles = strongly_connected(import_graph())
     assert not cycles, "modules that import each other (directly or around a loop):\n  " + "\n  ".join(
         " <-> ".join(c) for c in cycles)
+
+
+def test_no_state_is_stuck_onto_objects_that_do_not_own_it():
+    """Run state is passed explicitly: nothing assigns a pmetal-named attribute onto another object
+    (the Trainer, a module); a callback keeps its results on itself (`self.export_dir`)."""
+    owned = {"pmetal_quantization": "a quantized model's record of how its own weights are stored (as HF's "
+                                    "config.quantization_config), read back when it is saved or merged"}
+    stuck = []
+    for module, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                if (isinstance(target, ast.Attribute) and target.attr.lstrip("_").startswith("pmetal")
+                        and target.attr not in owned and not (isinstance(target.value, ast.Name) and target.value.id == "self")):
+                    stuck.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(target)}")
+    assert not stuck, "state set on objects that do not own it:\n  " + "\n  ".join(stuck)
