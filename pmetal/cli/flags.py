@@ -31,6 +31,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union
 
+from pmetal.errors import PmetalError
+
 REQUIRED = inspect.Parameter.empty
 TRAINER = "pmetal.cli.runner:build_trainer"
 
@@ -156,11 +158,26 @@ def _scalar(annotation) -> Callable[[str], Any] | None:
     return None
 
 
-def _number(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+def _specificity(annotation) -> int:
+    """Literal choices first, then int, float, str: "8" is 8 for `int | str`, "auto" stays a str."""
+    return 0 if typing.get_origin(annotation) is Literal else {int: 1, float: 2}.get(annotation, 3)
+
+
+def _first_of(converters: list[Callable[[str], Any]]) -> Callable[[str], Any]:
+    if len(converters) == 1:
+        return converters[0]
+
+    def convert(text: str):
+        for one in converters[:-1]:
+            try:
+                return one(text)
+            except (ValueError, argparse.ArgumentTypeError):
+                continue
+        return converters[-1](text)
+
+    convert.__name__ = " or ".join(getattr(c, "__name__", "value") for c in converters)
+    convert.choices = None  # type: ignore[attr-defined]
+    return convert
 
 
 def argparse_kwargs(setting: Setting) -> dict[str, Any] | None:
@@ -172,9 +189,7 @@ def argparse_kwargs(setting: Setting) -> dict[str, Any] | None:
     kwargs: dict[str, Any]
     if members == [bool]:
         return {"action": argparse.BooleanOptionalAction}
-    if set(members) == {int, float}:
-        convert: Callable[[str], Any] = _number
-    elif lists and not scalars:  # list[X]: the flag is repeated, one value each time
+    if lists and not scalars:  # list[X]: the flag is repeated, one value each time
         convert = _scalar(typing.get_args(lists[0])[0])
         kwargs = {"action": "append", "type": convert}
         return _with_metavar(kwargs, convert)
@@ -182,7 +197,7 @@ def argparse_kwargs(setting: Setting) -> dict[str, Any] | None:
         parts = typing.get_args(tuples[0])
         return {"nargs": len(parts), "type": _scalar(parts[0])}
     elif scalars:
-        first = _scalar(scalars[0])
+        first = _first_of([_scalar(m) for m in sorted(scalars, key=_specificity)])
         if lists:  # X | list[X]: a comma-separated list; the default's own string stays a string
 
             def convert(text: str, _one=first, _keep=setting.default):
@@ -199,6 +214,7 @@ def argparse_kwargs(setting: Setting) -> dict[str, Any] | None:
         def convert(text: str, _inner=inner):
             return None if text.lower() in ("none", "null") else _inner(text)
 
+        convert.__name__ = getattr(inner, "__name__", "value")
         convert.choices = getattr(inner, "choices", None)  # type: ignore[attr-defined]
     return _with_metavar({"type": convert}, convert)
 
@@ -263,6 +279,13 @@ class CommandFlags:
         """Add one flag per shown parameter, grouped by the class or function that declares it."""
         sections = self.settings()
         others = {m: self.settings(m) for m in self.methods[1:]}
+        variant_only: dict[str, list[str]] = {}  # a variant's own parameters get flags too
+        for method, variant in others.items():
+            for section, settings in variant.items():
+                for name, setting in settings.items():
+                    if name not in sections[section]:
+                        sections[section][name] = setting
+                        variant_only.setdefault(name, []).append(method)
         seen: set[str] = set()
         groups: dict[str, Any] = {}
         for section, settings in sections.items():
@@ -282,14 +305,18 @@ class CommandFlags:
                     read["metavar"] = names[0].lstrip("-").replace("-", "_").upper()
                 target.add_argument(*names, dest=name, default=argparse.SUPPRESS,
                                     required=name in self.required,
-                                    help=self._help(setting, others, section, repeated=read.get("action") == "append"),
+                                    help=self._help(setting, others, section, repeated=read.get("action") == "append",
+                                                    only=variant_only.get(name)),
                                     **read)
                 for s in shortcuts:
                     target.add_argument(s.flag, dest=name, action="store_const", const=s.value,
                                         default=argparse.SUPPRESS, help=s.help)
 
-    def _help(self, setting: Setting, others: dict, section: str, repeated: bool = False) -> str:
+    def _help(self, setting: Setting, others: dict, section: str, repeated: bool = False,
+              only: list[str] | None = None) -> str:
         text = setting.doc or setting.name.replace("_", " ")
+        if only:
+            text = f"[{', '.join(only)} only] {text}"
         if repeated:
             text += " Repeat the flag for each value."
         if setting.name in self.required:
@@ -313,7 +340,14 @@ class CommandFlags:
         (so `--dapo` gets DapoModule's own defaults); hidden parameters are left to their defaults.
         """
         values = vars(args)
+        chosen = method or self.methods[0]
         out: dict[str, dict[str, Any]] = {}
+        applies = {name for settings in self.settings(chosen).values() for name in settings}
+        for other in self.methods:
+            for settings in self.settings(other).values():
+                stray = sorted(n for n in settings if n in values and n not in applies and not self.hidden_reason(n))
+                if stray:
+                    raise PmetalError(f"{self.flag_names(stray[0])[0]} applies to {other}, not {chosen}")
         for section, settings in self.settings(method).items():
             out[section] = {
                 name: values[name] if name in values else s.default

@@ -141,6 +141,32 @@ def test_a_new_typed_parameter_gets_a_flag_with_no_edit(monkeypatch):
     assert flags.resolve(parser.parse_args([])).model["lora_r"] == 16  # the base's settings come through **kwargs
 
 
+def test_a_variant_method_adds_its_own_parameters(monkeypatch):
+    from pmetal.errors import PmetalError
+
+    monkeypatch.setitem(METHODS, "knob", Method("knob", f"{__name__}:KnobModule", METHODS["sft"].datamodule,
+                                                "sft.yaml", "test"))
+    flags = CommandFlags(methods=("sft", "knob"))  # as grpo's --dapo picks DapoModule
+    parser = argparse.ArgumentParser()
+    flags.add_to(parser)
+    assert "[knob only] a new setting nobody wrote a flag for." in " ".join(parser.format_help().split())
+    args = parser.parse_args(["--new-knob", "5"])
+    assert flags.resolve(args, "knob").model["new_knob"] == 5
+    with pytest.raises(PmetalError, match="--new-knob applies to knob, not sft"):
+        flags.resolve(args)
+    assert "new_knob" not in flags.resolve(parser.parse_args([])).model
+
+
+def test_union_types_try_each_member():
+    parser = _parser("train")
+    assert DERIVED["train"].FLAGS.resolve(parser.parse_args(["--devices", "auto"])).trainer["devices"] == "auto"
+    assert DERIVED["train"].FLAGS.resolve(parser.parse_args(["--devices", "2"])).trainer["devices"] == 2
+    assert DERIVED["train"].FLAGS.resolve(parser.parse_args(["--val-check-interval", "0.5"])).trainer[
+        "val_check_interval"] == 0.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lora-r", "eight"])
+
+
 def test_signatures_follow_kwargs_to_the_base_and_keep_the_derived_default():
     settings = signature_settings(METHODS["dapo"].module_class())
     assert settings["loss_type"].default == "dapo" and settings["loss_type"].owner == "DapoModule"
