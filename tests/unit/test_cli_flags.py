@@ -83,6 +83,37 @@ def test_every_setting_is_reachable_with_equal_defaults(method, capsys):
             assert _plain(getattr(resolved, section)[name]) == _plain(setting.default), f"{where}: default differs"
 
 
+# Every flag the PMetal commands had before they were derived (README, tests, users' scripts).
+MODEL_FLAGS = ("--model --lora-r --lora-alpha --lora-dropout --target-modules --quantization --quant-block-size "
+               "--no-double-quant --quant-backend --no-gradient-checkpointing --checkpoint-layers --compile "
+               "--compile-scope --trust-remote-code --learning-rate --lr --weight-decay --warmup-steps --lr-schedule "
+               "--epochs --max-steps --gradient-accumulation-steps --max-grad-norm --seed --output-dir --resume "
+               "--checkpoint-every --accelerator --precision --no-progress-bar --dora --full")
+RL_FLAGS = ("--dataset --batch-size --max-prompt-length --prompt-column --system-prompt --chat-template "
+            "--reasoning-rewards --reward-fn --reward-weight --reward-model --num-generations --max-completion-length "
+            "--temperature --top-p --top-k --min-p --num-iterations --micro-batch-size --beta --epsilon --epsilon-high "
+            "--loss-type --scale-rewards")
+EARLIER_FLAGS = {
+    "train": MODEL_FLAGS + " --dataset --eval-dataset --val-fraction --batch-size --max-seq-len --prompt-column "
+                           "--response-column --chat-template --no-packing",
+    "grpo": MODEL_FLAGS + " " + RL_FLAGS + " --dapo --max-sampling-rounds --overlong-buffer",
+    "rlkd": MODEL_FLAGS + " " + RL_FLAGS + " --teacher-model --alpha --final-alpha --teacher-temperature "
+                                           "--distill-beta --teacher-quantization",
+    "embed-train": "--dataset --eval-dataset --val-fraction --batch-size --max-seq-len --score-range --model --loss "
+                   "--pooling --no-normalize --temperature --margin --triplet-distance --cosent-scale "
+                   "--no-mask-duplicates --lora --dora --lora-r --lora-alpha --lora-dropout --target-modules "
+                   "--gradient-checkpointing --trust-remote-code --learning-rate --lr --weight-decay --warmup-steps "
+                   "--lr-schedule --epochs --max-steps --gradient-accumulation-steps --max-grad-norm --seed "
+                   "--output-dir --resume --checkpoint-every --eval-every --accelerator --precision --no-progress-bar",
+}
+
+
+@pytest.mark.parametrize("command", list(EARLIER_FLAGS))
+def test_every_earlier_pmetal_flag_stays(command):
+    options = set(_parser(command)._option_string_actions)
+    assert not set(EARLIER_FLAGS[command].split()) - options
+
+
 def test_help_shows_each_docstring_and_default_once():
     help_text = " ".join(_parser("train").format_help().split())
     doc = signature_settings(METHODS["sft"].module_class())["weight_dtype"].doc

@@ -26,7 +26,8 @@ FLAGS = CommandFlags(
         Shortcut("--lora", "adapter", "lora", "train a LoRA adapter instead of every weight: --adapter lora"),
         Shortcut("--dora", "adapter", "dora", "train a DoRA adapter instead of every weight: --adapter dora"),
     ],
-    notes={"learning_rate": f"{ADAPTER_LEARNING_RATE:g} with a LoRA/DoRA adapter"},
+    notes={"learning_rate": f"{ADAPTER_LEARNING_RATE:g} with a LoRA/DoRA adapter",
+           "accumulate_grad_batches": "accumulation does not add in-batch negatives; raise --batch-size for that"},
 )
 
 
