@@ -76,7 +76,7 @@ def build_loggers(logger: Any, run_dir: Path) -> Any:
     if logger is None or logger is True:
         names = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else [])
     else:
-        names = [logger] if isinstance(logger, str) else list(logger)
+        names = logger.split(",") if isinstance(logger, str) else list(logger)
     loggers = []
     for name in names:
         if not isinstance(name, str):
@@ -144,9 +144,9 @@ def build_trainer(
         check_val_every_n_epoch: validate after every N epochs; None when val_check_interval
             counts batches across epochs (an int val_check_interval sets it to None).
         log_every_n_steps: log metrics every N optimizer steps.
-        logger: where metrics go: "csv" (metrics.csv), "tensorboard", "wandb", several of them
-            (comma-separated), Lightning Logger objects, or False for none; None means CSV plus
-            TensorBoard when it is installed.
+        logger: where metrics go: "csv" (metrics.csv), "tensorboard", "wandb", a list of them
+            (comma-separated on a PMetal command: csv,wandb), Lightning Logger objects, or False
+            for none; None means CSV plus TensorBoard when it is installed.
         enable_progress_bar: show the progress bar with loss, learning rate and tokens/s.
         devices: the number of devices (or Lightning's device list / "auto").
         num_sanity_val_steps: validation batches run before training as a check (0: none).
