@@ -89,10 +89,11 @@ def load(target: str):
 def _docs(obj) -> dict[str, str]:
     import docstring_parser
 
-    docs = {}
-    for text in (getattr(obj, "__doc__", None), getattr(getattr(obj, "__init__", None), "__doc__", None)):
-        if isinstance(obj, type) and text is getattr(object.__init__, "__doc__", None):
-            continue
+    texts = [obj.__doc__]
+    if isinstance(obj, type) and "__init__" in vars(obj):
+        texts.append(vars(obj)["__init__"].__doc__)  # "Args:" may sit in either docstring
+    docs: dict[str, str] = {}
+    for text in texts:
         for p in docstring_parser.parse(text or "").params:
             docs.setdefault(p.arg_name.lstrip("*"), " ".join((p.description or "").split()))
     return docs
