@@ -115,8 +115,8 @@ def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[i
     rounds, dropped = 0, 0
     prompt_batch = batch
     while True:
-        rows, completions, per_function = _generate_and_score(module, prompt_batch, settings, first_group=rounds * num_prompts,
-                                                         stop_ids=stop_ids)
+        rows, completions, per_function = _generate_and_score(module, prompt_batch, settings,
+                                                              first_group=rounds * num_prompts, stop_ids=stop_ids)
         rounds += 1
         all_rows += rows
         for name, scores in per_function.items():

@@ -132,7 +132,8 @@ def test_pmetal_flags_map_to_the_settings():
         "--lora-r", "8", "--dataset", "d.jsonl", "--epochs", "3", "--lr", "1e-3", "--dora", "--no-packing",
         "--target-modules", "q_proj", "--max-grad-norm", "0", "--logger", "csv,tensorboard", "--weight-dtype",
         "bfloat16", "--lora-alpha", "none"]))
-    assert settings.model["lora_r"] == 8 and settings.model["adapter"] == "dora" and settings.model["learning_rate"] == 1e-3
+    assert settings.model["lora_r"] == 8 and settings.model["adapter"] == "dora"
+    assert settings.model["learning_rate"] == 1e-3
     assert settings.model["target_modules"] == ["q_proj"] and settings.model["lora_alpha"] is None
     assert settings.model["weight_dtype"] == "bfloat16"
     assert settings.data["path"] == "d.jsonl" and settings.data["packing"] is False

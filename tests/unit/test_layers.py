@@ -159,7 +159,8 @@ def test_no_state_is_stuck_onto_objects_that_do_not_own_it():
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
             for target in targets:
+                on_self = isinstance(getattr(target, "value", None), ast.Name) and target.value.id == "self"
                 if (isinstance(target, ast.Attribute) and target.attr.lstrip("_").startswith("pmetal")
-                        and target.attr not in owned and not (isinstance(target.value, ast.Name) and target.value.id == "self")):
+                        and target.attr not in owned and not on_self):
                     stuck.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(target)}")
     assert not stuck, "state set on objects that do not own it:\n  " + "\n  ".join(stuck)
