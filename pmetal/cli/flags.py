@@ -17,8 +17,9 @@ One-line entries:
 - an app-level flag setting a parameter to a value: `Shortcut("--dora", "adapter", "dora", "...")`;
 - any other app-level flag: a plain `parser.add_argument(...)` line in the command's add_arguments.
 
-Signatures are read when the command's parser is built, that is only for the command that runs
-(`pmetal --help` imports no method).
+Signatures are read from the source files (pmetal/cli/static_signatures.py; importing the method
+only when that fails), and only for the command that runs, so `pmetal --help` and
+`pmetal train --help` import neither Lightning nor transformers.
 """
 
 from __future__ import annotations
@@ -86,17 +87,22 @@ def load(target: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
-def _docs(obj) -> dict[str, str]:
+def parse_docs(texts) -> dict[str, str]:
+    """Parameter name -> its text, from the `Args:` sections of docstrings (the first wins)."""
     import docstring_parser
 
-    texts = [obj.__doc__]
-    if isinstance(obj, type) and "__init__" in vars(obj):
-        texts.append(vars(obj)["__init__"].__doc__)  # "Args:" may sit in either docstring
     docs: dict[str, str] = {}
     for text in texts:
         for p in docstring_parser.parse(text or "").params:
             docs.setdefault(p.arg_name.lstrip("*"), " ".join((p.description or "").split()))
     return docs
+
+
+def _docs(obj) -> dict[str, str]:
+    texts = [obj.__doc__]
+    if isinstance(obj, type) and "__init__" in vars(obj):
+        texts.append(vars(obj)["__init__"].__doc__)  # "Args:" may sit in either docstring
+    return parse_docs(texts)
 
 
 _FRAMEWORKS = ("lightning.", "torch.", "builtins")  # their __init__(*args, **kwargs) ends the walk
@@ -267,7 +273,13 @@ class CommandFlags:
         return {"model": m.module_class(), "data": m.datamodule_class(), "trainer": load(TRAINER)}
 
     def settings(self, method: str | None = None) -> dict[str, dict[str, Setting]]:
-        return {section: signature_settings(t) for section, t in self.targets(method).items()}
+        """The three signatures, read from source (no import) where possible, else imported."""
+        from pmetal.cli.methods import get_method
+        from pmetal.cli.static_signatures import static_settings
+
+        m = get_method(method or self.methods[0])
+        sections = {"model": m.module, "data": m.datamodule, "trainer": TRAINER}
+        return {section: static_settings(t) or signature_settings(load(t)) for section, t in sections.items()}
 
     def hidden_reason(self, name: str) -> str | None:
         return self.hidden.get(name) or HIDDEN.get(name)

@@ -19,6 +19,7 @@ from pmetal.cli.dispatch import COMMANDS
 from pmetal.cli.flags import REQUIRED, CommandFlags, signature_settings
 from pmetal.cli.lightning import run_lightning_cli
 from pmetal.cli.methods import METHODS, Method
+from pmetal.modules.sft import SftModule
 
 DERIVED = {name: importlib.import_module(module) for name, module in COMMANDS.items()
            if isinstance(getattr(importlib.import_module(module), "FLAGS", None), CommandFlags)}
@@ -151,7 +152,7 @@ def test_pmetal_flags_map_to_the_settings():
     assert embed.trainer["val_check_interval"] == 5
 
 
-class KnobModule(METHODS["sft"].module_class()):
+class KnobModule(SftModule):
     """An SFT module with one more setting, as a helper adding a parameter would write it.
 
     Args:
@@ -206,6 +207,45 @@ def test_signatures_follow_kwargs_to_the_base_and_keep_the_derived_default():
     assert settings["epsilon_high"].doc.startswith("clip range above")  # the docstring of the class declaring it
     assert set(inspect.signature(METHODS["sft"].module_class()).parameters) <= set(signature_settings(
         METHODS["sft"].module_class()))
+
+
+def _shape(setting):
+    """What the command line makes of a setting: its argparse action, nargs, choices."""
+    from pmetal.cli.flags import argparse_kwargs
+
+    read = argparse_kwargs(setting)
+    if read is None:
+        return None
+    return (str(read.get("action")), read.get("nargs"), read.get("metavar"),
+            getattr(read.get("type"), "__name__", None))
+
+
+@pytest.mark.parametrize("target", sorted({t for m in METHODS.values() for t in (m.module, m.datamodule)}
+                                          | {"pmetal.cli.runner:build_trainer", f"{__name__}:KnobModule"}))
+def test_the_source_reader_sees_what_the_import_sees(target):
+    """`pmetal train --help` reads signatures from source; they must equal the imported ones."""
+    from pmetal.cli.flags import load
+    from pmetal.cli.static_signatures import static_settings
+
+    static, imported = static_settings(target), signature_settings(load(target))
+    assert static is not None, f"{target}: the source reader gave up (the command would import it)"
+    assert list(static) == list(imported)
+    for name, setting in imported.items():
+        other = static[name]
+        assert (other.default, other.doc, other.owner) == (setting.default, setting.doc, setting.owner), name
+        assert _shape(other) == _shape(setting), name
+
+
+def test_building_a_command_parser_imports_no_heavy_library():
+    import subprocess
+    import sys
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, pmetal.cli; [pmetal.cli.build_parser(c) for c in "
+         "('train', 'grpo', 'rlkd', 'embed-train')]; "
+         "print(sorted(m for m in ('lightning', 'peft', 'transformers', 'torch') if m in sys.modules))"],
+        capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]", probe.stdout
 
 
 def test_logger_names_build_loggers(tmp_path, monkeypatch):
