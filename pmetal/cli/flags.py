@@ -17,7 +17,7 @@ One-line entries:
 - an app-level flag setting a parameter to a value: `Shortcut("--dora", "adapter", "dora", "...")`;
 - any other app-level flag: a plain `parser.add_argument(...)` line in the command's add_arguments.
 
-Signatures are read from the source files (pmetal/cli/static_signatures.py; importing the method
+Signatures are read from the source files (pmetal/cli/signatures.py; importing the method
 only when that fails), and only for the command that runs, so `pmetal --help` and
 `pmetal train --help` import neither Lightning nor transformers.
 """
@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union
 
+from pmetal.cli.signatures import REQUIRED, Setting, signature_settings, static_settings
 from pmetal.errors import PmetalError
 
-REQUIRED = inspect.Parameter.empty
 TRAINER = "pmetal.cli.runner:build_trainer"
 
 # PMetal's flag names for parameters whose flag is not simply --name-with-dashes.
@@ -62,17 +61,6 @@ HIDDEN: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One parameter of a signature: its name, type, default and docstring text."""
-
-    name: str
-    annotation: Any
-    default: Any  # REQUIRED when it has none
-    doc: str
-    owner: str  # the class or function that declares it
-
-
-@dataclass(frozen=True)
 class Shortcut:
     """An app-level flag that sets one parameter to one value (`--dora` -> adapter="dora")."""
 
@@ -85,56 +73,6 @@ class Shortcut:
 def load(target: str):
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
-
-
-def parse_docs(texts) -> dict[str, str]:
-    """Parameter name -> its text, from the `Args:` sections of docstrings (the first wins)."""
-    import docstring_parser
-
-    docs: dict[str, str] = {}
-    for text in texts:
-        for p in docstring_parser.parse(text or "").params:
-            docs.setdefault(p.arg_name.lstrip("*"), " ".join((p.description or "").split()))
-    return docs
-
-
-def _docs(obj) -> dict[str, str]:
-    texts = [obj.__doc__]
-    if isinstance(obj, type) and "__init__" in vars(obj):
-        texts.append(vars(obj)["__init__"].__doc__)  # "Args:" may sit in either docstring
-    return parse_docs(texts)
-
-
-_FRAMEWORKS = ("lightning.", "torch.", "builtins")  # their __init__(*args, **kwargs) ends the walk
-
-
-def signature_settings(target) -> dict[str, Setting]:
-    """The parameters of a function, or of a class's `__init__` and, through `**kwargs`, its bases'.
-
-    The most derived declaration of a name wins (its default and its docstring text); the walk
-    stops at the first `__init__` without `**kwargs`, or at Lightning's and torch's own bases.
-    """
-    owners = [target] if not isinstance(target, type) else [
-        c for c in target.__mro__ if "__init__" in vars(c) and not c.__module__.startswith(_FRAMEWORKS)
-    ]
-    settings: dict[str, Setting] = {}
-    docs: dict[str, str] = {}
-    for owner in owners:
-        for name, text in _docs(owner).items():
-            docs.setdefault(name, text)
-    for owner in owners:
-        function = owner.__init__ if isinstance(owner, type) else owner
-        hints = typing.get_type_hints(function)
-        more = False
-        for p in list(inspect.signature(function).parameters.values())[1 if isinstance(owner, type) else 0 :]:
-            if p.kind is p.VAR_KEYWORD:
-                more = True
-            elif p.kind is not p.VAR_POSITIONAL and p.name not in settings:
-                settings[p.name] = Setting(p.name, hints.get(p.name, Any), p.default, docs.get(p.name, ""),
-                                           owner.__qualname__)
-        if not more:
-            break
-    return settings
 
 
 # ---------------------------------------------------------------------------------- types -> argparse
@@ -275,7 +213,6 @@ class CommandFlags:
     def settings(self, method: str | None = None) -> dict[str, dict[str, Setting]]:
         """The three signatures, read from source (no import) where possible, else imported."""
         from pmetal.cli.methods import get_method
-        from pmetal.cli.static_signatures import static_settings
 
         m = get_method(method or self.methods[0])
         sections = {"model": m.module, "data": m.datamodule, "trainer": TRAINER}

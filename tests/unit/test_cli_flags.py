@@ -225,7 +225,7 @@ def _shape(setting):
 def test_the_source_reader_sees_what_the_import_sees(target):
     """`pmetal train --help` reads signatures from source; they must equal the imported ones."""
     from pmetal.cli.flags import load
-    from pmetal.cli.static_signatures import static_settings
+    from pmetal.cli.signatures import static_settings
 
     static, imported = static_settings(target), signature_settings(load(target))
     assert static is not None, f"{target}: the source reader gave up (the command would import it)"

@@ -1,23 +1,91 @@
-"""Read a class's or function's signature from its source file, without importing it.
+"""The settings of a signature, read from the imported object or from its source file.
 
-`pmetal train --help` must not pay for importing Lightning, transformers and PEFT (seconds) just to
-list the flags, so `flags.CommandFlags` reads the signatures statically: the `__init__` of a class
-and, through `**kwargs`, of its base classes (followed across pmetal's files by their imports),
-annotations evaluated over `typing`'s names (anything else becomes an opaque type), literal
-defaults (module constants followed), and the docstrings. It gives the same `Setting`s as
-`flags.signature_settings` does on the imported objects (tests/unit/test_cli_flags.py), and
-returns None for anything it cannot read, so the caller imports instead.
+`signature_settings(obj)` reads an imported class's `__init__` (and, through `**kwargs`, its bases')
+or a function. `static_settings("package.module:Name")` reads the same from source, importing
+nothing: `pmetal train --help` must not pay for importing Lightning, transformers and PEFT
+(seconds) just to list the flags. It follows base classes across pmetal's files by their imports,
+evaluates annotations over `typing`'s names (anything else becomes an opaque type), follows
+module constants for defaults, and parses the docstrings. It gives the same `Setting`s as
+`signature_settings` (tests/unit/test_cli_flags.py), and None for anything it cannot read, so the
+caller imports instead.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import typing
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One parameter of a signature: its name, type, default and docstring text."""
+
+    name: str
+    annotation: Any
+    default: Any  # REQUIRED when it has none
+    doc: str
+    owner: str  # the class or function that declares it
+
+
+def parse_docs(texts) -> dict[str, str]:
+    """Parameter name -> its text, from the `Args:` sections of docstrings (the first wins)."""
+    import docstring_parser
+
+    docs: dict[str, str] = {}
+    for text in texts:
+        for p in docstring_parser.parse(text or "").params:
+            docs.setdefault(p.arg_name.lstrip("*"), " ".join((p.description or "").split()))
+    return docs
+
+
+def _docs(obj) -> dict[str, str]:
+    texts = [obj.__doc__]
+    if isinstance(obj, type) and "__init__" in vars(obj):
+        texts.append(vars(obj)["__init__"].__doc__)  # "Args:" may sit in either docstring
+    return parse_docs(texts)
+
+
+_FRAMEWORKS = ("lightning.", "torch.", "builtins")  # their __init__(*args, **kwargs) ends the walk
+
+
+def signature_settings(target) -> dict[str, Setting]:
+    """The parameters of a function, or of a class's `__init__` and, through `**kwargs`, its bases'.
+
+    The most derived declaration of a name wins (its default and its docstring text); the walk
+    stops at the first `__init__` without `**kwargs`, or at Lightning's and torch's own bases.
+    """
+    owners = [target] if not isinstance(target, type) else [
+        c for c in target.__mro__ if "__init__" in vars(c) and not c.__module__.startswith(_FRAMEWORKS)
+    ]
+    settings: dict[str, Setting] = {}
+    docs: dict[str, str] = {}
+    for owner in owners:
+        for name, text in _docs(owner).items():
+            docs.setdefault(name, text)
+    for owner in owners:
+        function = owner.__init__ if isinstance(owner, type) else owner
+        hints = typing.get_type_hints(function)
+        more = False
+        for p in list(inspect.signature(function).parameters.values())[1 if isinstance(owner, type) else 0 :]:
+            if p.kind is p.VAR_KEYWORD:
+                more = True
+            elif p.kind is not p.VAR_POSITIONAL and p.name not in settings:
+                settings[p.name] = Setting(p.name, hints.get(p.name, Any), p.default, docs.get(p.name, ""),
+                                           owner.__qualname__)
+        if not more:
+            break
+    return settings
+
+
+# ---------------------------------------------------------------------------------- from source
 _TYPING = {name: getattr(typing, name) for name in ("Optional", "Union", "Literal", "Any", "Callable", "Sequence")}
 _BUILTINS = {"list": list, "tuple": tuple, "dict": dict, "set": set, "str": str, "int": int, "float": float,
              "bool": bool, "bytes": bytes, "None": None, "type": type}
@@ -173,8 +241,6 @@ def _framework(source: str, base: ast.expr) -> tuple[str, None]:
 
 def static_settings(target: str):
     """`flags.Setting`s of "package.module:Name" read from source, or None when it cannot tell."""
-    from pmetal.cli.flags import REQUIRED, Setting, parse_docs
-
     module, _, name = target.partition(":")
     try:
         where, node = _lookup(module, name)
