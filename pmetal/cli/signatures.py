@@ -72,7 +72,10 @@ def signature_settings(target) -> dict[str, Setting]:
             docs.setdefault(name, text)
     for owner in owners:
         function = owner.__init__ if isinstance(owner, type) else owner
-        hints = typing.get_type_hints(function)
+        try:
+            hints = typing.get_type_hints(function)
+        except Exception:  # an annotation naming what only a type checker imports: left untyped
+            hints = {}
         more = False
         for p in list(inspect.signature(function).parameters.values())[1 if isinstance(owner, type) else 0 :]:
             if p.kind is p.VAR_KEYWORD:
