@@ -44,17 +44,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ExportOnTrainEnd(Callback):
-    """Saves the trained adapter (or full model), tokenizer and config into `<run_dir>/<subdir>`."""
+    """Saves the trained adapter (or full model), tokenizer and config into `<run_dir>/<subdir>`.
+
+    `export_dir` is where the last fit saved it (None before, or when training failed).
+    """
 
     def __init__(self, subdir: str = "final") -> None:
         self.subdir = subdir
+        self.export_dir: Path | None = None
+        self.failed = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.export_dir, self.failed = None, False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.failed = True  # a broken model (NaN, a crash) is never exported
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not hasattr(pl_module, "save_pretrained"):
-            return
-        if getattr(trainer, "_pmetal_failed", False):
+        if not trainer.is_global_zero or not hasattr(pl_module, "save_pretrained") or self.failed:
             return
         out = Path(trainer.default_root_dir) / self.subdir
         pl_module.save_pretrained(out)
-        trainer.pmetal_export_dir = out
+        self.export_dir = out
         log.info("saved the trained %s to %s", getattr(pl_module, "artifact_kind", "model"), out)

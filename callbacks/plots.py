@@ -16,11 +16,13 @@ class LossHistory(Callback):
     """Records the training loss per optimizer step and the validation loss per validation run.
 
     Its state goes into checkpoints, so a resumed run continues the same curve. At the end of fit
-    it writes `loss_history.json` and `loss.png` into the run directory.
+    it writes `loss_history.json` and `loss.png` into the run directory; `plot_path` says where
+    the plot went (None until then).
     """
 
     def __init__(self, filename: str = "loss.png") -> None:
         self.filename = filename
+        self.plot_path: Path | None = None
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         self._pending: list[float] = []
@@ -57,7 +59,7 @@ class LossHistory(Callback):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "loss_history.json").write_text(json.dumps({"train": self.train, "val": self.val}))
         if self.train:
-            trainer.pmetal_plot_path = plot_losses(self.train, self.val, run_dir / self.filename)
+            self.plot_path = plot_losses(self.train, self.val, run_dir / self.filename)
 
 
 def plot_losses(train, val, path: Path) -> Path:

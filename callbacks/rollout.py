@@ -14,8 +14,9 @@ the rounds and dropped groups are logged. If the rounds run out, the update uses
 (possibly none: the step is skipped and counted).
 
 The module supplies the settings (``rollout_settings()``), the reward set (``rewards``), the
-policy and the tokenizer; the callback holds no state between steps, so it can be added by the
-module itself (``configure_callbacks``) and plain ``Trainer().fit(GrpoModule(...), dm)`` works.
+policy and the tokenizer; the callback keeps only a cache of the tokenizer's stop ids, so it can
+be added by the module itself (``configure_callbacks``) and plain
+``Trainer().fit(GrpoModule(...), dm)`` works.
 """
 
 from __future__ import annotations
@@ -23,30 +24,30 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 
 from pmetal.generation.rollout import RolloutBatch, RolloutRow, assemble, rows_from_generation
-from pmetal.generation.sampling import SamplingConfig, generate, stop_token_ids
+from pmetal.generation.sampling import generate, stop_token_ids
+from pmetal.generation.settings import RolloutSettings
 from pmetal.losses.policy import group_advantages, zero_spread_groups
 
 log = logging.getLogger("pmetal")
 
 
-@dataclass
-class RolloutSettings:
-    sampling: SamplingConfig
-    num_generations: int
-    scale_rewards: str = "group"
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
-
-
 class RolloutCallback(L.Callback):
     """Generates and scores the rollout of each training batch (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._stop_ids: tuple[object, list[int]] | None = None  # (tokenizer, its stop ids)
+
+    def stop_ids(self, module) -> list[int]:
+        # reading the vocabulary costs ~0.1 s on a 50k-word tokenizer: once per tokenizer
+        if self._stop_ids is None or self._stop_ids[0] is not module.tokenizer:
+            self._stop_ids = (module.tokenizer, stop_token_ids(module.tokenizer, module.policy))
+        return self._stop_ids[1]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if not isinstance(batch, dict) or "prompt_ids" not in batch:
@@ -55,7 +56,7 @@ class RolloutCallback(L.Callback):
                 f"(a dict with 'prompt_ids'), got {type(batch).__name__}"
             )
         source = getattr(trainer, "datamodule", None)
-        batch["rollout"] = make_rollout(pl_module, batch, source=source)
+        batch["rollout"] = make_rollout(pl_module, batch, source=source, stop_ids=self.stop_ids(pl_module))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for fn in getattr(getattr(pl_module, "rewards", None), "functions", []):
@@ -63,7 +64,8 @@ class RolloutCallback(L.Callback):
                 fn.to(pl_module.device)  # a reward model runs beside the policy
 
 
-def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings, first_group: int):
+def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings, first_group: int,
+                        stop_ids: list[int]):
     tokenizer = module.tokenizer
     policy = module.policy
     group = settings.num_generations
@@ -74,7 +76,7 @@ def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings
             policy,
             batch["prompt_ids"],
             settings.sampling,
-            stop_ids=_stop_ids(module),
+            stop_ids=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
             num_return_sequences=group,
         )
@@ -95,18 +97,14 @@ def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings
     return rows, completions, per_function
 
 
-def _stop_ids(module) -> list[int]:
-    # reading the vocabulary costs ~0.1 s on a 50k-word tokenizer: once per module and tokenizer
-    cached = getattr(module, "_pmetal_stop_ids", None)
-    if cached is None or cached[0] is not module.tokenizer:
-        cached = (module.tokenizer, stop_token_ids(module.tokenizer, module.policy))
-        module._pmetal_stop_ids = cached
-    return cached[1]
+def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[int] | None = None) -> RolloutBatch:
+    """Generate, score and assemble the rollout of one prompt batch (the callback's work).
 
-
-def make_rollout(module, batch: dict[str, Any], *, source=None) -> RolloutBatch:
-    """Generate, score and assemble the rollout of one prompt batch (the callback's work)."""
+    `stop_ids`: the tokens that end a completion; None reads them from the module's tokenizer.
+    """
     settings: RolloutSettings = module.rollout_settings()
+    if stop_ids is None:
+        stop_ids = stop_token_ids(module.tokenizer, module.policy)
     group = settings.num_generations
     num_prompts = len(batch["prompt_ids"])
     start = time.perf_counter()
@@ -117,7 +115,8 @@ def make_rollout(module, batch: dict[str, Any], *, source=None) -> RolloutBatch:
     rounds, dropped = 0, 0
     prompt_batch = batch
     while True:
-        rows, completions, per_function = _generate_and_score(module, prompt_batch, settings, first_group=rounds * num_prompts)
+        rows, completions, per_function = _generate_and_score(module, prompt_batch, settings,
+                                                              first_group=rounds * num_prompts, stop_ids=stop_ids)
         rounds += 1
         all_rows += rows
         for name, scores in per_function.items():

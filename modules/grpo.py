@@ -120,8 +120,8 @@ class GrpoModule(PmetalModule):
 
     # ------------------------------------------------------------------ rollout side
     def rollout_settings(self):
-        from pmetal.callbacks.rollout import RolloutSettings
         from pmetal.generation import SamplingConfig
+        from pmetal.generation.settings import RolloutSettings
 
         hp = self.hparams
         sampling = SamplingConfig(max_new_tokens=hp.max_completion_length, temperature=hp.temperature,

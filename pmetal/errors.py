@@ -54,7 +54,6 @@ class NonFiniteLossError(PmetalError):
 
 def non_finite_error(trainer, what: str) -> NonFiniteLossError:
     """The error raised when the loss or gradients stop being finite, naming step and checkpoint."""
-    trainer._pmetal_failed = True  # tells the export callback not to save a broken model
     last = "none was written yet"
     for cb in getattr(trainer, "checkpoint_callbacks", []):
         path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")

@@ -61,7 +61,8 @@ def configure_cuda_allocator() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `pmetal` parser; only `command`'s flags are added (deriving them imports its method)."""
     parser = argparse.ArgumentParser(
         prog="pmetal",
         description="Fine-tune language and embedding models on Apple Silicon, CUDA and CPU.",
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (module.__doc__ or "").strip().splitlines()
         p = sub.add_parser(name, help=doc[0] if doc else name, description=(module.__doc__ or "").strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
+        if name == command:
+            module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_lightning_cli(argv)
             return 0
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv else None)
         args = parser.parse_args(argv)
         if not getattr(args, "_run", None):
             parser.print_help()

@@ -4,13 +4,16 @@
 DataModule classes; every `__init__` argument of both becomes a flag (`--model.lora_r 8`,
 `--data.path train.jsonl`) and a YAML key, with its docstring as help. `--model M` with a plain
 value names the model to fine-tune (a directory, hub id, .gguf or "default"), as PMetal and TRL
-users expect; it is rewritten to `--model.model M`. `--resume` continues from
-`<default_root_dir>/checkpoints/last.ckpt`.
+users expect; it is rewritten to `--model.model M`. `--trainer.*` are the parameters of
+`pmetal.cli.runner.build_trainer` (pmetal's Trainer defaults; every other `lightning.Trainer`
+argument passes through). `--resume` continues from `<default_root_dir>/checkpoints/last.ckpt`;
+`--ckpt_path PATH` (Lightning's name) from the checkpoint named.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from pmetal.errors import PmetalError
 from pmetal.cli.methods import METHODS, get_method
@@ -89,7 +92,7 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
     """Parse `pmetal fit|validate ...` and run it (or only build the objects with run=False)."""
     from lightning.pytorch.cli import LightningCLI
 
-    from pmetal.cli.runner import build_trainer, default_run_dir, pmetal_callbacks, resolve_resume
+    from pmetal.cli.runner import build_trainer, default_run_dir, fit, report_outputs, resolve_resume
 
     subcommand, rest = argv[0], argv[1:]
     method_name, rest = _pop_option(rest, "--method")
@@ -103,52 +106,33 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
     class PmetalCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--method", default=method_name, help=f"training method: {', '.join(METHODS)}")
-            parser.add_argument("--checkpoint_every_n_steps", type=int, default=100,
-                                help="write a checkpoint every N optimizer steps (and at the end)")
+            parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                                help="a checkpoint to continue from (Lightning's name; `--resume` alone takes the "
+                                     "run directory's last one)")
+            parser.add_argument("--checkpoint_every_n_steps", type=Optional[int], default=None,
+                                help="older configs' place of trainer.checkpoint_every_n_steps (used when set)")
 
-        def _instantiate_trainer(self, config, callbacks):
-            config = dict(config)
-            sub = self.config.get(str(self.subcommand), self.config)
-            every = int(sub.get("checkpoint_every_n_steps", 100))
-            root = config.pop("default_root_dir", None) or str(default_run_dir(method_name))
-            user_callbacks = config.pop("callbacks", None) or []
-            if self.save_config_callback and not config.get("fast_dev_run", False):
-                callbacks = list(callbacks) + [
-                    self.save_config_callback(self._parser(self.subcommand), sub, **self.save_config_kwargs)
-                ]
-            logger = config.pop("logger", None)
-            return build_trainer(
-                root,
-                accelerator=config.pop("accelerator", None) or "auto",
-                precision=config.pop("precision", None) or "auto",
-                callbacks=pmetal_callbacks(every) + list(user_callbacks),
-                extra_callbacks=callbacks,
-                logger=None if logger in (None, True) else logger,
-                **config,
-            )
+        def before_instantiate_classes(self) -> None:
+            legacy = self.config.get("checkpoint_every_n_steps")
+            if legacy is not None:
+                self.config["trainer"]["checkpoint_every_n_steps"] = legacy
 
     cli = PmetalCLI(
         method.module_class(),
         method.datamodule_class(),
+        trainer_class=build_trainer,  # its signature (and lightning.Trainer's, through **kwargs) is --trainer.*
         args=rest,  # run=False: LightningCLI has no subcommands; we call fit/validate ourselves
         run=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "max_epochs": 1,
-            "gradient_clip_val": 1.0,
-            "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0,
-            "enable_model_summary": False,
-            "devices": 1,
-            "use_distributed_sampler": False,  # pmetal's samplers shard batches by rank themselves
-        },
+        trainer_defaults={"default_root_dir": str(default_run_dir(method_name))},
         auto_configure_optimizers=False,
     )
     if not run:
         return cli
-    ckpt = resolve_resume(cli.trainer.default_root_dir, resume)
-    from pmetal.cli.runner import fit, report_outputs
-
+    ckpt_path = cli.config.get("ckpt_path")
+    if ckpt_path and resume:
+        raise PmetalError("pass --resume or --ckpt_path, not both")
+    ckpt = resolve_resume(cli.trainer.default_root_dir, ckpt_path or resume)
     if subcommand == "fit":
         result = fit(cli.trainer, cli.model, cli.datamodule, ckpt_path=ckpt)
         report_outputs(result, getattr(cli.model, "artifact_kind", "model"))

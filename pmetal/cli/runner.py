@@ -1,5 +1,10 @@
 """Build the Lightning Trainer with pmetal's defaults and run fit; shared by every command.
 
+`build_trainer`'s signature is the one typed source of the Trainer settings: the PMetal commands
+derive their flags from it (pmetal/cli/flags.py) and `pmetal fit` hands it to LightningCLI as the
+trainer class, so `--trainer.<name>` and YAML `trainer:` keys are its parameters (and, through
+`**trainer_kwargs`, every other `lightning.Trainer` argument).
+
 Defaults: the accelerator and precision from `pmetal.device.choose_device` (mps > cuda > cpu),
 gradient clipping at 1.0, atomic checkpoints every N steps and at the end (trainable parameters
 only), a NaN/inf guard, tokens/s in the progress bar, metrics as CSV (and TensorBoard when it is
@@ -12,11 +17,18 @@ import importlib.util
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
 from pmetal.device import choose_device
+from pmetal.errors import PmetalError
 
 log = logging.getLogger("pmetal")
+
+LoggerName = Literal["csv", "tensorboard", "wandb"]
 
 
 def default_run_dir(method: str) -> Path:
@@ -55,76 +67,135 @@ def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "
     return callbacks
 
 
+def build_loggers(logger: Any, run_dir: Path) -> Any:
+    """Lightning loggers from `logger`: names (csv, tensorboard, wandb), Logger objects, None or a bool."""
+    if logger is False or isinstance(logger, Logger) or (
+            isinstance(logger, (list, tuple)) and all(isinstance(x, Logger) for x in logger) and logger):
+        return logger
+    if logger is None or logger is True:
+        names = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else [])
+    else:
+        names = logger.split(",") if isinstance(logger, str) else list(logger)
+    loggers = []
+    for name in names:
+        if not isinstance(name, str):
+            loggers.append(name)  # a Logger object beside named ones
+        elif name == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+        elif name in ("tensorboard", "wandb"):
+            package = "tensorboard" if name == "tensorboard" else "wandb"
+            if importlib.util.find_spec(package) is None:
+                raise PmetalError(f"logger {name!r} needs the {package} package, which is not installed: "
+                                  f"pip install {package} (or pick another logger: csv, tensorboard, wandb)")
+            if name == "tensorboard":
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+            else:
+                from lightning.pytorch.loggers import WandbLogger
+
+                loggers.append(WandbLogger(save_dir=str(run_dir), project="pmetal", name=run_dir.name))
+        else:
+            raise PmetalError(f"unknown logger {name!r}; expected csv, tensorboard or wandb")
+    return loggers
+
+
 def build_trainer(
-    run_dir: str | Path,
+    default_root_dir: Union[str, Path, None] = None,
     *,
-    accelerator: str = "auto",
+    accelerator: Literal["auto", "mps", "cuda", "cpu"] = "auto",
     precision: str = "auto",
-    max_epochs: int | None = 1,
+    max_epochs: Optional[int] = 1,
     max_steps: int = -1,
     accumulate_grad_batches: int = 1,
-    gradient_clip_val: float | None = 1.0,
+    gradient_clip_val: Optional[float] = 1.0,
     checkpoint_every_n_steps: int = 100,
-    val_check_interval: Any = None,
+    val_check_interval: Optional[Union[int, float]] = None,
+    check_val_every_n_epoch: Optional[int] = 1,
     log_every_n_steps: int = 1,
-    callbacks: list | None = None,
-    extra_callbacks: list | None = None,
-    logger: Any = None,
+    logger: Union[LoggerName, list[LoggerName], Logger, list[Logger], bool, None] = None,
     enable_progress_bar: bool = True,
+    devices: Union[int, str] = 1,
+    num_sanity_val_steps: int = 0,
+    enable_model_summary: bool = False,
+    use_distributed_sampler: bool = False,
+    callbacks: Optional[list[Callback]] = None,
+    plugins: Optional[list[Any]] = None,
     **trainer_kwargs: Any,
-):
-    """A Lightning Trainer with pmetal's defaults, writing everything under `run_dir`."""
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
+) -> L.Trainer:
+    """A Lightning Trainer with pmetal's defaults, writing everything under `default_root_dir`.
 
+    Args:
+        default_root_dir: the run directory: checkpoints, metrics, the loss plot and the trained
+            adapter or model go there; None means a new runs/<method>-<time>.
+        accelerator: "auto" (mps, then cuda, then cpu), "mps", "cuda" or "cpu".
+        precision: "auto" (bf16 autocast where the device has it, fp16 autocast otherwise on a GPU,
+            fp32 on CPU), or a Lightning precision: "32-true", "bf16-mixed", "16-mixed", "bf16-true".
+        max_epochs: passes over the training data; None lets max_steps alone decide.
+        max_steps: stop after this many optimizer steps (-1: the epochs decide).
+        accumulate_grad_batches: batches whose gradients add up to one optimizer step.
+        gradient_clip_val: clip the gradient norm to this value; 0 or None turns clipping off.
+        checkpoint_every_n_steps: write a checkpoint every N optimizer steps (and at the end).
+        val_check_interval: validate every N training batches (an int, counted across epochs) or
+            at this fraction of an epoch (a float); None validates at the end of each epoch.
+        check_val_every_n_epoch: validate after every N epochs; None when val_check_interval
+            counts batches across epochs (an int val_check_interval sets it to None).
+        log_every_n_steps: log metrics every N optimizer steps.
+        logger: where metrics go: "csv" (metrics.csv), "tensorboard", "wandb", a list of them
+            (comma-separated on a PMetal command: csv,wandb), Lightning Logger objects, or False
+            for none; None means CSV plus TensorBoard when it is installed.
+        enable_progress_bar: show the progress bar with loss, learning rate and tokens/s.
+        devices: the number of devices (or Lightning's device list / "auto").
+        num_sanity_val_steps: validation batches run before training as a check (0: none).
+        enable_model_summary: print Lightning's table of the model's layers before training.
+        use_distributed_sampler: let Lightning wrap the training sampler for distributed runs;
+            off, as pmetal's batch samplers shard batches by rank themselves.
+        callbacks: more callbacks, run after pmetal's own (checkpoints, NaN guard, loss plot,
+            learning-rate monitor, export, throughput).
+        plugins: Lightning plugins; pmetal's atomic checkpoint writer is added unless one is given.
+    """
     from pmetal.callbacks.checkpoint import AtomicCheckpointIO
 
-    run_dir = Path(run_dir)
+    run_dir = Path(default_root_dir) if default_root_dir is not None else default_run_dir("run")
     run_dir.mkdir(parents=True, exist_ok=True)
     choice = choose_device(accelerator, precision)
     log.info(choice.describe())
-    if callbacks is None:
-        callbacks = pmetal_callbacks(checkpoint_every_n_steps)
-    callbacks = list(callbacks) + list(extra_callbacks or [])
+    callbacks = pmetal_callbacks(checkpoint_every_n_steps) + list(callbacks or [])
     for cb in callbacks:
         if type(cb).__name__ == "ModelCheckpoint" and cb.dirpath is None:
             cb.dirpath = str(run_dir / "checkpoints")
-    if logger is None:
-        logger = [CSVLogger(save_dir=str(run_dir), name="", version="")]
-        if importlib.util.find_spec("tensorboard") is not None:
-            from lightning.pytorch.loggers import TensorBoardLogger
-
-            logger.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
-    plugins = list(trainer_kwargs.pop("plugins", None) or [])
+    plugins = list(plugins or [])
     if not any(type(p).__name__ == "AtomicCheckpointIO" for p in plugins):
         plugins.append(AtomicCheckpointIO())
-    # pmetal's batch samplers split batches by rank themselves; Lightning must not wrap them.
-    defaults = {"devices": 1, "enable_model_summary": False, "num_sanity_val_steps": 0, "use_distributed_sampler": False}
-    trainer_kwargs = {**defaults, **trainer_kwargs}
-    trainer = L.Trainer(
+    if isinstance(val_check_interval, int) and not isinstance(val_check_interval, bool):
+        check_val_every_n_epoch = None  # N batches across epochs, not N batches of one epoch
+    return L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=choice.accelerator,
         precision=choice.precision,
         max_epochs=max_epochs,
         max_steps=max_steps,
         accumulate_grad_batches=accumulate_grad_batches,
-        gradient_clip_val=gradient_clip_val,
+        gradient_clip_val=gradient_clip_val or None,
         val_check_interval=val_check_interval,
+        check_val_every_n_epoch=check_val_every_n_epoch,
         log_every_n_steps=log_every_n_steps,
-        callbacks=callbacks,
-        logger=logger,
-        plugins=plugins,
+        logger=build_loggers(logger, run_dir),
         enable_progress_bar=enable_progress_bar,
+        devices=devices,
+        num_sanity_val_steps=num_sanity_val_steps,
+        enable_model_summary=enable_model_summary,
+        use_distributed_sampler=use_distributed_sampler,
+        callbacks=callbacks,
+        plugins=plugins,
         **trainer_kwargs,
     )
-    trainer.pmetal_device = choice
-    return trainer
 
 
 def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None:
     """`--resume` with no value resumes from `<run_dir>/checkpoints/last.ckpt`; a path is used as is."""
-    from pmetal.errors import PmetalError
-
     if not resume:
         return None
     if resume is True or resume in ("last", "auto"):
@@ -142,17 +213,45 @@ def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None
 
 def fit(trainer, module, datamodule, *, ckpt_path: str | None = None) -> dict[str, Any]:
     """Run fit and return where the outputs went."""
+    from pmetal.callbacks.checkpoint import ExportOnTrainEnd
+    from pmetal.callbacks.plots import LossHistory
+
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     run_dir = Path(trainer.default_root_dir)
+    # the callbacks build_trainer added keep what they wrote
+    export = next((cb.export_dir for cb in trainer.callbacks if isinstance(cb, ExportOnTrainEnd)), None)
+    plot = next((cb.plot_path for cb in trainer.callbacks if isinstance(cb, LossHistory)), None)
     return {
         "run_dir": run_dir,
-        "export_dir": getattr(trainer, "pmetal_export_dir", None),
-        "plot": getattr(trainer, "pmetal_plot_path", None),
+        "export_dir": export,
+        "plot": plot,
         "metrics": run_dir / "metrics.csv",
         "seconds": time.time() - start,
         "steps": trainer.global_step,
     }
+
+
+def run_dir_for(output_dir: str | Path | None, resume: str | None, method: str) -> Path:
+    """The run directory: --output-dir, the directory of a resumed checkpoint, or a new one."""
+    if output_dir:
+        return Path(output_dir)
+    if resume and resume != "last" and Path(resume).is_file():
+        return Path(resume).resolve().parent.parent
+    if resume:
+        raise PmetalError("--resume needs --output-dir (the run to continue) or a checkpoint path")
+    return default_run_dir(method)
+
+
+def launch(args, settings, method: str, module, datamodule, **trainer_overrides: Any) -> dict:
+    """A PMetal command's run: the Trainer from its resolved settings, fit, and where the outputs went."""
+    trainer_kwargs = {**settings.trainer, **trainer_overrides}
+    resume = getattr(args, "resume", None)
+    run_dir = run_dir_for(trainer_kwargs.pop("default_root_dir", None), resume, method)
+    trainer = build_trainer(run_dir, **trainer_kwargs)
+    result = fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, resume))
+    report_outputs(result, getattr(module, "artifact_kind", "model"))
+    return result
 
 
 def report_outputs(result: dict, kind: str = "adapter") -> None:
@@ -163,6 +262,7 @@ def report_outputs(result: dict, kind: str = "adapter") -> None:
         lines.append(f"  {kind}: {result['export_dir']}")
     if result.get("plot"):
         lines.append(f"  loss plot: {result['plot']}")
-    lines.append(f"  metrics: {run_dir / 'metrics.csv'}")
+    if (run_dir / "metrics.csv").is_file():
+        lines.append(f"  metrics: {run_dir / 'metrics.csv'}")
     lines.append(f"  checkpoints (for --resume): {run_dir / 'checkpoints'}")
     print("\n".join(lines), flush=True)

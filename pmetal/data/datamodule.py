@@ -75,7 +75,7 @@ class SftDataModule(L.LightningDataModule):
         eval_path: validation data in the same layout; None holds out `val_fraction` of `path`.
         val_fraction: fraction of the training rows held out for validation when there is no
             `eval_path` (at least one row when positive); 0 disables validation.
-        batch_size: rows per batch (ignored by packing, which fills `pack_tokens` per batch).
+        batch_size: rows per batch; with packing, packed rows (bins of `pack_tokens` tokens) per batch.
         max_seq_len: rows longer than this many tokens are truncated (the count is logged).
         prompt_column: a custom column holding the user prompt (with `response_column`).
         response_column: a custom column holding the assistant answer.
@@ -99,7 +99,7 @@ class SftDataModule(L.LightningDataModule):
         path: str | None = None,
         eval_path: str | None = None,
         val_fraction: float = 0.05,
-        batch_size: int = 4,
+        batch_size: int = 1,
         max_seq_len: int = 1024,
         prompt_column: str | None = None,
         response_column: str | None = None,

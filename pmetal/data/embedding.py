@@ -233,7 +233,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         shuffle: bool = True,
         drop_last: bool = False,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int = 42,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:

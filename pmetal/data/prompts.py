@@ -117,7 +117,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def __init__(self, path: Optional[str] = None, batch_size: int = 4, max_prompt_length: int = 512,
                  prompt_column: Optional[str] = None, system_prompt: Optional[str] = None,
-                 chat_template: Optional[str] = None, seed: int = 0, tokenizer: Optional[Any] = None,
+                 chat_template: Optional[str] = None, seed: int = 42, tokenizer: Optional[Any] = None,
                  num_workers: int = 0) -> None:
         super().__init__()
         if batch_size < 1:

@@ -71,10 +71,11 @@ def test_cli_turns_on_expandable_segments_unless_configured(monkeypatch):
 def test_compile_scope_flag_reaches_the_module_settings():
     import argparse
 
-    from pmetal.cli.commands.train import add_model_arguments, module_kwargs
+    from pmetal.cli.commands import train
 
     parser = argparse.ArgumentParser()
-    add_model_arguments(parser, learning_rate=1e-3)
+    train.add_arguments(parser)
+    module_kwargs = lambda args: train.FLAGS.resolve(args).model  # noqa: E731
     assert module_kwargs(parser.parse_args([]))["compile_scope"] == "layers"
     assert module_kwargs(parser.parse_args(["--compile", "--compile-scope", "model"]))["compile_scope"] == "model"
     with pytest.raises(SystemExit):

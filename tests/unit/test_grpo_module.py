@@ -164,9 +164,9 @@ def test_cli_grpo_dapo_runs_and_saves_the_adapter(tiny_model_dir, prompt_file, t
     code = main(["grpo", "--dapo", "--model", str(tiny_model_dir), "--dataset", str(prompt_file), "--reward-fn",
                  "tests.unit.test_grpo_module:char_parity_reward", "--num-generations", "2", "--batch-size", "2",
                  "--max-completion-length", "4", "--max-steps", "1", "--no-gradient-checkpointing",
-                 "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out)])
+                 "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out), "--logger", "csv"])
     assert code == 0, capsys.readouterr().err
-    assert (out / "metrics.csv").is_file()
+    assert (out / "metrics.csv").is_file() and not (out / "tensorboard").exists()  # --logger csv: CSV only
     assert "train/reward" in (out / "metrics.csv").read_text().splitlines()[0].split(",")
 
 

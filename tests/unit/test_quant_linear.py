@@ -213,12 +213,12 @@ def test_bitsandbytes_backend_gives_the_same_values(quant_type, double_quant):
 
 
 def test_quant_backend_reaches_every_quantized_layer(tiny_model_dir):
-    from pmetal.cli.commands.train import add_model_arguments, module_kwargs
+    from pmetal.cli.commands import train
     from pmetal.modules import SftModule
 
     parser = __import__("argparse").ArgumentParser()
-    add_model_arguments(parser, learning_rate=1e-3)
+    train.add_arguments(parser)
     args = parser.parse_args(["--model", str(tiny_model_dir), "--quantization", "nf4", "--quant-backend", "pmetal"])
-    module = SftModule(**module_kwargs(args))
+    module = SftModule(**train.FLAGS.resolve(args).model)
     layers = [m for m in module.policy.modules() if isinstance(m, QuantLinear)]
     assert layers and {layer.backend for layer in layers} == {"pmetal"}
