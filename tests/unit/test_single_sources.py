@@ -114,7 +114,7 @@ def test_bench_parser_runs_no_file_outside_the_package(monkeypatch):
         raise AssertionError(f"building the parser loaded a file: {args}")
 
     monkeypatch.setattr(importlib.util, "spec_from_file_location", refuse)
-    args = build_parser().parse_args(["bench", "--device", "cpu", "--variants", "hf,pmetal", "--rounds", "2"])
+    args = build_parser("bench").parse_args(["bench", "--device", "cpu", "--variants", "hf,pmetal", "--rounds", "2"])
     assert (args.device, args.variants, args.rounds) == ("cpu", "hf,pmetal", 2)
     # the script parses its own command line with the same flags
     monkeypatch.undo()
