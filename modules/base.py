@@ -67,6 +67,10 @@ class PmetalModule(L.LightningModule):
         trust_remote_code: allow custom modelling code from the model's repository.
         attn_implementation: "sdpa" (portable), "eager" or "flash_attention_2".
         logits_chunk_size: tokens per chunk of the LM head in the log-prob computation.
+        vlm: load a vision-language model (AutoModelForImageTextToText + AutoProcessor) with LoRA on
+            its language model; None detects it from the model's config (a `vision_config`).
+        train_projector: VLM: also train the projector between vision tower and language model fully.
+        train_vision_tower: VLM: also train the vision tower fully.
     """
 
     #: "adapter" or "model": what `save_pretrained` writes, for messages.
@@ -99,13 +103,23 @@ class PmetalModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
         logits_chunk_size: int = 1024,
+        vlm: Optional[bool] = None,
+        train_projector: bool = False,
+        train_vision_tower: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if quantization and adapter == "full":
             raise PmetalError("a quantized base cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
         dtype = self._resolve_weight_dtype(weight_dtype, adapter)
-        base, self.tokenizer = load_model_and_tokenizer(
+        from pmetal.vlm import is_vlm
+
+        self.processor = None  # a VLM's processor (images + text); None for a text model
+        self.is_vlm = is_vlm(model) if vlm is None else vlm
+        load = load_model_and_tokenizer
+        if self.is_vlm:
+            from pmetal.vlm import load_vlm_and_processor as load
+        base, tokenizer_or_processor = load(
             model,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
@@ -115,14 +129,20 @@ class PmetalModule(L.LightningModule):
             double_quant=double_quant,
             quant_backend=quant_backend,
         )
+        self.tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
+        if self.is_vlm:
+            self.processor = tokenizer_or_processor
         if adapter == "full" and getattr(base, "pmetal_quantization", None):  # a checkpoint saved 4-bit
             raise PmetalError(f"{model} is quantized and cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
         if gradient_checkpointing:
             enable_gradient_checkpointing(base, checkpoint_layers)
         base.config.use_cache = False
-        self.policy = apply_adapter(
-            base, adapter, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules
-        )
+        adapter_kwargs = {"target_modules": target_modules}
+        if self.is_vlm:
+            from pmetal.vlm import vlm_adapter_kwargs
+
+            adapter_kwargs = vlm_adapter_kwargs(base, adapter, target_modules, train_projector, train_vision_tower)
+        self.policy = apply_adapter(base, adapter, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, **adapter_kwargs)
         if compile:
             maybe_compile(self.policy, scope=compile_scope)
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
@@ -222,7 +242,7 @@ class PmetalModule(L.LightningModule):
         if self.hparams.quantization and self.hparams.adapter == "full":
             raise PmetalError("cannot save a quantized full model")
         self.policy.save_pretrained(out, safe_serialization=True)
-        self.tokenizer.save_pretrained(out)
+        (self.processor or self.tokenizer).save_pretrained(out)
         settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
         (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
         return out

@@ -64,14 +64,17 @@ class RlkdModule(GrpoModule):
 
     def _load_teacher(self) -> None:
         from pmetal.models import load_model_and_tokenizer
+        from pmetal.vlm import is_vlm, load_vlm_and_processor
 
         hp = self.hparams
         dtype = next(self.policy.parameters()).dtype
-        teacher, teacher_tokenizer = load_model_and_tokenizer(
+        load = load_vlm_and_processor if self.is_vlm and is_vlm(hp.teacher_model) else load_model_and_tokenizer
+        teacher, teacher_tokenizer = load(
             hp.teacher_model, dtype=dtype, trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation, quantization=hp.teacher_quantization,
             quant_backend=hp.quant_backend,
         )
+        teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)  # a VLM teacher's processor
         check_same_vocabulary(self.tokenizer, teacher_tokenizer, hp.model, hp.teacher_model)
         teacher.eval()
         for p in teacher.parameters():
@@ -114,11 +117,13 @@ class RlkdModule(GrpoModule):
         targets = labels[scored]  # [M]
 
         _, head = backbone_and_head(self.policy)
-        hidden = backbone_hidden(self.policy, ids, attention)[:, :-1][predicting]  # [M, H]
+        pixels = part.get("pixel_inputs")  # a VLM teacher sees the images too; a text teacher only the text
+        hidden = backbone_hidden(self.policy, ids, attention, pixel_inputs=pixels)[:, :-1][predicting]  # [M, H]
         student_logits = head(hidden).float()  # [M, V]: completion positions only
         with torch.no_grad():
             _, teacher_head = backbone_and_head(self.teacher)
-            teacher_hidden = backbone_hidden(self.teacher, ids, attention)[:, :-1][predicting]  # [M, H]
+            teacher_pixels = pixels if _is_vlm_model(self.teacher) else None
+            teacher_hidden = backbone_hidden(self.teacher, ids, attention, pixel_inputs=teacher_pixels)[:, :-1][predicting]
             teacher_logits = teacher_head(teacher_hidden).float()  # [M, V']
 
         sampled_logps = torch.log_softmax(student_logits / self._loss_temperature, dim=-1)
@@ -142,6 +147,12 @@ class RlkdModule(GrpoModule):
         metrics["grpo_loss"] = policy_loss.detach() * num_tokens / max(targets.numel(), 1)
         metrics["alpha"] = torch.tensor(alpha)
         return (1.0 - alpha) * policy_loss + alpha * distill_share, metrics
+
+
+def _is_vlm_model(model) -> bool:
+    from pmetal.vlm import multimodal_model
+
+    return multimodal_model(model) is not None
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:

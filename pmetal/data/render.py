@@ -40,7 +40,8 @@ CHATML_TEMPLATE = (
 # End-of-turn markers of common templates; EOS is always added. Only those present in the
 # tokenizer's template are used, so ordinary text never matches by accident.
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
-                       "<|end_of_text|>", "</s>", "<｜end▁of▁sentence｜>", "[/TOOL_RESULTS]")
+                       "<|end_of_text|>", "</s>", "<｜end▁of▁sentence｜>", "[/TOOL_RESULTS]",
+                       "<end_of_utterance>")
 
 
 class NoChatTemplateError(PmetalError):

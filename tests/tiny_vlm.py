@@ -1,0 +1,103 @@
+"""Tiny random vision-language models built in place: Idefics3 (SmolVLM-shaped) and Qwen2-VL.
+
+Both use SmolLM2's real tokenizer with the family's image tokens added and a small chat template
+that renders `{"type": "image"}` content parts as the family's placeholder. Idefics3 gets a real
+transformers processor (its image processor needs no torchvision); Qwen2-VL's processor needs
+torchvision (its video processor), so its directory holds the tokenizer and a Qwen2-VL image
+processor only, and pmetal builds the processor from those parts (`pmetal.vlm.PartsProcessor`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IDEFICS3_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}:"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+QWEN2VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+FAMILIES = ("idefics3", "qwen2_vl")
+
+
+def _tokenizer(extra_tokens):
+    from transformers import AutoTokenizer
+
+    from pmetal.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
+    return tokenizer
+
+
+def make_tiny_idefics3(path, *, hidden_size: int = 32, num_layers: int = 2, image_size: int = 32, seed: int = 0):
+    """An Idefics3ForConditionalGeneration (a SmolVLM shape) with its processor, saved to `path`."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"])
+    tokenizer.chat_template = IDEFICS3_TEMPLATE
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = Idefics3Config(
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.3,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=image_size, patch_size=8),
+        image_token_id=image_token_id, scale_factor=2, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": image_size},
+                                             max_image_size={"longest_edge": image_size}, do_image_splitting=False)
+    seq_len = (image_size // 8 // 2) ** 2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
+                                  chat_template=IDEFICS3_TEMPLATE)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_qwen2_vl(path, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
+    """A Qwen2VLForConditionalGeneration with SmolLM2's tokenizer and a Qwen2-VL image processor, saved to `path`."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    tokenizer.chat_template = QWEN2VL_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                              "<|video_pad|>")}
+    head_dim = hidden_size // 4
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, initializer_range=0.3, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(depth=1, embed_dim=hidden_size, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
+                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=16 * 16, max_pixels=32 * 32)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_vlm(family: str, path, **kwargs):
+    return {"idefics3": make_tiny_idefics3, "qwen2_vl": make_tiny_qwen2_vl}[family](path, **kwargs)
