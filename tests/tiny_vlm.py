@@ -101,3 +101,20 @@ def make_tiny_qwen2_vl(path, *, hidden_size: int = 32, num_layers: int = 2, seed
 
 def make_tiny_vlm(family: str, path, **kwargs):
     return {"idefics3": make_tiny_idefics3, "qwen2_vl": make_tiny_qwen2_vl}[family](path, **kwargs)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def write_colour_images(folder, size: int = 32):
+    """red.png, green.png, blue.png: a coloured square on a grey background; returns the folder."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    for name, rgb in COLOURS.items():
+        image = Image.new("RGB", (size, size), (128, 128, 128))
+        image.paste(Image.new("RGB", (size // 2, size // 2), rgb), (size // 4, size // 4))
+        image.save(folder / f"{name}.png")
+    return folder

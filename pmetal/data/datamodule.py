@@ -177,7 +177,8 @@ class SftDataModule(L.LightningDataModule):
         if (processor := vlm_processor(self)) is not None:  # a VLM: image + text rows (pmetal.data.vlm)
             rendered, fmt = render_vlm_dataset(processor, rows, path=path, max_seq_len=self.max_seq_len,
                                                train_on_prompt=self.train_on_prompt, prompt_column=self.prompt_column,
-                                               response_column=self.response_column, system_prompt=self.system_prompt)
+                                               response_column=self.response_column, system_prompt=self.system_prompt,
+                                               chat_template=self.chat_template)
             return self._checked(rendered, rows, path), fmt, len(rows)
         fmt, examples = to_sft_examples(rows, prompt_column=self.prompt_column, response_column=self.response_column,
                                         system_prompt=self.system_prompt, path=path)

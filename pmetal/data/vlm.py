@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pmetal.data.formats import row_error
-from pmetal.data.images import base_dir, image_refs, load_image
+from pmetal.data.images import base_dir, image_refs, load_image, load_row_images
 from pmetal.data.render import IGNORE_INDEX, assistant_spans, render_text, _tokenize_with_spans
 from pmetal.errors import PmetalError
 
@@ -225,7 +225,10 @@ def render_vlm_example(processor, rows: Sequence[dict], index: int, messages: An
     """Render row `index` of a VLM dataset; every error names the file and row."""
     messages, values = vlm_messages(rows, index, messages, field_name=field_name, path=path)
     root = base_dir(path)
-    images = load_images(values, rows, index, root=root, path=path)
+    if image_refs(rows, index)[0] is not None:  # errors name the image column (`image`, `images[1]`)
+        images = load_row_images(rows, index, path=path, root=root)
+    else:  # images given inside the message parts
+        images = load_images(values, rows, index, root=root, path=path, field_name=f"{field_name} images")
     try:
         ids, labels, spans, truncated, _ = render_vlm_row(processor, messages, images, max_seq_len=max_seq_len,
                                                           train_on_prompt=train_on_prompt,
@@ -299,7 +302,8 @@ def _row_conversation(rows: Sequence[dict], index: int, *, fmt: str | None, prom
 
 def render_vlm_dataset(processor, rows: Sequence[dict], *, path: str | None, max_seq_len: int | None,
                        train_on_prompt: bool = False, prompt_column: str | None = None,
-                       response_column: str | None = None, system_prompt: str | None = None):
+                       response_column: str | None = None, system_prompt: str | None = None,
+                       chat_template: str | None = None):
     """Render every row of an image + text SFT file: (RenderedDataset with VLM rows, format name)."""
     from pmetal.data.formats import detect_format
     from pmetal.data.render import RenderedDataset, ensure_chat_template
@@ -307,7 +311,7 @@ def render_vlm_dataset(processor, rows: Sequence[dict], *, path: str | None, max
     tokenizer = processor.tokenizer
     if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
         tokenizer.chat_template = processor.chat_template
-    ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer, chat_template)
     first = {k: v for k, v in rows[0].items() if k not in ("image", "images")} if rows else {}
     has_messages = any(isinstance(rows[0].get(n), list) for n in ("messages", "conversations")) if rows else False
     fmt = None if has_messages or not rows else detect_format([first], prompt_column=prompt_column)
@@ -394,3 +398,19 @@ def vlm_row_to_prompt(rows: Sequence[dict], index: int, *, prompt_column: str | 
                            else "".join(p.get("text", "") for p in answer if isinstance(p, dict)))
         messages = messages[:last]
     return messages, messages, columns
+
+
+def inspect_vlm_file(args):
+    """(`SftFileReport` of an image + text file rendered without truncation, tokenizer) for `pmetal dataset`."""
+    from pmetal.data.formats import load_rows
+    from pmetal.data.inspect import SftFileReport
+    from pmetal.models import resolve_model
+    from pmetal.vlm import load_processor
+
+    processor = load_processor(resolve_model(args.model)[0])
+    rows = load_rows(args.file)
+    rendered, fmt = render_vlm_dataset(processor, rows, path=args.file, max_seq_len=None,
+                                       train_on_prompt=args.train_on_prompt, prompt_column=args.prompt_column,
+                                       response_column=args.response_column, system_prompt=args.system_prompt,
+                                       chat_template=args.chat_template)
+    return SftFileReport(args.file, fmt, rows, rendered, args.max_seq_len), processor.tokenizer

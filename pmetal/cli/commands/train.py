@@ -39,6 +39,11 @@ def add_model_arguments(p: argparse.ArgumentParser, *, learning_rate: float, lor
     g.add_argument("--compile-scope", choices=["layers", "model"], default="layers",
                    help="with --compile: each decoder layer (default), or the whole decoder stack as one graph")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
+    g.add_argument("--vlm", action="store_true", default=None,
+                   help="a vision-language model (AutoModelForImageTextToText; data rows carry images); "
+                        "detected from the model's config when not given")
+    g.add_argument("--train-projector", action="store_true", help="VLM: also train the vision-language projector")
+    g.add_argument("--train-vision-tower", action="store_true", help="VLM: also train the vision tower")
     o = p.add_argument_group("optimization")
     o.add_argument("--learning-rate", "--lr", type=float, default=learning_rate,
                    help=f"peak learning rate (default {learning_rate or EXAMPLE_RECIPE_HELP})")
@@ -71,7 +76,8 @@ def module_kwargs(args) -> dict:
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_layers=args.checkpoint_layers, compile=args.compile, compile_scope=args.compile_scope,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, vlm=args.vlm, train_projector=args.train_projector,
+        train_vision_tower=args.train_vision_tower,
     )
 
 
