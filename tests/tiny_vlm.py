@@ -53,6 +53,7 @@ def make_tiny_idefics3(path, *, hidden_size: int = 32, num_layers: int = 2, imag
         vision_config=dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
                            num_attention_heads=2, image_size=image_size, patch_size=8),
         image_token_id=image_token_id, scale_factor=2, tie_word_embeddings=True,
+        initializer_range=0.3,  # image embeddings on the scale of the text embeddings (0.02 would drown them)
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
