@@ -77,10 +77,11 @@ def tiny_bert_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vlm_dirs(tmp_path_factory):
-    """{family: directory} of tiny random VLMs (Idefics3/SmolVLM shape and Qwen2-VL), see tests/tiny_vlm.py."""
-    from tests.tiny_vlm import FAMILIES, make_tiny_vlm
+    """{family: directory} of tiny random VLMs (Idefics3/SmolVLM shape, Qwen2-VL, Qwen2.5-VL, Qwen3-VL),
+    see tests/tiny_vlm.py."""
+    from tests.tiny_vlm import ALL_FAMILIES, make_tiny_vlm
 
-    return {family: make_tiny_vlm(family, tmp_path_factory.mktemp(f"tiny-{family}")) for family in FAMILIES}
+    return {family: make_tiny_vlm(family, tmp_path_factory.mktemp(f"tiny-{family}")) for family in ALL_FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 FAMILIES = ["idefics3", "qwen2_vl"]
+ALL_FAMILIES = [*FAMILIES, "qwen2_5_vl", "qwen3_vl"]
 SEEN: list[dict] = []
 
 
@@ -76,7 +77,7 @@ def test_qlora_quantizes_the_language_model_only(tiny_vlm_dirs):
     assert not any(isinstance(m, QuantLinear) for n, m in module.policy.named_modules() if ".visual." in n)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_sft_step_trains_the_adapter_and_the_images_matter(family, tiny_vlm_dirs, colour_images, tmp_path):
     from pmetal.data.datamodule import SftDataModule
     from pmetal.logps import lm_loss
@@ -99,7 +100,7 @@ def test_sft_step_trains_the_adapter_and_the_images_matter(family, tiny_vlm_dirs
     assert not torch.isclose(loss, swapped), "the loss does not depend on the images"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_rollout_logps_with_images_equal_the_update_and_rewards_see_images(family, tiny_vlm_dirs, colour_images):
     from pmetal.callbacks.rollout import make_rollout
     from pmetal.data.prompts import PromptDataModule
