@@ -167,11 +167,10 @@ def load_vlm_and_processor(name: str | Path, *, dtype: torch.dtype | None = None
     source, gguf = resolve_model(name)
     if gguf:
         raise PmetalError(f"{name}: a GGUF file holds a text model; a VLM needs a Hugging Face directory or hub id")
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype or torch.float32,
+                                                            trust_remote_code=trust_remote_code, **attention)
     except (OSError, ValueError) as exc:
         raise PmetalError(f"could not load the vision-language model {name!r}: {exc}") from exc
     processor = load_processor(source, trust_remote_code=trust_remote_code)
