@@ -65,6 +65,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def timed_steps(args, module, batches, step) -> tuple[float, float]:
+    """(seconds per step, tokens/s) of `step(batch) -> tokens` + an AdamW step, after the warm-up steps."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=1e-5)
+    times, tokens = [], []
+    for index, batch in enumerate(batches):
+        if index >= args.steps + args.warmup:
+            break
+        _sync(args.device)
+        start = time.perf_counter()
+        n = step(batch)
+        optimizer.step()
+        optimizer.zero_grad()
+        _sync(args.device)
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+            tokens.append(n)
+    return sum(times) / len(times), sum(tokens) / sum(times)
+
+
 def run_pmetal(args, work: Path) -> dict:
     import lightning as L
     import torch
@@ -82,54 +103,34 @@ def run_pmetal(args, work: Path) -> dict:
     grpo = GrpoModule(reward_fns=["bench_vlm:length_reward"], num_generations=args.num_generations,
                       max_completion_length=args.max_completion_length, micro_batch_size=args.prompts * args.num_generations,
                       **common).to(args.device)
-    data = PromptDataModule(path=str(work / "prompts.jsonl"), batch_size=args.prompts, tokenizer=grpo.tokenizer)
-    data.processor = grpo.processor
+    data = PromptDataModule(path=str(work / "prompts.jsonl"), batch_size=args.prompts, tokenizer=grpo.tokenizer,
+                            processor=grpo.processor)
     data.setup()
-    optimizer = torch.optim.AdamW([p for p in grpo.policy.parameters() if p.requires_grad], lr=1e-5)
-    times, tokens = [], []
-    for step, batch in enumerate(data.train_dataloader()):
-        if step >= args.steps + args.warmup:
-            break
-        _sync(args.device)
-        start = time.perf_counter()
+
+    def grpo_step(batch):
         rollout = make_rollout(grpo, batch)
         for part in rollout.micro_batches(grpo.hparams.micro_batch_size):
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
                 loss, _ = grpo.micro_batch_loss(part, rollout.num_sequences, rollout.num_completion_tokens)
             loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        _sync(args.device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-            tokens.append(rollout.num_completion_tokens)
-    out["grpo"] = (sum(times) / len(times), sum(tokens) / sum(times))
+        return rollout.num_completion_tokens
+
+    out["grpo"] = timed_steps(args, grpo, data.train_dataloader(), grpo_step)
     del grpo
     sft = SftModule(**common).to(args.device)
     dm = SftDataModule(path=str(work / "sft.jsonl"), batch_size=args.batch_size, val_fraction=0.0,
-                       tokenizer=sft.tokenizer)
-    dm.processor = sft.processor
+                       tokenizer=sft.tokenizer, processor=sft.processor)
     dm.setup()
-    optimizer = torch.optim.AdamW([p for p in sft.policy.parameters() if p.requires_grad], lr=1e-5)
-    times, tokens = [], []
-    loader = dm._loader(dm.train_rows, shuffle=False)
-    for step, batch in enumerate(loader):
-        if step >= args.steps + args.warmup:
-            break
+
+    def sft_step(batch):
         batch = {k: (v.to(args.device) if hasattr(v, "to") else {n: t.to(args.device) for n, t in v.items()})
                  for k, v in batch.items()}
-        _sync(args.device)
-        start = time.perf_counter()
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
             loss, _ = sft.compute_loss(batch)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        _sync(args.device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-            tokens.append(int(batch["attention_mask"].sum()))
-    out["sft"] = (sum(times) / len(times), sum(tokens) / sum(times))
+        return int(batch["attention_mask"].sum())
+
+    out["sft"] = timed_steps(args, sft, dm._loader(dm.train_rows, shuffle=False), sft_step)
     return out
 
 

@@ -91,6 +91,8 @@ class SftDataModule(L.LightningDataModule):
         seed: seed of the validation split and the per-epoch batch order.
         num_workers: DataLoader worker processes (0 = load in the training process).
         tokenizer: the tokenizer to render with; None takes the LightningModule's `tokenizer`.
+        processor: a vision-language model's processor: rows then carry images (`pmetal.data.vlm`;
+            padded, never packed); None takes the LightningModule's `processor` when it has one.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class SftDataModule(L.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
         tokenizer: Any = None,
+        processor: Any = None,
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
@@ -127,7 +130,7 @@ class SftDataModule(L.LightningDataModule):
         if packing and self.pack_tokens < max_seq_len:
             raise PmetalError(f"pack_tokens ({self.pack_tokens}) must be at least max_seq_len ({max_seq_len})")
         self.pad_to_multiple_of, self.seed, self.num_workers = pad_to_multiple_of, seed, num_workers
-        self.tokenizer = tokenizer
+        self.tokenizer, self.processor = tokenizer, processor
         self.train_rows: list[dict] | None = None
         self.val_rows: list[dict] = []
         self.stats: SftDataStats | None = None

@@ -113,12 +113,14 @@ class PromptDataModule(L.LightningDataModule):
         seed: seed of the shuffling (and of the extra prompts drawn by DAPO's dynamic sampling).
         tokenizer: a tokenizer; None takes the training module's (`trainer.lightning_module.tokenizer`).
         num_workers: DataLoader worker processes.
+        processor: a vision-language model's processor: prompts then carry images (`image`/`images`
+            columns or image parts); None takes the training module's `processor` when it has one.
     """
 
     def __init__(self, path: Optional[str] = None, batch_size: int = 4, max_prompt_length: int = 512,
                  prompt_column: Optional[str] = None, system_prompt: Optional[str] = None,
                  chat_template: Optional[str] = None, seed: int = 0, tokenizer: Optional[Any] = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, processor: Optional[Any] = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(None, f"batch_size={batch_size}", expected="at least 1 prompt per step")
@@ -128,7 +130,7 @@ class PromptDataModule(L.LightningDataModule):
             path = str(example_path("grpo.jsonl"))
         self.path, self.batch_size, self.max_prompt_length = path, batch_size, max_prompt_length
         self.prompt_column, self.system_prompt, self.chat_template = prompt_column, system_prompt, chat_template
-        self.seed, self.tokenizer, self.num_workers = seed, tokenizer, num_workers
+        self.seed, self.tokenizer, self.num_workers, self.processor = seed, tokenizer, num_workers, processor
         self.train_items: list[dict] | None = None
         self._rng = random.Random(seed + 1)
         self._collate = collate_prompts

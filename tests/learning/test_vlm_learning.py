@@ -73,8 +73,8 @@ def test_grpo_learns_the_colour_of_the_square(tmp_path):
     grpo = GrpoModule(model=str(tmp_path / "pretrained"), reward_fns=["test_vlm_learning:colour_reward"],
                       num_generations=8, max_completion_length=3, micro_batch_size=24, learning_rate=4e-3,
                       gradient_checkpointing=False, lora_r=8)
-    data = PromptDataModule(path=str(tmp_path / "prompts.jsonl"), batch_size=3, tokenizer=grpo.tokenizer)
-    data.processor = grpo.processor
+    data = PromptDataModule(path=str(tmp_path / "prompts.jsonl"), batch_size=3, tokenizer=grpo.tokenizer,
+                            processor=grpo.processor)
     data.setup()
     before = sampled_accuracy(grpo, data)
     assert before < 0.55, f"the pretrained policy already knows the colours ({before:.2f}): the test proves nothing"

@@ -109,8 +109,8 @@ def test_rollout_logps_with_images_equal_the_update_and_rewards_see_images(famil
     torch.manual_seed(0)
     module = GrpoModule(model=str(tiny_vlm_dirs[family]), reward_fns=["tests.unit.test_vlm:capture_reward"],
                         num_generations=3, max_completion_length=6, micro_batch_size=4)
-    dm = PromptDataModule(path=_prompts(colour_images), batch_size=4, tokenizer=module.tokenizer)
-    dm.processor = module.processor
+    dm = PromptDataModule(path=_prompts(colour_images), batch_size=4, tokenizer=module.tokenizer,
+                          processor=module.processor)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert len({len(p) for p in batch["prompt_ids"]}) > 1  # prompts of different lengths: left padding
@@ -159,3 +159,55 @@ def test_commands_train_grpo_and_fit_with_a_vlm(tiny_vlm_dirs, colour_images, tm
                  _prompts(colour_images), "--data.batch_size", "2", "--trainer.max_steps", "1",
                  "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "fit"),
                  "--trainer.enable_progress_bar", "false"]) == 0
+
+
+def test_rlkd_step_with_a_vlm_teacher(tiny_vlm_dirs, colour_images, tmp_path):
+    from pmetal.data.prompts import PromptDataModule
+    from pmetal.modules.rlkd import RlkdModule
+    from pmetal.vlm import multimodal_model
+
+    model = str(tiny_vlm_dirs["qwen2_vl"])
+    module = RlkdModule(model=model, teacher_model=model, reward_fns=["tests.unit.test_vlm:capture_reward"],
+                        num_generations=2, max_completion_length=5, micro_batch_size=4, learning_rate=1e-3)
+    assert multimodal_model(module.teacher) is not None
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    _trainer(tmp_path).fit(module, datamodule=PromptDataModule(path=_prompts(colour_images), batch_size=2))
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in module.policy.named_parameters() if n in before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_adapter_with_projector_reloads_and_reference_is_the_base(family, tiny_vlm_dirs, colour_images,
+                                                                        tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from pmetal.data.vlm import VlmCollator, render_vlm_dataset
+    from pmetal.modules.sft import SftModule
+
+    torch.manual_seed(0)
+    module = SftModule(model=str(tiny_vlm_dirs[family]), train_projector=True)
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # a trained adapter and projector
+    module.save_pretrained(tmp_path / "out")
+    rows = [{"image": "red.png", "messages": [{"role": "user", "content": "Colour?"},
+                                               {"role": "assistant", "content": "red"}]}]
+    rendered, _ = render_vlm_dataset(module.processor, rows, path=str(colour_images / "d.jsonl"), max_seq_len=256)
+    batch = VlmCollator(module.processor, pad_token_id=0)(rendered.rows)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dirs[family]).eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_vlm_dirs[family]),
+                                         tmp_path / "out").eval()
+    labels = batch["labels"]
+    args = (batch["input_ids"], batch["attention_mask"], labels)
+    module.policy.eval()
+    with torch.no_grad():
+        trained = module.completion_logps(*args, pixel_inputs=batch["pixel_inputs"]).sum
+        reference = module.reference_logps(*args, pixel_inputs=batch["pixel_inputs"]).sum
+        from pmetal.logps import completion_logps
+
+        assert torch.allclose(completion_logps(reloaded, *args, pixel_inputs=batch["pixel_inputs"]).sum, trained,
+                              atol=1e-4)
+        assert torch.allclose(completion_logps(base, *args, pixel_inputs=batch["pixel_inputs"]).sum, reference,
+                              atol=1e-4)
+    assert not torch.allclose(trained, reference, atol=1e-3)
