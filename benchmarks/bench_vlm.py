@@ -16,8 +16,9 @@ in its own subprocess.
     python benchmarks/bench_vlm.py --device cuda --hidden 576 --layers 30 --image-size 512 --prompts 8 \
         --num-generations 8 --max-completion-length 128 --batch-size 8 --steps 5 --warmup 2
 
-Prints a table (GRPO: seconds and generated tokens/s per step; SFT: seconds and tokens/s per step);
-`--markdown FILE` appends it as Markdown.
+Prints a table (GRPO: seconds per step and generated tokens/s; SFT: seconds per step and non-padding
+input tokens/s; peak GPU memory on CUDA); `--markdown FILE` appends it as Markdown. TRL's numbers come
+from its own counters (`completions/mean_length`, `num_input_tokens_seen`).
 """
 
 from __future__ import annotations
@@ -65,10 +66,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed_steps(args, module, batches, step) -> tuple[float, float]:
-    """(seconds per step, tokens/s) of `step(batch) -> tokens` + an AdamW step, after the warm-up steps."""
+def _reset_peak(device):
     import torch
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def timed_steps(args, module, batches, step) -> tuple[float, float, float | None]:
+    """(seconds per step, tokens/s, peak GiB) of `step(batch) -> tokens` + an AdamW step, after the warm-up."""
+    import torch
+
+    _reset_peak(args.device)
     optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=1e-5)
     times, tokens = [], []
     for index, batch in enumerate(batches):
@@ -83,7 +98,7 @@ def timed_steps(args, module, batches, step) -> tuple[float, float]:
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
             tokens.append(n)
-    return sum(times) / len(times), sum(tokens) / sum(times)
+    return sum(times) / len(times), sum(tokens) / sum(times), _peak(args.device)
 
 
 def run_pmetal(args, work: Path) -> dict:
@@ -142,11 +157,15 @@ def run_trl(args, work: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
     class Timer(TrainerCallback):
+        """Seconds of each timed step, and the input tokens seen before the first timed one."""
+
         def __init__(self):
-            self.starts, self.times = {}, []
+            self.starts, self.times, self.tokens_before = {}, [], 0
 
         def on_step_begin(self, a, state, control, **kw):
             _sync(args.device)
+            if state.global_step == args.warmup:
+                self.tokens_before = state.num_input_tokens_seen
             self.starts[state.global_step] = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
@@ -171,26 +190,32 @@ def run_trl(args, work: Path) -> dict:
     steps = args.steps + args.warmup
     config = GRPOConfig(output_dir=str(work / "trl-grpo"), per_device_train_batch_size=args.prompts * args.num_generations,
                         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-                        max_steps=steps, learning_rate=1e-5, beta=0.0, loss_type="grpo", logging_steps=1000,
+                        max_steps=steps, learning_rate=1e-5, beta=0.0, loss_type="grpo", logging_steps=1,
                         report_to=[], save_strategy="no", bf16=bf16, use_cpu=args.device == "cpu",
                         gradient_checkpointing=False, temperature=1.0, dataloader_num_workers=0)
     timer = Timer()
     trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=config, train_dataset=load("image", "prompts.jsonl"),
                           processing_class=processor, peft_config=lora, callbacks=[timer])
+    _reset_peak(args.device)
     trainer.train()
     per_step = sum(timer.times) / len(timer.times)
-    out["grpo"] = (per_step, args.prompts * args.num_generations * args.max_completion_length / per_step)
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history
+               if "completions/mean_length" in h and h.get("step", 0) > args.warmup]
+    generated = sum(lengths) * args.prompts * args.num_generations
+    out["grpo"] = (per_step, generated / sum(timer.times), _peak(args.device))
     model = AutoModelForImageTextToText.from_pretrained(work / "model", dtype=dtype).to(args.device)
     config = SFTConfig(output_dir=str(work / "trl-sft"), per_device_train_batch_size=args.batch_size, max_steps=steps,
                        learning_rate=1e-5, logging_steps=1000, report_to=[], save_strategy="no", bf16=bf16,
                        use_cpu=args.device == "cpu", gradient_checkpointing=False, assistant_only_loss=False,
-                       max_length=None, dataloader_num_workers=0)
+                       max_length=None, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
     timer = Timer()
     trainer = SFTTrainer(model=model, args=config, train_dataset=load("images", "sft.jsonl"),
                          processing_class=processor, peft_config=lora, callbacks=[timer])
+    _reset_peak(args.device)
     trainer.train()
     per_step = sum(timer.times) / len(timer.times)
-    out["sft"] = (per_step, None)
+    out["sft"] = (per_step, (trainer.state.num_input_tokens_seen - timer.tokens_before) / sum(timer.times),
+                  _peak(args.device))
     return out
 
 
@@ -230,14 +255,15 @@ def main() -> None:
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent))
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         results[name] = json.loads(line[7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]}
-    rows = ["| library | GRPO s/step | GRPO generated tok/s | SFT s/step | SFT tok/s | note |", "|---|---|---|---|---|---|"]
+    rows = ["| library | GRPO s/step | GRPO generated tok/s | GRPO peak GiB | SFT s/step | SFT tok/s | SFT peak GiB | note |",
+            "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | | | | | {r['error']} |")
+            rows.append(f"| {name} | | | | | | | {r['error']} |")
             continue
-        g, s = r.get("grpo"), r.get("sft")
-        fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
-        rows.append(f"| {name} | {fmt(g[0], '.3f')} | {fmt(g[1], '.0f')} | {fmt(s[0], '.3f')} | {fmt(s[1], '.0f')} | |")
+        cells = [fmt(v, spec) for part in ("grpo", "sft") for v, spec in zip(r[part], (".3f", ".0f", ".2f"))]
+        rows.append(f"| {name} | {' | '.join(cells)} | |")
     table = "\n".join(rows)
     print(table)
     if args.markdown:
