@@ -134,8 +134,10 @@ class PmetalModule(L.LightningModule):
             self.processor = tokenizer_or_processor
         if adapter == "full" and getattr(base, "pmetal_quantization", None):  # a checkpoint saved 4-bit
             raise PmetalError(f"{model} is quantized and cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(base, checkpoint_layers)
+        if gradient_checkpointing:  # a VLM's layer selection counts the language model's layers
+            from pmetal.vlm import language_model
+
+            enable_gradient_checkpointing(language_model(base) if self.is_vlm else base, checkpoint_layers)
         base.config.use_cache = False
         adapter_kwargs = {"target_modules": target_modules}
         if self.is_vlm:
