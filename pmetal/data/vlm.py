@@ -134,11 +134,15 @@ def _processor_call(processor, text: str, images: list):
         raise PmetalError(f"the processor rejected this row: {exc}") from None
 
 
-def align_expanded(plain: Sequence[int], expanded: Sequence[int], image_id: int) -> tuple[list[int], list[tuple[int, int]]]:
+def align_expanded(plain: Sequence[int], expanded: Sequence[int], image_id: int,
+                   run_lengths: Sequence[int] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """Map each token of `plain` (one placeholder per image) to its index in `expanded`.
 
-    Returns (index in `expanded` of each plain token, or -1 for placeholders; [start, end) of each
-    image's expansion). Raises ValueError when the two do not line up.
+    `run_lengths` (tokens each image expands to) places the text between images exactly; without
+    them it is searched for after each run of image tokens (exact for one image, whose following
+    text is anchored at the end). Returns (index in `expanded` of each plain token, or -1 for
+    placeholders; [start, end) of each image's expansion). Raises ValueError when the two do not
+    line up.
     """
     holes = [k for k, t in enumerate(plain) if t == image_id]
     segments, start = [], 0
@@ -153,6 +157,8 @@ def align_expanded(plain: Sequence[int], expanded: Sequence[int], image_id: int)
             at = 0
         elif s == len(segments) - 1:  # the text after the last image is anchored at the end
             at = len(expanded) - len(seg)
+        elif run_lengths is not None:
+            at = cursor + run_lengths[s - 1]
         else:
             at = _find_after_image(expanded, seg, cursor, image_id)
         if at < cursor or list(expanded[at : at + len(seg)]) != seg:
@@ -199,8 +205,12 @@ def render_vlm_row(processor, messages: list[dict], images: list, *, max_seq_len
                           f"for {len(images)} image(s); does it render {{'type': 'image'}} content parts?")
     encoded = _processor_call(processor, full, images)
     expanded = encoded["input_ids"][0].tolist()
+    runs = None
+    if len(images) > 1:  # the text between two images is placed by the first one's expansion length
+        token, _ = image_token(processor)
+        runs = [len(_processor_call(processor, token, [image])["input_ids"][0]) for image in images]
     try:
-        mapping, image_spans = align_expanded(plain, expanded, image_id)
+        mapping, image_spans = align_expanded(plain, expanded, image_id, runs)
     except ValueError as exc:
         raise PmetalError(f"{exc}: the processor changed text outside the image placeholders") from None
     labels = [IGNORE_INDEX] * len(expanded)
@@ -209,6 +219,7 @@ def render_vlm_row(processor, messages: list[dict], images: list, *, max_seq_len
             labels[at] = expanded[at]
     for start, end in image_spans:  # image tokens never carry a loss
         labels[start:end] = [IGNORE_INDEX] * (end - start)
+    labels = [IGNORE_INDEX if t == image_id else x for t, x in zip(expanded, labels)]
     truncated = max_seq_len is not None and len(expanded) > max_seq_len
     if truncated:
         last_image = max((end for _, end in image_spans), default=0)

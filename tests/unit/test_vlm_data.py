@@ -152,3 +152,31 @@ def test_parts_processor_rejects_extra_placeholders(tiny_vlm_dirs):
     processor = load_processor(str(tiny_vlm_dirs["qwen2_vl"]))
     with pytest.raises(PmetalError, match="more <\\|image_pad\\|> placeholders than images"):
         processor(text=["<|image_pad|>"], images=None)
+
+
+def test_split_images_between_text_that_also_occurs_in_the_expansion(tiny_vlm_dirs, tmp_path):
+    """Idefics3 with image splitting expands an image into tiles separated by newlines: a newline
+    between two images must still be placed after the first image's whole expansion."""
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from pmetal.data.vlm import render_vlm_dataset
+    from pmetal.vlm import load_processor
+    from tests.tiny_vlm import write_colour_images
+
+    write_colour_images(tmp_path, size=64)
+    processor = load_processor(str(tiny_vlm_dirs["idefics3"]))
+    processor.image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, do_image_splitting=True,
+                                                          max_image_size={"longest_edge": 32})
+    rows = [{"images": ["red.png", "blue.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n"}, {"type": "image"},
+                                     {"type": "text", "text": "Which?"}]},
+        {"role": "assistant", "content": "red, blue"}]}]
+    row = render_vlm_dataset(processor, rows, path=str(tmp_path / "d.jsonl"), max_seq_len=2048)[0].rows[0]
+    (s0, e0), (s1, e1) = row["image_spans"]
+    decode = processor.tokenizer.decode
+    assert e0 - s0 == e1 - s1  # two images of one size: expansions of one length
+    for s, e in ((s0, e0), (s1, e1)):
+        text = decode(row["input_ids"][s:e])
+        assert text.startswith("<fake_token_around_image><row_1_col_1>") and "<row_2_col_2>" in text
+        assert text.endswith("<global-img><image><image><image><image><fake_token_around_image>")
+    assert decode(row["input_ids"][e0:s1]) == "\n"
