@@ -154,6 +154,10 @@ def test_commands_train_grpo_and_fit_with_a_vlm(tiny_vlm_dirs, colour_images, tm
     assert main(["grpo", "--vlm", "--dataset", _prompts(colour_images), "--reward-fn", "accuracy",
                  "--num-generations", "2", "--max-completion-length", "4", "--batch-size", "2",
                  "--output-dir", str(tmp_path / "grpo"), *common]) == 0
+    assert main(["grpo", "--vlm", "--dapo", "--max-sampling-rounds", "2", "--dataset", _prompts(colour_images),
+                 "--reward-fn", "tests.unit.test_vlm:capture_reward", "--num-generations", "2",
+                 "--max-completion-length", "4", "--batch-size", "2", "--output-dir", str(tmp_path / "dapo"),
+                 *common]) == 0
     assert main(["fit", "--method", "grpo", "--model", model, "--model.reward_fns", "[accuracy]",
                  "--model.num_generations", "2", "--model.max_completion_length", "4", "--data.path",
                  _prompts(colour_images), "--data.batch_size", "2", "--trainer.max_steps", "1",
