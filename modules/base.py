@@ -23,7 +23,7 @@ import torch
 
 from pmetal.device import choose_device
 from pmetal.errors import PmetalError, non_finite_error
-from pmetal.models import apply_adapter, count_parameters, load_model_and_tokenizer
+from pmetal.models import apply_adapter, count_parameters
 from pmetal.optim import build_optimizer, build_scheduler
 from pmetal.perf import enable_gradient_checkpointing, maybe_compile
 
@@ -112,15 +112,11 @@ class PmetalModule(L.LightningModule):
         if quantization and adapter == "full":
             raise PmetalError("a quantized base cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
         dtype = self._resolve_weight_dtype(weight_dtype, adapter)
-        from pmetal.vlm import is_vlm
+        from pmetal.vlm import load_model_tokenizer_processor
 
-        self.processor = None  # a VLM's processor (images + text); None for a text model
-        self.is_vlm = is_vlm(model) if vlm is None else vlm
-        load = load_model_and_tokenizer
-        if self.is_vlm:
-            from pmetal.vlm import load_vlm_and_processor as load
-        base, tokenizer_or_processor = load(
+        base, self.tokenizer, self.processor = load_model_tokenizer_processor(  # processor: a VLM's, else None
             model,
+            vlm=vlm,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
@@ -129,9 +125,7 @@ class PmetalModule(L.LightningModule):
             double_quant=double_quant,
             quant_backend=quant_backend,
         )
-        self.tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
-        if self.is_vlm:
-            self.processor = tokenizer_or_processor
+        self.is_vlm = self.processor is not None
         if adapter == "full" and getattr(base, "pmetal_quantization", None):  # a checkpoint saved 4-bit
             raise PmetalError(f"{model} is quantized and cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
         if gradient_checkpointing:  # a VLM's layer selection counts the language model's layers

@@ -63,18 +63,15 @@ class RlkdModule(GrpoModule):
         self._load_teacher()
 
     def _load_teacher(self) -> None:
-        from pmetal.models import load_model_and_tokenizer
-        from pmetal.vlm import is_vlm, load_vlm_and_processor
+        from pmetal.vlm import load_model_tokenizer_processor
 
         hp = self.hparams
         dtype = next(self.policy.parameters()).dtype
-        load = load_vlm_and_processor if self.is_vlm and is_vlm(hp.teacher_model) else load_model_and_tokenizer
-        teacher, teacher_tokenizer = load(
-            hp.teacher_model, dtype=dtype, trust_remote_code=hp.trust_remote_code,
+        teacher, teacher_tokenizer, _ = load_model_tokenizer_processor(
+            hp.teacher_model, vlm=None if self.is_vlm else False, dtype=dtype, trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation, quantization=hp.teacher_quantization,
             quant_backend=hp.quant_backend,
         )
-        teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)  # a VLM teacher's processor
         check_same_vocabulary(self.tokenizer, teacher_tokenizer, hp.model, hp.teacher_model)
         teacher.eval()
         for p in teacher.parameters():
@@ -108,6 +105,7 @@ class RlkdModule(GrpoModule):
         from pmetal.logps import backbone_and_head, backbone_hidden
         from pmetal.losses.distill import jsd_loss
         from pmetal.losses.policy import grpo_loss
+        from pmetal.vlm import multimodal_model
 
         hp = self.hparams
         ids, attention, labels = part["input_ids"], part["attention_mask"], part["labels"]
@@ -122,7 +120,7 @@ class RlkdModule(GrpoModule):
         student_logits = head(hidden).float()  # [M, V]: completion positions only
         with torch.no_grad():
             _, teacher_head = backbone_and_head(self.teacher)
-            teacher_pixels = pixels if _is_vlm_model(self.teacher) else None
+            teacher_pixels = pixels if multimodal_model(self.teacher) is not None else None
             teacher_hidden = backbone_hidden(self.teacher, ids, attention, pixel_inputs=teacher_pixels)[:, :-1][predicting]
             teacher_logits = teacher_head(teacher_hidden).float()  # [M, V']
 
@@ -147,12 +145,6 @@ class RlkdModule(GrpoModule):
         metrics["grpo_loss"] = policy_loss.detach() * num_tokens / max(targets.numel(), 1)
         metrics["alpha"] = torch.tensor(alpha)
         return (1.0 - alpha) * policy_loss + alpha * distill_share, metrics
-
-
-def _is_vlm_model(model) -> bool:
-    from pmetal.vlm import multimodal_model
-
-    return multimodal_model(model) is not None
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:

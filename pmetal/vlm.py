@@ -187,6 +187,20 @@ def load_vlm_and_processor(name: str | Path, *, dtype: torch.dtype | None = None
     return model, processor
 
 
+def load_model_tokenizer_processor(name: str | Path, *, vlm: bool | None = None, **kwargs):
+    """(model, tokenizer, processor or None): a VLM with its processor when `vlm` (None: detected
+    from the config), else `pmetal.models.load_model_and_tokenizer`'s causal LM. `kwargs` are theirs."""
+    if vlm is None:
+        vlm = is_vlm(name)
+    if not vlm:
+        from pmetal.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(name, **kwargs)
+        return model, tokenizer, None
+    model, processor = load_vlm_and_processor(name, **kwargs)
+    return model, processor.tokenizer, processor
+
+
 def _qualified_name(model: nn.Module, target: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
