@@ -6,6 +6,10 @@ the answer format but not the mapping, so it is right about 1/3 of the time, the
 that ignores the image can do. GRPO (LoRA on the language model, vision tower and projector
 frozen) with a reward of 1 for the right colour must then raise the sampled accuracy clearly
 above 1/3. No real VLM can be had offline here, hence the built-and-pretrained model.
+
+Measured on 2 cores (2026-12-01): about 60 s, sampled accuracy 0.29 -> 0.98. The same run with the
+pixel inputs withheld from every forward (`pmetal.vlm.forward_inputs` returning nothing) stays at
+0.29 -> 0.33 and fails, so the test measures the use of the image.
 """
 
 from __future__ import annotations
