@@ -138,9 +138,10 @@ def align_expanded(plain: Sequence[int], expanded: Sequence[int], image_id: int,
                    run_lengths: Sequence[int] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """Map each token of `plain` (one placeholder per image) to its index in `expanded`.
 
-    `run_lengths` (tokens each image expands to) places the text between images exactly; without
-    them it is searched for after each run of image tokens (exact for one image, whose following
-    text is anchored at the end). Returns (index in `expanded` of each plain token, or -1 for
+    The text before the first image starts at 0 and the text after the last one ends at the end;
+    `run_lengths` (tokens each image expands to, needed for two images or more) places the text
+    between images: searching for it would be fooled by text inside an expansion (Idefics3's tiles
+    are separated by newlines). Returns (index in `expanded` of each plain token, or -1 for
     placeholders; [start, end) of each image's expansion). Raises ValueError when the two do not
     line up.
     """
@@ -160,7 +161,7 @@ def align_expanded(plain: Sequence[int], expanded: Sequence[int], image_id: int,
         elif run_lengths is not None:
             at = cursor + run_lengths[s - 1]
         else:
-            at = _find_after_image(expanded, seg, cursor, image_id)
+            raise ValueError("several images need their expansion lengths (run_lengths)")
         if at < cursor or list(expanded[at : at + len(seg)]) != seg:
             raise ValueError("the processor's expansion does not line up with the text")
         if s > 0:
@@ -169,19 +170,6 @@ def align_expanded(plain: Sequence[int], expanded: Sequence[int], image_id: int,
             mapping[plain_at + k] = at + k
         cursor, plain_at = at + len(seg), plain_at + len(seg) + 1
     return mapping, spans
-
-
-def _find_after_image(haystack: Sequence[int], needle: list[int], start: int, image_id: int) -> int:
-    """Where `needle` starts after the next run of image tokens from `start` (-1 if nowhere)."""
-    at = start
-    while at < len(haystack) and haystack[at] != image_id:
-        at += 1
-    while at < len(haystack) and haystack[at] == image_id:
-        at += 1
-    for k in range(at, len(haystack) - len(needle) + 1):
-        if list(haystack[k : k + len(needle)]) == needle:
-            return k
-    return -1
 
 
 def render_vlm_row(processor, messages: list[dict], images: list, *, max_seq_len: int | None = None,
