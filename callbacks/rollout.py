@@ -70,8 +70,11 @@ def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings
     policy = module.policy
     group = settings.num_generations
     was_training = policy.training
+    pixel_inputs = batch.get("pixel_inputs")  # a VLM: one dict of image tensors per prompt
     policy.eval()
     try:
+        from pmetal.vlm import collate_pixel_inputs
+
         gen = generate(
             policy,
             batch["prompt_ids"],
@@ -79,6 +82,7 @@ def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings
             stop_ids=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
             num_return_sequences=group,
+            prefill_inputs=collate_pixel_inputs(pixel_inputs) if pixel_inputs else None,
         )
     finally:
         policy.train(was_training)
@@ -94,6 +98,8 @@ def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings
         max_completion_length=settings.sampling.max_new_tokens,
     )
     rows = rows_from_generation(gen, total, group, first_group=first_group)
+    for row in rows if pixel_inputs else ():  # the update sees the images the sampling saw
+        row.pixel_inputs = pixel_inputs[row.group - first_group]
     return rows, completions, per_function
 
 

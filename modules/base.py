@@ -23,7 +23,7 @@ import torch
 
 from pmetal.device import choose_device
 from pmetal.errors import PmetalError, non_finite_error
-from pmetal.models import apply_adapter, count_parameters, load_model_and_tokenizer
+from pmetal.models import apply_adapter, count_parameters
 from pmetal.optim import build_optimizer, build_scheduler
 from pmetal.perf import enable_gradient_checkpointing, maybe_compile
 
@@ -51,8 +51,8 @@ class TrainableModule(L.LightningModule):
     def wrap_adapter(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         """`model` wrapped in the adapter of the module's settings (`pmetal.models.apply_adapter`)."""
         hp = self.hparams
-        return apply_adapter(model, hp.adapter, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
-                             target_modules=hp.target_modules, **kwargs)
+        kwargs.setdefault("target_modules", hp.target_modules)
+        return apply_adapter(model, hp.adapter, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout, **kwargs)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -127,6 +127,10 @@ class PmetalModule(TrainableModule):
         trust_remote_code: allow custom modelling code from the model's repository.
         attn_implementation: "sdpa" (portable), "eager" or "flash_attention_2".
         logits_chunk_size: tokens per chunk of the LM head in the log-prob computation.
+        vlm: load a vision-language model (AutoModelForImageTextToText + AutoProcessor) with LoRA on
+            its language model; None detects it from the model's config (a `vision_config`).
+        train_projector: VLM: also train the projector between vision tower and language model fully.
+        train_vision_tower: VLM: also train the vision tower fully.
     """
 
     #: "adapter" or "model": what `save_pretrained` writes, for messages.
@@ -159,14 +163,20 @@ class PmetalModule(TrainableModule):
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
         logits_chunk_size: int = 1024,
+        vlm: Optional[bool] = None,
+        train_projector: bool = False,
+        train_vision_tower: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if quantization and adapter == "full":
             raise PmetalError("a quantized base cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
         dtype = self._resolve_weight_dtype(weight_dtype, adapter)
-        base, self.tokenizer = load_model_and_tokenizer(
+        from pmetal.vlm import load_model_tokenizer_processor
+
+        base, self.tokenizer, self.processor = load_model_tokenizer_processor(  # processor: a VLM's, else None
             model,
+            vlm=vlm,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
@@ -175,12 +185,20 @@ class PmetalModule(TrainableModule):
             double_quant=double_quant,
             quant_backend=quant_backend,
         )
+        self.is_vlm = self.processor is not None
         if adapter == "full" and getattr(base, "pmetal_quantization", None):  # a checkpoint saved 4-bit
             raise PmetalError(f"{model} is quantized and cannot be fully fine-tuned; use adapter 'lora' or 'dora' (QLoRA)")
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(base, checkpoint_layers)
+        if gradient_checkpointing:  # a VLM's layer selection counts the language model's layers
+            from pmetal.vlm import language_model
+
+            enable_gradient_checkpointing(language_model(base) if self.is_vlm else base, checkpoint_layers)
         base.config.use_cache = False
-        self.policy = self.wrap_adapter(base)
+        adapter_kwargs = {}
+        if self.is_vlm:
+            from pmetal.vlm import vlm_adapter_kwargs
+
+            adapter_kwargs = vlm_adapter_kwargs(base, adapter, target_modules, train_projector, train_vision_tower)
+        self.policy = self.wrap_adapter(base, **adapter_kwargs)
         if compile:
             maybe_compile(self.policy, scope=compile_scope)
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
@@ -263,6 +281,6 @@ class PmetalModule(TrainableModule):
         if self.hparams.quantization and self.hparams.adapter == "full":
             raise PmetalError("cannot save a quantized full model")
         self.policy.save_pretrained(out, safe_serialization=True)
-        self.tokenizer.save_pretrained(out)
+        (self.processor or self.tokenizer).save_pretrained(out)
         self.write_settings(out)
         return out

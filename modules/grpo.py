@@ -160,7 +160,8 @@ class GrpoModule(PmetalModule):
 
     def token_logps(self, part: dict[str, torch.Tensor]) -> torch.Tensor:  # [n, T] aligned with labels
         return self.completion_logps(part["input_ids"], part["attention_mask"], part["labels"],
-                                     temperature=self._loss_temperature, return_token_logps=True).token_logps
+                                     temperature=self._loss_temperature, return_token_logps=True,
+                                     pixel_inputs=part.get("pixel_inputs")).token_logps
 
     def micro_batch_loss(self, part: dict[str, torch.Tensor], num_sequences: int, num_tokens: int):
         """GRPO loss of one micro-batch, normalized so the micro-batch losses sum to the rollout's."""
@@ -193,7 +194,8 @@ class GrpoModule(PmetalModule):
         size = self.hparams.micro_batch_size
         for start, part in zip(range(0, rollout.num_sequences, size), rollout.micro_batches(size)):
             out = self.reference_logps(part["input_ids"], part["attention_mask"], part["labels"],
-                                       temperature=self._loss_temperature, return_token_logps=True)
+                                       temperature=self._loss_temperature, return_token_logps=True,
+                                       pixel_inputs=part.get("pixel_inputs"))
             ref[start : start + part["input_ids"].shape[0], : out.token_logps.shape[1]] = out.token_logps
         return ref
 

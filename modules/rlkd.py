@@ -62,12 +62,12 @@ class RlkdModule(GrpoModule):
         self._load_teacher()
 
     def _load_teacher(self) -> None:
-        from pmetal.models import load_model_and_tokenizer
+        from pmetal.vlm import load_model_tokenizer_processor
 
         hp = self.hparams
         dtype = next(self.policy.parameters()).dtype
-        teacher, teacher_tokenizer = load_model_and_tokenizer(
-            hp.teacher_model, dtype=dtype, trust_remote_code=hp.trust_remote_code,
+        teacher, teacher_tokenizer, _ = load_model_tokenizer_processor(
+            hp.teacher_model, vlm=None if self.is_vlm else False, dtype=dtype, trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation, quantization=hp.teacher_quantization,
             quant_backend=hp.quant_backend,
         )
@@ -95,15 +95,20 @@ class RlkdModule(GrpoModule):
     def micro_batch_loss(self, part: dict[str, torch.Tensor], num_sequences: int, num_tokens: int):
         from pmetal.logps import backbone_and_head, selected_hidden
         from pmetal.losses.distill import jsd_loss
+        from pmetal.vlm import multimodal_model
 
         hp = self.hparams
         ids, attention, labels = part["input_ids"], part["attention_mask"], part["labels"]
         _, head = backbone_and_head(self.policy)
-        hidden, targets, scored = selected_hidden(self.policy, ids, attention, labels)  # [M, H], [M], [n, T]
+        pixels = part.get("pixel_inputs")  # a VLM teacher sees the images too; a text teacher only the text
+        hidden, targets, scored = selected_hidden(self.policy, ids, attention, labels,
+                                                  pixel_inputs=pixels)  # [M, H], [M], [n, T]
         student_logits = head(hidden).float()  # [M, V]: completion positions only
         with torch.no_grad():
             _, teacher_head = backbone_and_head(self.teacher)
-            teacher_hidden, _, _ = selected_hidden(self.teacher, ids, attention, labels)  # [M, H]
+            teacher_pixels = pixels if multimodal_model(self.teacher) is not None else None
+            teacher_hidden, _, _ = selected_hidden(self.teacher, ids, attention, labels,
+                                                   pixel_inputs=teacher_pixels)  # [M, H]
             teacher_logits = teacher_head(teacher_hidden).float()  # [M, V']
 
         sampled_logps = torch.log_softmax(student_logits / self._loss_temperature, dim=-1)

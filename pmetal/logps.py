@@ -47,10 +47,12 @@ def backbone_and_head(model) -> tuple[nn.Module, nn.Module]:
     Adapters injected by PEFT live inside the backbone's layers, so they stay active when the
     backbone is called directly, and `with peft_model.disable_adapter():` still switches them off.
     """
+    from pmetal.vlm import multimodal_model
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    backbone = None
-    if hasattr(base, "get_decoder"):
+    backbone = multimodal_model(base)  # a VLM: vision tower + projector + language model
+    if backbone is None and hasattr(base, "get_decoder"):
         backbone = base.get_decoder()
     if backbone is None or backbone is base:
         backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
@@ -77,12 +79,16 @@ def packed_position_ids(seq_lens: torch.Tensor) -> torch.Tensor:
     return (index - torch.repeat_interleave(starts, seq_lens)).unsqueeze(0)
 
 
-def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None, seq_lens=None) -> torch.Tensor:
+def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None, seq_lens=None,
+                    pixel_inputs=None) -> torch.Tensor:
     """Final hidden states [B, T, H] of the decoder stack (final norm included, LM head not).
 
     For a packed batch pass `seq_lens` (and/or `position_ids`); `attention_mask` is then ignored,
-    since transformers confines attention to each row only when it gets no 2-D mask.
+    since transformers confines attention to each row only when it gets no 2-D mask. A VLM batch
+    passes its image tensors as `pixel_inputs` (see `pmetal.vlm`).
     """
+    from pmetal.vlm import forward_inputs
+
     backbone, _ = backbone_and_head(model)
     if seq_lens is not None:
         if position_ids is None:
@@ -94,6 +100,7 @@ def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None, se
         position_ids=position_ids,
         use_cache=False,
         return_dict=True,
+        **forward_inputs(model, input_ids, pixel_inputs),
     )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -161,7 +168,7 @@ def _vocab_mean_logits(hidden, head, *, softcap, chunk_tokens: int = 1024) -> to
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def selected_hidden(model, input_ids, attention_mask, labels, position_ids=None, seq_lens=None):
+def selected_hidden(model, input_ids, attention_mask, labels, position_ids=None, seq_lens=None, pixel_inputs=None):
     """Hidden states of the positions that predict a label: (hidden [M, H], targets [M], mask [B, T]).
 
     The label shift of every method: `hidden[i]` is the state at t - 1 of the i-th scored label
@@ -175,7 +182,7 @@ def selected_hidden(model, input_ids, attention_mask, labels, position_ids=None,
             f"packed batch: seq_lens sum to {int(seq_lens.sum())} but input_ids {tuple(input_ids.shape)} "
             f"hold {input_ids.numel()} tokens"
         )
-    hidden = backbone_hidden(model, input_ids, attention_mask, position_ids, seq_lens)  # [B, T, H]
+    hidden = backbone_hidden(model, input_ids, attention_mask, position_ids, seq_lens, pixel_inputs)  # [B, T, H]
     scored = _scored_labels(labels, seq_lens)  # [B, T]
     if attention_mask is not None and seq_lens is None:
         scored = scored.masked_fill(attention_mask == 0, IGNORE_INDEX)
@@ -195,6 +202,7 @@ def completion_logps(
     temperature: float = 1.0,
     return_token_logps: bool = False,
     return_mean_logits: bool = False,
+    pixel_inputs: dict | None = None,
 ) -> CompletionLogps:
     """Sum / mean / per-token log-probs of the label tokens of each row.
 
@@ -209,11 +217,13 @@ def completion_logps(
         return_token_logps: also return token_logps [B, T].
         return_mean_logits: also return token_mean_logits [B, T] (the mean logit over the vocabulary
             at each scored position, before the temperature; a logged statistic, without gradient).
+        pixel_inputs: a VLM batch's image tensors (`pixel_values`, ...; see `pmetal.vlm`).
     """
     config = _config(model)
     softcap = getattr(config, "final_logit_softcapping", None)
     _, head = backbone_and_head(model)
-    hidden, targets, mask = selected_hidden(model, input_ids, attention_mask, labels, position_ids, seq_lens)
+    hidden, targets, mask = selected_hidden(model, input_ids, attention_mask, labels, position_ids, seq_lens,
+                                            pixel_inputs)
     logps = _head_logps(hidden, head, targets, temperature=temperature, softcap=softcap)  # [M] fp32
     token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
     if seq_lens is None:
@@ -247,6 +257,7 @@ def lm_loss(model, batch: dict, *, chunk_size: int | None = None) -> tuple[torch
         batch["labels"],
         batch.get("position_ids"),
         batch.get("seq_lens"),
+        batch.get("pixel_inputs"),
     )
     num_tokens = torch.tensor(targets.numel(), device=targets.device)
     if _is_plain_linear(head):

@@ -253,6 +253,7 @@ def lora_config(
     target_modules: str | list[str] = "all-linear",
     dora: bool = False,
     task_type: str | None = "CAUSAL_LM",
+    modules_to_save: list[str] | None = None,
 ):
     """PEFT LoRA settings with pmetal's defaults: rank 16, alpha 2×rank, dropout 0, all linear layers."""
     from peft import LoraConfig
@@ -265,16 +266,20 @@ def lora_config(
         use_dora=dora,
         bias="none",
         task_type=task_type,
+        modules_to_save=modules_to_save or None,
     )
 
 
-def apply_adapter(model, adapter: str = "lora", **lora_kwargs):
-    """Wrap the model for training: a PEFT LoRA/DoRA adapter (base frozen) or full fine-tuning."""
+def apply_adapter(model, adapter: str = "lora", frozen: list[str] | None = None, **lora_kwargs):
+    """Wrap the model for training: a PEFT LoRA/DoRA adapter (base frozen) or full fine-tuning.
+
+    `frozen` names submodules that full fine-tuning leaves frozen (a VLM's vision parts).
+    """
     if adapter not in ADAPTERS:
         raise PmetalError(f"unknown adapter {adapter!r}; expected one of {', '.join(ADAPTERS)}")
     if adapter == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not any(name.startswith(f + ".") for f in frozen or ()))
         return model
     from peft import get_peft_model
 

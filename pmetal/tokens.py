@@ -23,4 +23,5 @@ END_OF_TURN_TOKENS = (
     "<|end_of_text|>",  # Llama 3 base EOS (in Llama 3 Instruct's generation_config)
     "</s>",  # Llama 2, Mistral
     "<｜end▁of▁sentence｜>",  # DeepSeek
+    "<end_of_utterance>",  # Idefics3 / SmolVLM
 )

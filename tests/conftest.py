@@ -73,3 +73,20 @@ def make_tiny_bert(path):
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dirs(tmp_path_factory):
+    """{family: directory} of tiny random VLMs (Idefics3/SmolVLM shape, Qwen2-VL, Qwen2.5-VL, Qwen3-VL),
+    see tests/tiny_vlm.py."""
+    from tests.tiny_vlm import ALL_FAMILIES, make_tiny_vlm
+
+    return {family: make_tiny_vlm(family, tmp_path_factory.mktemp(f"tiny-{family}")) for family in ALL_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def colour_images(tmp_path_factory):
+    """A folder with red.png, green.png and blue.png (32x32 squares on grey)."""
+    from tests.tiny_vlm import write_colour_images
+
+    return write_colour_images(tmp_path_factory.mktemp("colours"))

@@ -92,6 +92,8 @@ class SftDataModule(L.LightningDataModule):
         seed: seed of the validation split and the per-epoch batch order.
         num_workers: DataLoader worker processes (0 = load in the training process).
         tokenizer: the tokenizer to render with; None takes the LightningModule's `tokenizer`.
+        processor: a vision-language model's processor: rows then carry images (`pmetal.data.vlm`;
+            padded, never packed); None takes the LightningModule's `processor` when it has one.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class SftDataModule(L.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
         tokenizer: Any = None,
+        processor: Any = None,
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
@@ -128,7 +131,7 @@ class SftDataModule(L.LightningDataModule):
         if packing and self.pack_tokens < max_seq_len:
             raise PmetalError(f"pack_tokens ({self.pack_tokens}) must be at least max_seq_len ({max_seq_len})")
         self.pad_to_multiple_of, self.seed, self.num_workers = pad_to_multiple_of, seed, num_workers
-        self.tokenizer = tokenizer
+        self.tokenizer, self.processor = tokenizer, processor
         self.train_rows: list[dict] | None = None
         self.val_rows: list[dict] = []
         self.stats: SftDataStats | None = None
@@ -173,12 +176,23 @@ class SftDataModule(L.LightningDataModule):
 
     def _render(self, path: str, tokenizer: Any) -> tuple[RenderedDataset, str, int]:
         rows = load_rows(path)
+        from pmetal.data.vlm import render_vlm_dataset, vlm_processor
+
+        if (processor := vlm_processor(self)) is not None:  # a VLM: image + text rows (pmetal.data.vlm)
+            rendered, fmt = render_vlm_dataset(processor, rows, path=path, max_seq_len=self.max_seq_len,
+                                               train_on_prompt=self.train_on_prompt, prompt_column=self.prompt_column,
+                                               response_column=self.response_column, system_prompt=self.system_prompt,
+                                               chat_template=self.chat_template)
+            return self._checked(rendered, rows, path), fmt, len(rows)
         fmt, examples = to_sft_examples(rows, prompt_column=self.prompt_column, response_column=self.response_column,
                                         system_prompt=self.system_prompt, path=path)
         if fmt != "text" or self.chat_template is not None:
             ensure_chat_template(tokenizer, self.chat_template)
         rendered = render_sft_dataset(tokenizer, rows, examples, max_seq_len=self.max_seq_len,
                                       train_on_prompt=self.train_on_prompt, path=path)
+        return self._checked(rendered, rows, path), fmt, len(rows)
+
+    def _checked(self, rendered: RenderedDataset, rows, path: str) -> RenderedDataset:
         if rendered.dropped:
             shown = ", ".join(str(locate(rows, i, path)[1]) for i in rendered.dropped[:5])
             more = ", ..." if len(rendered.dropped) > 5 else ""
@@ -187,7 +201,7 @@ class SftDataModule(L.LightningDataModule):
         if not rendered.rows:
             raise DataError(path, "no row has a token to learn from", expected="rows with a non-empty assistant answer "
                             f"that fits within max_seq_len={self.max_seq_len}")
-        return rendered, fmt, len(rows)
+        return rendered
 
     # ------------------------------------------------------------------------------ tokens
     @property
@@ -203,7 +217,13 @@ class SftDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------ loaders
     def _loader(self, rows: list[dict], shuffle: bool) -> ResumableDataLoader:
         lengths = [len(r["input_ids"]) for r in rows]
-        if self.packing:
+        from pmetal.data.vlm import VlmCollator, vlm_processor
+
+        processor = vlm_processor(self)
+        if processor is not None:  # image rows are padded, never packed: each row keeps its images and positions
+            sampler = LengthGroupedBatchSampler(lengths, self.batch_size, seed=self.seed, shuffle=shuffle)
+            collate = VlmCollator(processor, self._pad_id, self.pad_to_multiple_of, max_length=self.max_seq_len)
+        elif self.packing:
             from pmetal.data.packing import pack_rows
 
             # Rows are packed into bins of `pack_tokens`, and `batch_size` bins are stacked into

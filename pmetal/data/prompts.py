@@ -113,12 +113,14 @@ class PromptDataModule(L.LightningDataModule):
         seed: seed of the shuffling (and of the extra prompts drawn by DAPO's dynamic sampling).
         tokenizer: a tokenizer; None takes the training module's (`trainer.lightning_module.tokenizer`).
         num_workers: DataLoader worker processes.
+        processor: a vision-language model's processor: prompts then carry images (`image`/`images`
+            columns or image parts); None takes the training module's `processor` when it has one.
     """
 
     def __init__(self, path: Optional[str] = None, batch_size: int = 4, max_prompt_length: int = 512,
                  prompt_column: Optional[str] = None, system_prompt: Optional[str] = None,
                  chat_template: Optional[str] = None, seed: int = 42, tokenizer: Optional[Any] = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, processor: Optional[Any] = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(None, f"batch_size={batch_size}", expected="at least 1 prompt per step")
@@ -128,9 +130,10 @@ class PromptDataModule(L.LightningDataModule):
             path = str(example_path("grpo.jsonl"))
         self.path, self.batch_size, self.max_prompt_length = path, batch_size, max_prompt_length
         self.prompt_column, self.system_prompt, self.chat_template = prompt_column, system_prompt, chat_template
-        self.seed, self.tokenizer, self.num_workers = seed, tokenizer, num_workers
+        self.seed, self.tokenizer, self.num_workers, self.processor = seed, tokenizer, num_workers, processor
         self.train_items: list[dict] | None = None
         self._rng = random.Random(seed + 1)
+        self._collate = collate_prompts
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_items is not None:
@@ -142,11 +145,22 @@ class PromptDataModule(L.LightningDataModule):
         rows = load_rows(self.path)
         if not rows:
             raise DataError(self.path, "no rows", expected="at least one prompt")
+        from pmetal.data.vlm import VlmPromptCollator, vlm_processor, vlm_prompt_item, vlm_row_to_prompt
+
+        processor = vlm_processor(self)  # a VLM: prompts carry their images (pmetal.data.vlm)
+        self._collate = VlmPromptCollator(processor) if processor is not None else collate_prompts
         items, truncated = [], 0
         for i in range(len(rows)):
-            original, messages, columns = row_to_prompt(rows, i, prompt_column=self.prompt_column, path=self.path)
+            original, messages, columns = (vlm_row_to_prompt if processor else row_to_prompt)(
+                rows, i, prompt_column=self.prompt_column, path=self.path)
             if self.system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.system_prompt}, *messages]
+            if processor is not None:
+                item, cut = vlm_prompt_item(processor, rows, i, messages, path=self.path,
+                                            max_prompt_length=self.max_prompt_length)
+                truncated += cut
+                items.append({**item, "prompt": original, "columns": columns, "index": i})
+                continue
             ids = render_prompt(tokenizer, messages)
             if len(ids) > self.max_prompt_length:
                 ids, truncated = ids[-self.max_prompt_length :], truncated + 1
@@ -161,11 +175,11 @@ class PromptDataModule(L.LightningDataModule):
         import torch
         from torch.utils.data import DataLoader
 
-        return DataLoader(self.train_items, batch_size=self.batch_size, shuffle=True, collate_fn=collate_prompts,
+        return DataLoader(self.train_items, batch_size=self.batch_size, shuffle=True, collate_fn=self._collate,
                           generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
 
     def sample(self, n: int) -> dict[str, Any]:
         """A batch of `n` prompts drawn at random (DAPO's dynamic sampling asks for more prompts)."""
         if not self.train_items:
             raise DataError(self.path, "no prompts loaded (setup() has not run)", expected="setup() first")
-        return collate_prompts([self._rng.choice(self.train_items) for _ in range(n)])
+        return self._collate([self._rng.choice(self.train_items) for _ in range(n)])

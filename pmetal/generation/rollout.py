@@ -29,6 +29,7 @@ class RolloutRow:
     reward: float
     group: int  # which prompt (rows of a group share it)
     truncated: bool
+    pixel_inputs: dict | None = None  # a VLM prompt's image tensors (shared by its group)
 
 
 def rows_from_generation(gen: Generation, rewards: Sequence[float], group_size: int,
@@ -58,6 +59,7 @@ class RolloutBatch:
     metrics: dict[str, float] = field(default_factory=dict)
     completions: list[str] = field(default_factory=list)
     ref_logps: torch.Tensor | None = None  # [N, T] filled in by the module when beta > 0
+    pixel_inputs: list[dict | None] | None = None  # a VLM: each row's image tensors (its prompt's)
 
     @property
     def num_sequences(self) -> int:
@@ -86,6 +88,10 @@ class RolloutBatch:
             }
             if self.ref_logps is not None:
                 part["ref_logps"] = self.ref_logps[rows, :width]
+            if self.pixel_inputs is not None:
+                from pmetal.vlm import collate_pixel_inputs
+
+                part["pixel_inputs"] = collate_pixel_inputs(self.pixel_inputs[rows])
             out.append(part)
         return out
 
@@ -118,5 +124,6 @@ def assemble(rows: Sequence[RolloutRow], advantages: torch.Tensor, *, pad_token_
         advantages=advantages.detach().float().cpu(),
         rewards=torch.tensor([r.reward for r in rows], dtype=torch.float32),
         group_size=group_size,
+        pixel_inputs=[r.pixel_inputs for r in rows] if any(r.pixel_inputs for r in rows) else None,
     )
     return batch.to(device) if device is not None else batch

@@ -126,6 +126,7 @@ def generate(
     pad_token_id: int,
     num_return_sequences: int = 1,
     generator: torch.Generator | None = None,
+    prefill_inputs: dict | None = None,
 ) -> Generation:
     """Sample ``num_return_sequences`` completions for each prompt, batched, with a KV cache.
 
@@ -141,6 +142,8 @@ def generate(
         pad_token_id: the id written after a completion ends.
         num_return_sequences: completions per prompt (GRPO's group size ``G``).
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+        prefill_inputs: extra inputs of the prefill forward only, one batch row per prompt: a VLM's
+            image tensors (``pmetal.vlm``); the KV cache then carries them to the decoding steps.
     """
     from transformers import DynamicCache
 
@@ -158,7 +161,15 @@ def generate(
     cache_kw, has_logits_to_keep = _forward_kwargs(model)
     cache = DynamicCache()
     extra = {"logits_to_keep": 1} if has_logits_to_keep else {}
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
+    last_position = position_ids[:, -1]  # [P]
+    prefill_positions = position_ids
+    if prefill_inputs:
+        from pmetal.vlm import forward_inputs, prefill_positions as multimodal_positions
+
+        prefill_positions, last_position = multimodal_positions(model, prompt_ids, prompt_mask, position_ids,
+                                                                prefill_inputs)
+        extra = {**extra, **forward_inputs(model, prompt_ids, prefill_inputs)}
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prefill_positions, use_cache=True,
                 **{cache_kw: cache}, **extra)
     last_logits = out.logits[:, -1, :].float()  # [P, V]
     if num_return_sequences > 1:
@@ -166,13 +177,13 @@ def generate(
         last_logits = last_logits.repeat_interleave(num_return_sequences, dim=0)
         prompt_ids = prompt_ids.repeat_interleave(num_return_sequences, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(num_return_sequences, dim=0)
-        position_ids = position_ids.repeat_interleave(num_return_sequences, dim=0)
+        last_position = last_position.repeat_interleave(num_return_sequences, dim=0)
     n = prompt_ids.shape[0]
 
     stop = torch.as_tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     greedy = config.temperature == 0.0
     attention_mask = prompt_mask
-    next_position = position_ids[:, -1] + 1  # [N]
+    next_position = last_position + 1  # [N]
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
     tokens, logps, masks = [], [], []

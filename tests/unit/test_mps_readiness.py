@@ -67,6 +67,23 @@ def test_guard_catches_float64_and_unsupported_ops():
         torch.linalg.eigh(torch.eye(2))
 
 
+def _guarded_step(module, datamodule, tmp_path) -> list[str]:
+    """One training step through Lightning under MpsReadinessMode; the names of the parameters it changed."""
+    import lightning as L
+    import torch
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=None if not module.automatic_optimization else 1.0,
+                        default_root_dir=str(tmp_path))
+    trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    with MpsReadinessMode() as mode:
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    assert "aten::mm" in mode.seen or "aten::addmm" in mode.seen or "aten::bmm" in mode.seen
+    return [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p.detach(), trainable[n])]
+
+
 QLORA = {"quantization": "nf4", "quant_backend": "pmetal"}  # pmetal's kernels: the ones MPS runs
 LM_METHODS = [m for m in METHODS if m != "embed"]
 
@@ -84,16 +101,7 @@ def test_one_training_step_is_mps_ready(method, qlora, tiny_model_dir, tiny_bert
     module, datamodule = _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **(QLORA if qlora else {}))
     packed = {n: b.clone() for n, b in module.named_buffers() if n.endswith("qweight")}
     assert bool(packed) == qlora
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        gradient_clip_val=None if not module.automatic_optimization else 1.0,
-                        default_root_dir=str(tmp_path))
-    trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    with MpsReadinessMode() as mode:
-        trainer.fit(module, datamodule=datamodule)
-    assert trainer.global_step == 1
-    assert "aten::mm" in mode.seen or "aten::addmm" in mode.seen or "aten::bmm" in mode.seen
-    changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p.detach(), trainable[n])]
+    changed = _guarded_step(module, datamodule, tmp_path)
     assert changed, f"{method}: the training step changed no parameter"
     if qlora:
         assert all(isinstance(m.base_layer, QuantLinear) for m in module.policy.modules() if hasattr(m, "lora_A"))
@@ -119,3 +127,30 @@ def test_orpo_full_nll_on_raw_text_is_mps_ready(tiny_model_dir, tmp_path):
     with MpsReadinessMode():
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize("method", ["sft", "grpo", "sft-qlora"])
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])
+def test_vlm_training_step_is_mps_ready(method, family, tiny_vlm_dirs, colour_images, tmp_path):
+    """A VLM step (images through the vision tower, LoRA on the language model, QLoRA on an NF4
+    language model) under the guard."""
+    import lightning as L
+
+    L.seed_everything(0)
+    quantized = method.endswith("-qlora")
+    method = method.removesuffix("-qlora")
+    spec = METHODS[method]
+    model = str(tiny_vlm_dirs[family])
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}
+    if method == "sft":
+        data = _write(colour_images / "mps-sft.jsonl", [{"image": f"{c}.png", "messages": [
+            user, {"role": "assistant", "content": c}]} for c in ("red", "green")])
+        module = spec.module_class()(model=model, **(QLORA if quantized else {}))
+        datamodule = spec.datamodule_class()(path=data, batch_size=2, val_fraction=0.0)
+    else:
+        data = _write(colour_images / "mps-grpo.jsonl", [{"image": f"{c}.png", "prompt": "Colour?", "answer": c}
+                                                         for c in ("red", "green")])
+        module = spec.module_class()(model=model, reward_fns=["tests.unit.test_vlm:capture_reward"], num_generations=2,
+                                     max_completion_length=6, micro_batch_size=2, learning_rate=1e-3)
+        datamodule = spec.datamodule_class()(path=data, batch_size=2)
+    assert _guarded_step(module, datamodule, tmp_path), f"{family} {method}: the training step changed no parameter"

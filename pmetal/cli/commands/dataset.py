@@ -7,7 +7,9 @@
         the first N rows as written in the file and as the model sees them (loss mask shown)
 
 The tokenizer (and its chat template) is the default model's unless --model names another.
-Text inside [[ ]] carries the loss (on a terminal: green text; masked text is dim).
+Text inside [[ ]] carries the loss (on a terminal: green text; masked text is dim). With a
+vision-language --model, rows carry images (`image`/`images` columns or image content parts):
+validate also shows how many tokens each image expands to and where they sit.
 """
 
 from __future__ import annotations
@@ -41,16 +43,25 @@ def run(args: argparse.Namespace) -> int:
     from pmetal.errors import DataError
     from pmetal.models import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
-    report = inspect_sft_file(
-        args.file, tokenizer, max_seq_len=args.max_seq_len, prompt_column=args.prompt_column,
-        response_column=args.response_column, system_prompt=args.system_prompt, chat_template=args.chat_template,
-        train_on_prompt=args.train_on_prompt,
-    )
+    from pmetal.vlm import is_vlm
+
+    image_lines: list[str] = []
+    if is_vlm(args.model):
+        from pmetal.data.vlm import image_summary_lines, inspect_vlm_file
+
+        report, tokenizer = inspect_vlm_file(args)
+        image_lines = image_summary_lines(report.rendered)
+    else:
+        tokenizer = load_tokenizer(args.model)
+        report = inspect_sft_file(
+            args.file, tokenizer, max_seq_len=args.max_seq_len, prompt_column=args.prompt_column,
+            response_column=args.response_column, system_prompt=args.system_prompt, chat_template=args.chat_template,
+            train_on_prompt=args.train_on_prompt,
+        )
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     usable = len(report.rows) - report.unusable
     if args.dataset_command == "validate":
-        print("\n".join(report.summary_lines()))
+        print("\n".join(report.summary_lines() + image_lines))
         if report.rendered.rows:
             print(report.example(0, tokenizer, color=color))
         if usable == 0:
