@@ -54,6 +54,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 # Parameters a PMetal command does not offer, and why (pmetal fit still takes them).
 HIDDEN: dict[str, str] = {
     "tokenizer": "a Python object: the DataModule takes the LightningModule's tokenizer",
+    "processor": "a Python object: the DataModule takes the LightningModule's VLM processor",
     "callbacks": "Python objects: the command builds pmetal's callbacks",
     "plugins": "Python objects: the command adds pmetal's atomic checkpoint writer",
     "use_distributed_sampler": "pmetal's batch samplers shard batches by rank themselves; Lightning must not wrap them",

@@ -99,6 +99,43 @@ def collate_prompts(items: Sequence[dict]) -> dict[str, Any]:
     }
 
 
+class VlmPromptCollator:
+    """`collate_prompts` plus `pixel_inputs`: one dict of image tensors per prompt (empty without images)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        from pmetal.data.vlm import pixel_inputs_of
+
+        batch = collate_prompts(items)
+        batch["pixel_inputs"] = [pixel_inputs_of(self.processor, item.get("images") or [], item.get("root"))
+                                 for item in items]
+        return batch
+
+
+def vlm_row_to_prompt(rows: Sequence[dict], index: int, *, prompt_column: str | None = None,
+                      path: str | None = None) -> tuple[Any, list, dict[str, Any]]:
+    """`row_to_prompt` for image rows: message prompts keep their image parts.
+
+    Every column but the prompt's (images included) goes to the reward functions.
+    """
+    row = rows[index]
+    column = prompt_column or next((c for c in ("prompt", "question", "problem", "messages", "conversations")
+                                    if row.get(c) is not None), None)
+    if column is None or not isinstance(row.get(column), list):
+        return row_to_prompt(rows, index, prompt_column=prompt_column, path=path)
+    messages = list(row[column])
+    columns = {k: v for k, v in row.items() if k != column}
+    last = max((k for k, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), default=None)
+    if last is not None:
+        answer = messages[last].get("content")
+        columns.setdefault("solution", answer if isinstance(answer, str)
+                           else "".join(p.get("text", "") for p in answer if isinstance(p, dict)))
+        messages = messages[:last]
+    return messages, messages, columns
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts (plus answer columns for the rewards) for GRPO, DAPO and RLKD.
 
@@ -145,7 +182,7 @@ class PromptDataModule(L.LightningDataModule):
         rows = load_rows(self.path)
         if not rows:
             raise DataError(self.path, "no rows", expected="at least one prompt")
-        from pmetal.data.vlm import VlmPromptCollator, vlm_processor, vlm_prompt_item, vlm_row_to_prompt
+        from pmetal.data.vlm import vlm_processor, vlm_prompt_item
 
         processor = vlm_processor(self)  # a VLM: prompts carry their images (pmetal.data.vlm)
         self._collate = VlmPromptCollator(processor) if processor is not None else collate_prompts
