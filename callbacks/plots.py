@@ -53,11 +53,23 @@ class LossHistory(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        run_dir = Path(trainer.default_root_dir)
+        plot = self.write(trainer.default_root_dir)
+        if plot is not None:
+            trainer.pmetal_plot_path = plot
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A NaN/inf stop or Ctrl-C still leaves the curve of the steps that ran."""
+        from pmetal.errors import NonFiniteLossError
+
+        if trainer.is_global_zero and isinstance(exception, (NonFiniteLossError, KeyboardInterrupt)):
+            self.write(trainer.default_root_dir)
+
+    def write(self, run_dir: str | Path) -> Path | None:
+        """Write `loss_history.json` and (when a step ran) the plot into `run_dir`; the plot's path."""
+        run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "loss_history.json").write_text(json.dumps({"train": self.train, "val": self.val}))
-        if self.train:
-            trainer.pmetal_plot_path = plot_losses(self.train, self.val, run_dir / self.filename)
+        return plot_losses(self.train, self.val, run_dir / self.filename) if self.train else None
 
 
 def plot_losses(train, val, path: Path) -> Path:

@@ -47,7 +47,7 @@ from pmetal.embedding import (
     triplet_accuracy,
     write_metrics,
 )
-from pmetal.errors import PmetalError, non_finite_error
+from pmetal.errors import PmetalError
 from pmetal.losses.embedding import cosent_loss, duplicate_text_mask, info_nce_loss, triplet_loss
 from pmetal.models import apply_adapter, count_parameters
 from pmetal.optim import build_optimizer, build_scheduler
@@ -212,14 +212,14 @@ class EmbedModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         kind = getattr(datamodule, "kind", None)
         if kind is not None:
-            from pmetal.data.embedding import check_loss_layout
+            from pmetal.data.embedding import check_informative_batches, check_loss_layout
 
             check_loss_layout(self.hparams.loss, kind, getattr(datamodule, "path", None))
+            if getattr(datamodule, "train_examples", None):
+                check_informative_batches(self.hparams.loss, datamodule)
 
     def training_step(self, batch, batch_idx):
-        loss = self.compute_loss(batch)
-        if not torch.isfinite(loss.detach()):
-            raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
+        loss = self.compute_loss(batch)  # a non-finite loss is stopped by NanGuard before backward
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["anchor"]))
         return loss
 

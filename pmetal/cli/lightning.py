@@ -133,6 +133,8 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
         args=rest,  # run=False: LightningCLI has no subcommands; we call fit/validate ourselves
         run=False,
         save_config_kwargs={"overwrite": True},
+        # a config error's "tip: run ... --help" names the command that shows this method's settings
+        parser_kwargs={"prog": f"pmetal {subcommand} --method {method_name}"},
         trainer_defaults={
             "max_epochs": 1,
             "gradient_clip_val": 1.0,

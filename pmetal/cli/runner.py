@@ -76,9 +76,9 @@ def build_trainer(
 ):
     """A Lightning Trainer with pmetal's defaults, writing everything under `run_dir`."""
     import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
 
     from pmetal.callbacks.checkpoint import AtomicCheckpointIO
+    from pmetal.callbacks.metrics_csv import RunCSVLogger
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def build_trainer(
         if type(cb).__name__ == "ModelCheckpoint" and cb.dirpath is None:
             cb.dirpath = str(run_dir / "checkpoints")
     if logger is None:
-        logger = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        logger = [RunCSVLogger(save_dir=str(run_dir))]
         if importlib.util.find_spec("tensorboard") is not None:
             from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -123,21 +123,37 @@ def build_trainer(
 
 
 def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None:
-    """`--resume` with no value resumes from `<run_dir>/checkpoints/last.ckpt`; a path is used as is."""
+    """The checkpoint `--resume` continues from, validated.
+
+    With no value: the newest checkpoint in `<run_dir>/checkpoints` that reads and holds finite
+    values (`last.ckpt`, else the newest `step-N.ckpt`), saying which was used and which were
+    skipped and why; stray `*.tmp` files of an interrupted write are removed. A path is used as
+    is, once it reads.
+    """
+    from pmetal.callbacks.checkpoint import checkpoint_problem, resumable_checkpoint
     from pmetal.errors import PmetalError
 
     if not resume:
         return None
     if resume is True or resume in ("last", "auto"):
-        path = Path(run_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        ckpt_dir = Path(run_dir) / "checkpoints"
+        path, skipped = resumable_checkpoint(ckpt_dir)
+        for bad, why in skipped:
+            log.warning("--resume: skipped %s: %s", bad, why)
+        if path is None:
             if resume == "auto":
                 return None
-            raise PmetalError(f"--resume: no checkpoint to resume from at {path}; pass --resume PATH.ckpt")
+            tried = f" (skipped {len(skipped)} that cannot be used)" if skipped else ""
+            raise PmetalError(f"--resume: no usable checkpoint in {ckpt_dir}{tried}; pass --resume PATH.ckpt "
+                              "or start a new run")
+        log.info("--resume: continuing from %s%s", path, " (the newest usable checkpoint)" if skipped else "")
         return str(path)
     path = Path(resume)
     if not path.is_file():
         raise PmetalError(f"--resume: checkpoint not found: {path}")
+    problem, _ = checkpoint_problem(path)
+    if problem:
+        raise PmetalError(f"--resume {path}: {problem}; expected a checkpoint written by pmetal (checkpoints/*.ckpt)")
     return str(path)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from pmetal.cli.commands.train import add_overwrite_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
@@ -64,15 +66,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", nargs="?", const="last", default=None,
                    help="continue a killed run: its last checkpoint in --output-dir, or a .ckpt path")
     r.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N optimizer steps")
+    add_overwrite_argument(r)
     r.add_argument("--eval-every", type=int, default=None, help="evaluate every N optimizer steps (default: each epoch)")
     r.add_argument("--accelerator", choices=["auto", "mps", "cuda", "cpu"], default="auto")
     r.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, 16-mixed")
     r.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
 
 
-def build(args):
-    """(EmbedModule, EmbeddingDataModule) from the parsed flags."""
-    from pmetal.data.embedding import EmbeddingDataModule
+def build(args, datamodule=None):
+    """(EmbedModule, EmbeddingDataModule) from the parsed flags (the datamodule given, if one is)."""
     from pmetal.modules.embed import EmbedModule
 
     adapter = "lora" if args.lora else "dora" if args.dora else "full"
@@ -87,11 +89,16 @@ def build(args):
         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
         gradient_checkpointing=args.gradient_checkpointing, trust_remote_code=args.trust_remote_code,
     )
-    datamodule = EmbeddingDataModule(
+    return module, datamodule or embedding_datamodule(args)
+
+
+def embedding_datamodule(args):
+    from pmetal.data.embedding import EmbeddingDataModule
+
+    return EmbeddingDataModule(
         path=args.dataset, eval_path=args.eval_dataset, val_fraction=args.val_fraction, batch_size=args.batch_size,
         score_range=tuple(args.score_range), seed=args.seed,
     )
-    return module, datamodule
 
 
 def run(args) -> int:
@@ -100,12 +107,19 @@ def run(args) -> int:
     import lightning as L
 
     from pmetal.cli.commands.train import launch
-    from pmetal.data.embedding import check_loss_layout
+    from pmetal.cli.preflight import EMBED_RANGES, check_command
+    from pmetal.data.embedding import check_informative_batches, check_loss_layout
 
+    from pmetal.embedding import DEFAULT_EMBEDDING_MODEL_NAMES
+
+    check_command(args, "embed", data={"--dataset": args.dataset, "--eval-dataset": args.eval_dataset},
+                  ranges=EMBED_RANGES, models={"--model": None if args.model in DEFAULT_EMBEDDING_MODEL_NAMES else args.model})
     L.seed_everything(args.seed, workers=True, verbose=False)
-    module, datamodule = build(args)
-    datamodule.setup("fit")  # read and check the data before the trainer starts
+    datamodule = embedding_datamodule(args)
+    datamodule.setup("fit")  # read and check the data before the model loads
     check_loss_layout(args.loss, datamodule.kind, datamodule.path)
+    check_informative_batches(args.loss, datamodule)
+    module, _ = build(args, datamodule)
     result = launch(args, "embed", module, datamodule, val_check_interval=args.eval_every,
                     check_val_every_n_epoch=None if args.eval_every else 1)
     metrics = Path(result["run_dir"]) / "eval_metrics.json"

@@ -92,6 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from pmetal.cli.preflight import check_command, reward_functions
+
+    check_command(args, "dapo" if args.dapo else "grpo", data={"--dataset": args.dataset},
+                  rewards=reward_functions(args.reward_fn, args.reasoning_rewards))
     import lightning as L
 
     from pmetal.modules.grpo import DapoModule, GrpoModule

@@ -30,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from pmetal.cli.preflight import check_command, reward_functions
+
+    check_command(args, "rlkd", data={"--dataset": args.dataset},
+                  models={"--model": args.model, "--teacher-model": args.teacher_model},
+                  rewards=reward_functions(args.reward_fn, args.reasoning_rewards))
     import lightning as L
 
     from pmetal.modules.rlkd import RlkdModule

@@ -55,9 +55,15 @@ def add_model_arguments(p: argparse.ArgumentParser, *, learning_rate: float, lor
     r.add_argument("--resume", nargs="?", const="last", default=None,
                    help="continue a killed run: its last checkpoint in --output-dir, or a .ckpt path")
     r.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N optimizer steps")
+    add_overwrite_argument(r)
     r.add_argument("--accelerator", choices=["auto", "mps", "cuda", "cpu"], default="auto")
     r.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, 16-mixed, bf16-true")
     r.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+
+
+def add_overwrite_argument(group) -> None:
+    group.add_argument("--overwrite", action="store_true",
+                       help="clear --output-dir first when it holds an earlier run (without it pmetal refuses)")
 
 
 def module_kwargs(args) -> dict:
@@ -133,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from pmetal.cli.preflight import check_command
+
+    check_command(args, "sft", data={"--dataset": args.dataset, "--eval-dataset": args.eval_dataset})
     import lightning as L
 
     from pmetal.data.datamodule import SftDataModule
