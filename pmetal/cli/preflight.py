@@ -209,7 +209,7 @@ def check_model_name(name: str | None, flag: str = "--model") -> None:
     if path.exists():
         return
     if looks_like_local_path(text) or text.endswith(".gguf"):
-        raise PmetalError(f"{flag} {text}: no such file or directory; expected a local model directory, "
+        raise PmetalError(f"{flag} {text}: model not found (no such file or directory); expected a local model directory, "
                           "a .gguf file, a hub id (org/name) or 'default'")
     if text.count("/") == 1:
         check_hub_model(text, flag=flag)
