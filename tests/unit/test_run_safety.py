@@ -128,6 +128,31 @@ def test_a_checkpoint_with_non_finite_parameters_is_never_written(tiny_model_dir
         assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
 
 
+def test_nanguard_stops_a_manual_optimization_method_before_backward(tiny_model_dir, tmp_path):
+    """GRPO steps its optimizer itself: the one check (NanGuard, at manual_backward) still stops it."""
+    from pmetal.cli.runner import build_trainer
+    from pmetal.data.prompts import PromptDataModule
+    from pmetal.errors import NonFiniteLossError
+    from pmetal.modules.grpo import GrpoModule
+
+    class NanLoss(GrpoModule):
+        def micro_batch_loss(self, *args, **kwargs):
+            loss, metrics = super().micro_batch_loss(*args, **kwargs)
+            return loss * float("nan"), metrics
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(2)))
+    module = NanLoss(str(tiny_model_dir), reward_fns=[lambda p, c, **k: [float(len(x) % 2) for x in c]],
+                     num_generations=2, max_completion_length=4, gradient_checkpointing=False)
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    trainer = build_trainer(tmp_path / "run", max_steps=2, max_epochs=None, enable_progress_bar=False)
+    with pytest.raises(NonFiniteLossError, match="the loss became nan at step 0"):
+        trainer.fit(module, PromptDataModule(str(prompts), batch_size=2))
+    for name, param in module.policy.named_parameters():
+        if name in before:
+            assert torch.equal(param.detach(), before[name]), name
+
+
 def test_the_finite_loss_check_lives_in_nanguard_only():
     import inspect
 
