@@ -4,8 +4,9 @@
 DataModule classes; every `__init__` argument of both becomes a flag (`--model.lora_r 8`,
 `--data.path train.jsonl`) and a YAML key, with its docstring as help. `--model M` with a plain
 value names the model to fine-tune (a directory, hub id, .gguf or "default"), as PMetal and TRL
-users expect; it is rewritten to `--model.model M`. `--resume` continues from
-`<default_root_dir>/checkpoints/last.ckpt`.
+users expect; it is rewritten to `--model.model M`. `--resume` continues from the newest usable
+checkpoint in `<default_root_dir>/checkpoints`; `--overwrite` clears a `default_root_dir` that holds
+an earlier run (without either, such a folder is refused).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
         raise PmetalError(f"unknown --method {method_name!r}; available: {', '.join(METHODS)}")
     method = get_method(method_name)
     resume, rest = _pop_resume(rest)
+    overwrite = "--overwrite" in rest
+    rest = [arg for arg in rest if arg != "--overwrite"]
     rest = rewrite_model_flag(rest)
 
     class PmetalCLI(LightningCLI):
@@ -105,6 +108,11 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
             parser.add_argument("--method", default=method_name, help=f"training method: {', '.join(METHODS)}")
             parser.add_argument("--checkpoint_every_n_steps", type=int, default=100,
                                 help="write a checkpoint every N optimizer steps (and at the end)")
+
+        def before_instantiate_classes(self) -> None:
+            from pmetal.cli.preflight import check_fit_config
+
+            check_fit_config(self.config, method_name, resume=resume, overwrite=overwrite)
 
         def _instantiate_trainer(self, config, callbacks):
             config = dict(config)

@@ -128,8 +128,11 @@ def _settings(args: Any) -> dict[str, Any]:
     return dict(args) if isinstance(args, Mapping) else dict(vars(args))
 
 
-def check_ranges(args: Any, ranges: Mapping[str, Range] = RANGES) -> None:
-    """Every parsed numeric setting named in `ranges` lies in its range (None means "default")."""
+def check_ranges(args: Any, ranges: Mapping[str, Range] = RANGES, *, prefix: str | None = None) -> None:
+    """Every parsed numeric setting named in `ranges` lies in its range (None means "default").
+
+    The flag in a message is PMetal's (`--lora-r`), or `prefix + name` (`--model.lora_r`) for LightningCLI.
+    """
     for name, value in _settings(args).items():
         rule = ranges.get(name)
         if rule is None or value is None or isinstance(value, bool):
@@ -137,7 +140,8 @@ def check_ranges(args: Any, ranges: Mapping[str, Range] = RANGES) -> None:
         values = value if isinstance(value, (list, tuple)) else [value]
         for item in values:
             if isinstance(item, (int, float)) and not rule.contains(item):
-                raise PmetalError(f"{flag_name(name)} {item:g}: expected {rule.describe()}")
+                flag = flag_name(name) if prefix is None else prefix + name
+                raise PmetalError(f"{flag} {item:g}: expected {rule.describe()}")
 
 
 def check_data_path(path: str | None, flag: str = "--dataset") -> None:
@@ -165,7 +169,8 @@ def looks_like_local_path(name: str) -> bool:
     return text.startswith(("/", "./", "../", "~", ".\\")) or "\\" in text or text.count("/") > 1
 
 
-def check_output_dir(run_dir: str | Path, *, resume: Any = None, overwrite: bool = False) -> None:
+def check_output_dir(run_dir: str | Path, *, resume: Any = None, overwrite: bool = False,
+                     flag: str = "--output-dir") -> None:
     """The run folder can be created, and holds no earlier run unless resuming or overwriting.
 
     `--overwrite` clears the folder first, so nothing of the old run (a `last.ckpt` that a later
@@ -173,27 +178,27 @@ def check_output_dir(run_dir: str | Path, *, resume: Any = None, overwrite: bool
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise PmetalError(f"--output-dir {run_dir}: exists and is a file; expected a directory (or a new path)")
+        raise PmetalError(f"{flag} {run_dir}: exists and is a file; expected a directory (or a new path)")
     holds_run = run_dir.is_dir() and any(
         (run_dir / name).exists() for name in ("checkpoints", "metrics.csv", "final", "loss_history.json")
     )
     if holds_run and not resume:
         if not overwrite:
-            raise PmetalError(f"--output-dir {run_dir} already holds a run; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose a new --output-dir")
+            raise PmetalError(f"{flag} {run_dir} already holds a run; pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose a new {flag}")
         log.info("--overwrite: clearing %s", run_dir)
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PmetalError(f"--output-dir {run_dir}: cannot be created ({exc.strerror or exc}); "
+        raise PmetalError(f"{flag} {run_dir}: cannot be created ({exc.strerror or exc}); "
                           "expected a writable location") from None
     probe = run_dir / ".pmetal-write-test"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise PmetalError(f"--output-dir {run_dir}: not writable ({exc.strerror or exc})") from None
+        raise PmetalError(f"{flag} {run_dir}: not writable ({exc.strerror or exc})") from None
 
 
 def check_model_name(name: str | None, flag: str = "--model") -> None:
@@ -269,3 +274,19 @@ def reward_functions(specs: Iterable[str], reasoning: bool = False) -> list:
 
     functions = [BUILTIN_REWARDS[name]() for name, _ in REASONING_REWARDS] if reasoning else []
     return functions + [resolve_reward(spec) for spec in specs]
+
+
+def check_fit_config(config: Any, method: str, *, resume: Any = None, overwrite: bool = False) -> None:
+    """`pmetal fit`'s up-front checks on LightningCLI's parsed config, before its classes are built."""
+    sections = {name: _settings(config.get(name) or {}) for name in ("model", "data", "trainer")}
+    ranges = EMBED_RANGES if method == "embed" else RANGES
+    for name, settings in sections.items():
+        check_ranges(settings, ranges, prefix=f"--{name}.")
+    check_ranges({"checkpoint_every_n_steps": config.get("checkpoint_every_n_steps")}, prefix="--")
+    for key in ("path", "eval_path"):
+        check_data_path(sections["data"].get(key), f"--data.{key}")
+    if method != "embed":
+        check_model_name(sections["model"].get("model"))
+    root = sections["trainer"].get("default_root_dir")
+    if root:
+        check_output_dir(root, resume=resume, overwrite=overwrite, flag="--trainer.default_root_dir")

@@ -190,3 +190,17 @@ def test_reward_module_shadowed_by_a_local_file_is_reported(tmp_path, monkeypatc
     text = caplog.text
     assert str(here / "shadowedrewards" / "__init__.py") in text and "shadows" in text
     assert str(installed / "shadowedrewards" / "__init__.py") in text
+
+
+def test_pmetal_fit_checks_its_config_before_building_anything(tmp_path, capsys, no_model_load):
+    data = str(_chat(tmp_path / "chat.jsonl"))
+    assert main(["fit", "--method", "sft", "--data.path", data, "--model.lora_r", "0"]) == 2
+    assert "--model.lora_r 0: expected a number >= 1: the LoRA rank" in capsys.readouterr().err
+    assert main(["fit", "--method", "sft", "--data.path", data, "--trainer.max_steps", "0"]) == 2
+    assert "--trainer.max_steps 0: expected a number >= 1" in capsys.readouterr().err
+    assert main(["fit", "--method", "sft", "--data.path", str(tmp_path / "missing.jsonl")]) == 2
+    assert "--data.path" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert main(["fit", "--method", "sft", "--data.path", data, "--trainer.default_root_dir", str(run)]) == 2
+    assert f"--trainer.default_root_dir {run} already holds a run" in capsys.readouterr().err
