@@ -5,17 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.unit.test_sft_end_to_end import _fit as _fit_cli
 from tests.unit.test_sft_end_to_end import write_chat_data
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fit(tiny_model_dir, data, run, *, max_steps=4, every=2, ckpt_path=None, **module_kwargs):
@@ -31,13 +27,18 @@ def _fit(tiny_model_dir, data, run, *, max_steps=4, every=2, ckpt_path=None, **m
     return trainer
 
 
+def _trained_run(tiny_model_dir, tmp_path, steps):
+    """(data file, run folder, its checkpoints folder) after `steps` steps, checkpointing every 2."""
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=12)
+    run = tmp_path / "run"
+    _fit(tiny_model_dir, data, run, max_steps=steps, every=2)
+    return data, run, run / "checkpoints"
+
+
 def test_truncated_last_checkpoint_falls_back_to_the_newest_readable_one(tiny_model_dir, tmp_path, caplog):
     from pmetal.cli.runner import resolve_resume
 
-    data = write_chat_data(tmp_path / "chat.jsonl", rows=12)
-    run = tmp_path / "run"
-    _fit(tiny_model_dir, data, run, max_steps=4, every=2)
-    ckpts = run / "checkpoints"
+    data, run, ckpts = _trained_run(tiny_model_dir, tmp_path, 4)
     last = ckpts / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut off, as a full disk would leave it
     with caplog.at_level(logging.INFO, logger="pmetal"):
@@ -53,10 +54,7 @@ def test_kill_during_the_first_checkpoint_write(tiny_model_dir, tmp_path, caplog
     """step-2.ckpt was renamed into place, the kill came while last.ckpt was being written."""
     from pmetal.cli.runner import resolve_resume
 
-    data = write_chat_data(tmp_path / "chat.jsonl", rows=12)
-    run = tmp_path / "run"
-    _fit(tiny_model_dir, data, run, max_steps=2, every=2)
-    ckpts = run / "checkpoints"
+    _, run, ckpts = _trained_run(tiny_model_dir, tmp_path, 2)
     partial = ckpts / ".last.ckpt.k9x2.tmp"
     partial.write_bytes((ckpts / "last.ckpt").read_bytes()[:1000])
     (ckpts / "last.ckpt").unlink()
@@ -163,12 +161,9 @@ def test_the_finite_loss_check_lives_in_nanguard_only():
 
 
 def _cli_fit(tiny_model_dir, data, root, *extra):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'support'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "pmetal", "fit", "--method", "sft", "--model", str(tiny_model_dir),
-           "--data.path", str(data), "--data.batch_size", "2", "--data.max_seq_len", "64", "--data.val_fraction", "0.25",
-           "--model.learning_rate", "3e-3", "--trainer.max_epochs", "4", "--trainer.enable_progress_bar", "false",
-           "--checkpoint_every_n_steps", "2", "--seed_everything", "7", "--trainer.default_root_dir", str(root), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    """`pmetal fit` as the SFT kill test runs it, with a validation split and 4 epochs instead of 8 steps."""
+    return _fit_cli(tiny_model_dir, data, root, "--data.val_fraction", "0.25", "--trainer.max_steps", "-1",
+                    "--trainer.max_epochs", "4", *extra)
 
 
 def _rows(path: Path) -> list[dict]:
