@@ -144,8 +144,11 @@ def check_ranges(args: Any, ranges: Mapping[str, Range] = RANGES, *, prefix: str
                 raise PmetalError(f"{flag} {item:g}: expected {rule.describe()}")
 
 
-def check_data_path(path: str | None, flag: str = "--dataset") -> None:
-    """The data file exists (or is a hub dataset id) and its format reads, before any model loads."""
+def check_data_path(path: str | None, flag: str | None = "--dataset") -> None:
+    """The data file exists (or is a hub dataset id) and its format reads, before any model loads.
+
+    `flag` names the option in the message; None for a positional file (the error names the path).
+    """
     if path is None:
         return
     from pmetal.data.formats import EXTENSIONS, load_rows
@@ -154,12 +157,14 @@ def check_data_path(path: str | None, flag: str = "--dataset") -> None:
     p = Path(path).expanduser()
     if not p.exists():
         if looks_like_local_path(path) or p.suffix.lower() in EXTENSIONS:
-            raise PmetalError(f"{flag} {path}: no such file or directory; expected an existing data file "
+            raise PmetalError(f"{f'{flag} ' if flag else ''}{path}: no such file or directory; expected an existing data file "
                               f"({', '.join(EXTENSIONS)}), a directory of them, or a hub dataset id org/name")
         return  # a hub dataset id: read (or refused) by the data module
     try:
         load_rows(p)
     except DataError as exc:
+        if flag is None:
+            raise
         raise PmetalError(f"{flag}: {exc}") from None
 
 

@@ -2,8 +2,9 @@
 
 Defaults: the accelerator and precision from `pmetal.device.choose_device` (mps > cuda > cpu),
 gradient clipping at 1.0, atomic checkpoints every N steps and at the end (trainable parameters
-only), a NaN/inf guard, tokens/s in the progress bar, metrics as CSV (and TensorBoard when it is
-installed), the loss plot and the trained adapter/model in the run directory.
+only, never with non-finite values), a NaN/inf guard, tokens/s in the progress bar, metrics as CSV
+(one row per step, kept across --resume; and TensorBoard when it is installed), the loss plot and
+the trained adapter/model in the run directory.
 """
 
 from __future__ import annotations
