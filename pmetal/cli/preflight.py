@@ -144,24 +144,26 @@ def check_ranges(args: Any, ranges: Mapping[str, Range] = RANGES, *, prefix: str
                 raise PmetalError(f"{flag} {item:g}: expected {rule.describe()}")
 
 
-def check_data_path(path: str | None, flag: str | None = "--dataset") -> None:
+def check_data_path(path: str | None, flag: str | None = "--dataset"):
     """The data file exists (or is a hub dataset id) and its format reads, before any model loads.
 
     `flag` names the option in the message; None for a positional file (the error names the path).
+    Returns the rows read (None for no path or a hub dataset id).
     """
     if path is None:
-        return
+        return None
     from pmetal.data.formats import EXTENSIONS, load_rows
     from pmetal.errors import DataError
 
     p = Path(path).expanduser()
     if not p.exists():
         if looks_like_local_path(path) or p.suffix.lower() in EXTENSIONS:
-            raise PmetalError(f"{f'{flag} ' if flag else ''}{path}: no such file or directory; expected an existing data file "
+            where = f"{flag} {path}" if flag else str(path)
+            raise PmetalError(f"{where}: no such file or directory; expected an existing data file "
                               f"({', '.join(EXTENSIONS)}), a directory of them, or a hub dataset id org/name")
-        return  # a hub dataset id: read (or refused) by the data module
+        return None  # a hub dataset id: read (or refused) by the data module
     try:
-        load_rows(p)
+        return load_rows(p)
     except DataError as exc:
         if flag is None:
             raise
@@ -219,44 +221,43 @@ def check_model_name(name: str | None, flag: str = "--model") -> None:
     if path.exists():
         return
     if looks_like_local_path(text) or text.endswith(".gguf"):
-        raise PmetalError(f"{flag} {text}: model not found (no such file or directory); expected a local model directory, "
-                          "a .gguf file, a hub id (org/name) or 'default'")
+        raise PmetalError(f"{flag} {text}: model not found (no such file or directory); expected a local model "
+                          "directory, a .gguf file, a hub id (org/name) or 'default'")
     if text.count("/") == 1:
         check_hub_model(text, flag=flag)
 
 
-def check_reward_columns(path: str | None, functions: Iterable[Any]) -> None:
-    """Every row has a value for the columns each reward function reads (e.g. accuracy's answer)."""
-    from pmetal.data.formats import example_path, load_rows
+def check_reward_columns(rows: Any, functions: Iterable[Any]) -> None:
+    """Every row has a value for the columns each reward function reads (e.g. accuracy's answer).
+
+    `rows` as `load_rows` returns them; None (a hub dataset) is left to the data module.
+    """
     from pmetal.rewards import required_columns, reward_name
 
     needs = [(reward_name(fn), cols) for fn in functions if (cols := required_columns(fn))]
-    if not needs:
-        return
-    source = path or str(example_path("grpo.jsonl"))
-    if not Path(source).expanduser().exists():
-        return  # a hub dataset: checked by the data module
-    rows = load_rows(source)
-    for name, columns in needs:
+    for name, columns in needs if rows is not None else []:
         for i, row in enumerate(rows):
             if not any(row.get(c) is not None and str(row.get(c)).strip() for c in columns):
                 file, number, line = rows.locate(i)
-                where = f"{file}, {'line' if line else 'row'} {number}"
-                raise PmetalError(f"--dataset {where}: the {name} reward needs a '{columns[0]}'"
-                                  + "".join(f" or '{c}'" for c in columns[1:]) + " column with a value; "
-                                  "add it or choose other rewards")
+                wanted = f"'{columns[0]}'" + (f" (or {', '.join(repr(c) for c in columns[1:])})" if columns[1:] else "")
+                raise PmetalError(f"--dataset {file}, {'line' if line else 'row'} {number}: the {name} reward "
+                                  f"needs the column {wanted} with a value; add it or choose other rewards")
 
 
 def check_training_args(args: Any, run_dir: str | Path, *, data_paths: Mapping[str, str | None] = None,
-                        model_flags: Mapping[str, str | None] = None, ranges: Mapping[str, Range] = RANGES) -> None:
-    """Everything a training command checks before a model loads, in the order a user fixes them."""
+                        model_flags: Mapping[str, str | None] = None,
+                        ranges: Mapping[str, Range] = RANGES) -> dict[str, Any]:
+    """Everything a training command checks before a model loads, in the order a user fixes them.
+
+    Returns the rows of each data file by flag (None for a hub dataset or no file).
+    """
     check_ranges(args, ranges)
-    for flag, path in (data_paths or {}).items():
-        check_data_path(path, flag)
+    rows = {flag: check_data_path(path, flag) for flag, path in (data_paths or {}).items()}
     for flag, name in (model_flags or {}).items():
         check_model_name(name, flag)
     settings = _settings(args)
     check_output_dir(run_dir, resume=settings.get("resume"), overwrite=bool(settings.get("overwrite")))
+    return rows
 
 
 def check_command(args: Any, method: str, *, data: Mapping[str, str | None],
@@ -266,9 +267,9 @@ def check_command(args: Any, method: str, *, data: Mapping[str, str | None],
     from pmetal.cli.commands.train import run_dir_for
 
     run_dir = run_dir_for(args, method)
-    check_training_args(args, run_dir, data_paths=data, ranges=ranges,
-                        model_flags=models or {"--model": getattr(args, "model", None)})
-    check_reward_columns(data.get("--dataset"), rewards)
+    rows = check_training_args(args, run_dir, data_paths=data, ranges=ranges,
+                               model_flags=models or {"--model": getattr(args, "model", None)})
+    check_reward_columns(rows.get("--dataset"), rewards)
     args.output_dir = str(run_dir)
     return run_dir
 

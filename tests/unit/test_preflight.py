@@ -115,7 +115,7 @@ def test_reward_columns_are_checked_before_the_model_loads(tmp_path, capsys, no_
     prompts.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2?"}) + "\n")
     assert main(["grpo", "--dataset", str(prompts), "--reasoning-rewards", "--output-dir", str(tmp_path / "g")]) == 2
     err = _one_error_line(capsys)
-    assert f"{prompts}, line 2: the accuracy reward needs a 'answer' or 'solution' column" in err
+    assert f"{prompts}, line 2: the accuracy reward needs the column 'answer' (or 'solution') with a value" in err
 
 
 def test_hub_id_offline_fails_at_once_and_local_paths_are_not_hub_ids(tmp_path, capsys, monkeypatch, no_model_load):

@@ -71,12 +71,18 @@ def rl_module_kwargs(args) -> dict:
     return kwargs
 
 
-def prompt_datamodule(args):
+def prompt_dataset_path(args) -> str:
+    """--dataset, or pmetal's arithmetic example."""
     from pmetal.data.formats import example_path
+
+    return args.dataset or str(example_path("grpo.jsonl"))
+
+
+def prompt_datamodule(args):
     from pmetal.data.prompts import PromptDataModule
 
     return PromptDataModule(
-        path=args.dataset or str(example_path("grpo.jsonl")), batch_size=args.batch_size,
+        path=prompt_dataset_path(args), batch_size=args.batch_size,
         max_prompt_length=args.max_prompt_length, prompt_column=args.prompt_column,
         system_prompt=args.system_prompt, chat_template=args.chat_template, seed=args.seed,
     )
@@ -94,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from pmetal.cli.preflight import check_command, reward_functions
 
-    check_command(args, "dapo" if args.dapo else "grpo", data={"--dataset": args.dataset},
+    check_command(args, "dapo" if args.dapo else "grpo", data={"--dataset": prompt_dataset_path(args)},
                   rewards=reward_functions(args.reward_fn, args.reasoning_rewards))
     import lightning as L
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from pmetal.cli.commands.grpo import add_rl_arguments, prompt_datamodule, rl_module_kwargs
+from pmetal.cli.commands.grpo import add_rl_arguments, prompt_datamodule, prompt_dataset_path, rl_module_kwargs
 from pmetal.cli.commands.train import add_model_arguments, launch
 
 
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from pmetal.cli.preflight import check_command, reward_functions
 
-    check_command(args, "rlkd", data={"--dataset": args.dataset},
+    check_command(args, "rlkd", data={"--dataset": prompt_dataset_path(args)},
                   models={"--model": args.model, "--teacher-model": args.teacher_model},
                   rewards=reward_functions(args.reward_fn, args.reasoning_rewards))
     import lightning as L
