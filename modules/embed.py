@@ -37,6 +37,8 @@ import lightning as L
 import torch
 
 from pmetal.embedding import (
+    DEFAULT_EMBEDDING_HUB_ID,
+    DEFAULT_EMBEDDING_MODEL_NAMES,
     POOLING_MODES,
     load_sentence_transformer,
     pool,
@@ -301,7 +303,8 @@ class EmbedModule(L.LightningModule):
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """A directory `SentenceTransformer(out_dir)` loads as it is (LoRA merged; adapter in `adapter/`)."""
-        out = save_sentence_transformer(self.encoder, out_dir)
+        default = self.hparams.model in DEFAULT_EMBEDDING_MODEL_NAMES  # never record site-packages' path
+        out = save_sentence_transformer(self.encoder, out_dir, DEFAULT_EMBEDDING_HUB_ID if default else None)
         settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
         (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
         return out

@@ -177,13 +177,13 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / "SmolLM2-135M-Instruct"
 
 
-def record_portable_base(adapter_dir: str | Path, model: str | Path) -> None:
-    """Rewrite a saved adapter's `base_model_name_or_path` with `portable_base_name`."""
+def record_portable_base(adapter_dir: str | Path, model: str | Path, *, hub_id: str | None = None) -> None:
+    """Rewrite a saved adapter's `base_model_name_or_path`: `hub_id`, else `portable_base_name`."""
     config_file = Path(adapter_dir) / "adapter_config.json"
     if not config_file.is_file():
         return
     config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = portable_base_name(model, config.get("base_model_name_or_path"))
+    config["base_model_name_or_path"] = hub_id or portable_base_name(model, config.get("base_model_name_or_path"))
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

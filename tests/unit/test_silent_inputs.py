@@ -117,6 +117,18 @@ def test_adapter_of_the_embedded_default_records_its_hub_id(tmp_path):
     assert portable_base_name("/data/my-model", "/data/my-model") == "/data/my-model"  # the user's own folder
 
 
+def test_embedding_adapter_of_the_embedded_default_records_its_hub_id(tiny_bert_dir, tmp_path, monkeypatch):
+    import pmetal.modules.embed
+    from pmetal.embedding import DEFAULT_EMBEDDING_HUB_ID
+    from pmetal.modules.embed import EmbedModule
+
+    # the tiny BERT stands in for the embedded all-MiniLM-L6-v2 (a site-packages path, like it)
+    monkeypatch.setattr(pmetal.modules.embed, "DEFAULT_EMBEDDING_MODEL_NAMES", ("default", str(tiny_bert_dir)))
+    out = EmbedModule(str(tiny_bert_dir), adapter="lora", lora_r=2).save_pretrained(tmp_path / "final")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == DEFAULT_EMBEDDING_HUB_ID
+
+
 def test_the_default_hub_id_resolves_to_the_embedded_copy_offline(tmp_path, monkeypatch):
     import importlib.util
 
