@@ -27,6 +27,13 @@ class LossHistory(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None and not pl_module.automatic_optimization:
+            # a method that steps its own optimizer (GRPO) returns nothing: take the loss it logged,
+            # once per optimizer step (a skipped rollout steps nothing and logs no new loss)
+            logged = trainer.callback_metrics.get("train/loss")
+            if logged is not None and not (self.train and self.train[-1][0] >= trainer.global_step):
+                self.train.append((trainer.global_step, float(logged)))
+            return
         if isinstance(loss, torch.Tensor):
             self._pending.append(float(loss.detach()))
         elif isinstance(loss, (int, float)):

@@ -151,6 +151,26 @@ def test_nanguard_stops_a_manual_optimization_method_before_backward(tiny_model_
             assert torch.equal(param.detach(), before[name]), name
 
 
+def test_manual_optimization_methods_get_a_loss_curve(tiny_model_dir, tmp_path):
+    from pmetal.cli.runner import build_trainer
+    from pmetal.data.prompts import PromptDataModule
+    from pmetal.modules.grpo import GrpoModule
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
+    module = GrpoModule(str(tiny_model_dir), reward_fns=[lambda p, c, **k: [float(len(x) % 2) for x in c]],
+                        num_generations=2, max_completion_length=4, gradient_checkpointing=False)
+    run = tmp_path / "run"
+    trainer = build_trainer(run, max_steps=2, max_epochs=None, enable_progress_bar=False)
+    trainer.fit(module, PromptDataModule(str(prompts), batch_size=2))
+    history = json.loads((run / "loss_history.json").read_text())["train"]
+    assert [s for s, _ in history] == [1, 2] and (run / "loss.png").is_file()
+    with (run / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [1, 2]
+    assert [v for _, v in history] == pytest.approx([float(r["train/loss"]) for r in rows if r.get("train/loss")])
+
+
 def test_the_finite_loss_check_lives_in_nanguard_only():
     import inspect
 
