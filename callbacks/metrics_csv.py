@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 
 
@@ -88,6 +89,7 @@ class RunCSVLogger(CSVLogger):
         super().__init__(save_dir=save_dir, **kwargs)
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> _StepRowsWriter:
         if self._experiment is None:
             self._experiment = _StepRowsWriter(self.log_dir)
