@@ -19,8 +19,6 @@ a sequence-classification model.
 
 from __future__ import annotations
 
-import importlib
-import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -28,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pmetal.errors import PmetalError
+from pmetal.imports import import_user_module
 
 RewardFn = Callable[..., list[float]]
-log = logging.getLogger("pmetal")
 
 # ---------------------------------------------------------------------------------------------
 # Answer extraction and comparison
@@ -301,40 +299,15 @@ def resolve_reward(spec: str | RewardFn) -> RewardFn:
         )
     module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name)
     except Exception as exc:  # any import failure is the user's path, say so plainly
         raise PmetalError(f"reward {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from exc
-    _report_local_module(module_name, module)
     fn = getattr(module, attr, None)
     if fn is None:
         raise PmetalError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
         raise PmetalError(f"reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn
-
-
-def _report_local_module(module_name: str, module: Any) -> None:
-    """Name the file when `module_name` resolved to the current directory (which `python -m` puts first)."""
-    import os
-    import sys
-
-    top = sys.modules.get(module_name.partition(".")[0], module)
-    origin = getattr(top, "__file__", None)
-    if not origin:
-        return
-    origin = os.path.abspath(origin)
-    here = os.path.abspath(os.getcwd())
-    if os.path.commonpath([origin, here]) != here:
-        return
-    others = [p for p in sys.path if p and os.path.abspath(p) != here]
-    from importlib.machinery import PathFinder
-
-    installed = PathFinder.find_spec(module_name.partition(".")[0], others)
-    if installed is not None and installed.origin and os.path.abspath(installed.origin) != origin:
-        log.warning("reward module %s is imported from %s in the current directory, which shadows the installed %s; "
-                    "rename the local file or run from another directory", module_name, origin, installed.origin)
-    else:
-        log.info("reward module %s is imported from %s (the current directory)", module_name, origin)
 
 
 def reward_name(fn: RewardFn) -> str:

@@ -151,15 +151,9 @@ def _load_file(p: Path) -> Rows:
         raise DataError(p, f"unsupported file extension '{p.suffix}'", expected=", ".join(EXTENSIONS))
     if p.stat().st_size == 0:
         raise DataError(p, "file is empty", expected="at least one row")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
     try:
-        if suffix == ".jsonl":
-            rows = _read_jsonl(p)
-        elif suffix == ".json":
-            rows = _read_json(p)
-        elif suffix == ".parquet":
-            rows = _read_parquet(p)
-        else:
-            rows = _read_csv(p, delimiter="\t" if suffix == ".tsv" else ",")
+        rows = readers[suffix](p) if suffix in readers else _read_csv(p, delimiter="\t" if suffix == ".tsv" else ",")
     except UnicodeDecodeError:
         raise encoding_error(p) from None
     if not rows:
