@@ -1,8 +1,10 @@
 """Checkpoints that survive a kill: atomic writes, trainable-only state, export at the end.
 
 A checkpoint is written to a temporary file in the same directory and renamed over the target,
-so a run killed mid-write leaves the previous checkpoint intact. Loading uses
-`torch.load(weights_only=True)`.
+so a run killed mid-write leaves the previous checkpoint intact (and a stray `.NAME.*.tmp`, which
+`resumable_checkpoint` removes). A checkpoint whose parameters or optimizer state are not finite
+is never written. Resuming validates the candidates (newest first) and falls back to the newest
+one that reads and holds finite values. Loading uses `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
         path = Path(path)
+        problem = non_finite_entry(checkpoint)
+        if problem:
+            from pmetal.errors import NonFiniteLossError
+
+            kept = resumable_checkpoint(path.parent, clean=False)[0]
+            raise NonFiniteLossError(f"training diverged: {problem} at step {checkpoint.get('global_step')}, so "
+                                     f"{path.name} was not written. {kept_message(kept)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -67,3 +76,98 @@ class ExportOnTrainEnd(Callback):
         pl_module.save_pretrained(out)
         self.export_dir = out
         log.info("saved the trained %s to %s", getattr(pl_module, "artifact_kind", "model"), out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validating and choosing checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def non_finite_entry(checkpoint: dict[str, Any]) -> str | None:
+    """The first parameter or optimizer-state tensor of a checkpoint that holds NaN/inf, described."""
+    for name, value in (checkpoint.get("state_dict") or {}).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return f"parameter {name} is not finite"
+    for k, state in enumerate(checkpoint.get("optimizer_states") or []):
+        for slot in (state.get("state") or {}).values():
+            for key, value in slot.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                    return f"optimizer {k} state {key!r} is not finite"
+    return None
+
+
+def checkpoint_problem(path: str | Path) -> tuple[str | None, int | None]:
+    """(why `path` cannot be resumed from, or None; its global step when it reads)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # the zip reader and unpickler raise many types for a cut-off file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"unreadable ({reason[:160]})", None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        return "not a Lightning checkpoint (no state_dict)", None
+    return non_finite_entry(state), state.get("global_step")
+
+
+def _newest_first(ckpt_dir: Path) -> list[Path]:
+    """`last*.ckpt` (written after the step checkpoint of the same step), then `step-N.ckpt` by N, then by time."""
+    def key(p: Path):
+        if p.name.startswith("last"):
+            return (2, 0, p.stat().st_mtime)
+        number = p.stem.rpartition("-")[2]
+        return (1, int(number), p.stat().st_mtime) if number.isdigit() else (0, 0, p.stat().st_mtime)
+
+    return sorted((p for p in ckpt_dir.glob("*.ckpt") if p.is_file()), key=key, reverse=True)
+
+
+def remove_stray_temp_files(ckpt_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that were interrupted (by a kill)."""
+    stray = [p for p in Path(ckpt_dir).glob(".*.tmp") if p.is_file()]
+    for p in stray:
+        p.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted checkpoint write", p)
+    return stray
+
+
+def resumable_checkpoint(ckpt_dir: str | Path, *, clean: bool = True,
+                         before_step: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint in `ckpt_dir` that reads and holds finite values, and those skipped (path, why).
+
+    `clean` removes stray `*.tmp` files first; `before_step` skips checkpoints of that global step
+    or later (their weights are the ones that diverged).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None, []
+    if clean:
+        remove_stray_temp_files(ckpt_dir)
+    skipped: list[tuple[Path, str]] = []
+    for path in _newest_first(ckpt_dir):
+        problem, step = checkpoint_problem(path)
+        if problem is None and before_step is not None and step is not None and step >= before_step:
+            problem = f"holds the weights of step {step}, which gave the non-finite loss"
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def kept_message(kept: Path | None) -> str:
+    if kept is None:
+        return "No checkpoint with finite weights from before the divergence exists."
+    return f"The last good checkpoint (finite weights) is kept: {kept}; resume with --resume {kept}."
+
+
+def set_aside_diverged(ckpt_dir: str | Path, step: int) -> list[Path]:
+    """Rename checkpoints of global step >= `step` (or with non-finite values) to `*.ckpt.diverged`.
+
+    They hold the weights that produced the non-finite loss, so `--resume` must not pick them;
+    renamed rather than deleted, so nothing is lost.
+    """
+    moved = []
+    for path in Path(ckpt_dir).glob("*.ckpt") if Path(ckpt_dir).is_dir() else []:
+        problem, at = checkpoint_problem(path)
+        if (at is not None and at >= step) or (problem and "not finite" in problem):
+            target = path.with_name(path.name + ".diverged")
+            os.replace(path, target)
+            moved.append(target)
+    return moved

@@ -1,26 +1,34 @@
-"""Stop training on a NaN/inf loss or gradient, before it reaches the weights or a checkpoint."""
+"""Stop training on a NaN/inf loss or gradient, before it reaches the weights or a checkpoint.
+
+`NanGuard` is the one finite-loss check of every pmetal run (the methods do not check again): it
+looks at the loss before backward (automatic and manual optimization alike) and at the gradients
+before the optimizer step. On a stop it sets aside the checkpoints that hold the weights which
+produced the non-finite loss (`*.ckpt.diverged`) and names the last good one; `LossHistory`
+writes the curve of the steps that ran.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
 
-from pmetal.errors import NonFiniteLossError, non_finite_error  # noqa: F401 (re-exported)
+from pmetal.callbacks.checkpoint import kept_message, resumable_checkpoint, set_aside_diverged
+from pmetal.errors import NonFiniteLossError
 
 
 class NanGuard(Callback):
-    """Raises a clear error when the loss or the gradients stop being finite.
+    """Raises `NonFiniteLossError` when the loss or the gradients stop being finite.
 
-    The check runs before the optimizer step, so the weights and later checkpoints never see the
-    non-finite update.
+    The loss is checked before backward and the gradients before the optimizer step, so the
+    weights never take the non-finite update and no later checkpoint holds it.
     """
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
         if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
-            raise non_finite_error(trainer, f"the loss became {loss.item()}")
+            raise non_finite_stop(trainer, f"the loss became {loss.detach().float().flatten()[0].item()}")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -28,4 +36,20 @@ class NanGuard(Callback):
             return
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
         if not math.isfinite(norm.item()):
-            raise non_finite_error(trainer, "the gradients became non-finite (NaN/inf)")
+            raise non_finite_stop(trainer, "the gradients became non-finite (NaN/inf)")
+
+
+def non_finite_stop(trainer, what: str) -> NonFiniteLossError:
+    """The error of a stop: what went wrong, at which step, and the checkpoint to resume from."""
+    step = trainer.global_step
+    kept, set_aside = None, []
+    for directory in {cb.dirpath for cb in getattr(trainer, "checkpoint_callbacks", []) if getattr(cb, "dirpath", None)}:
+        set_aside += set_aside_diverged(directory, step)
+        kept = kept or resumable_checkpoint(directory, clean=False)[0]
+    aside = f" Set aside (they hold the weights that diverged): {', '.join(p.name for p in set_aside)}." if set_aside else ""
+    plot = Path(trainer.default_root_dir) / "loss.png"
+    return NonFiniteLossError(
+        f"{what} at step {step} (epoch {trainer.current_epoch}); training stopped before the update. "
+        f"{kept_message(kept)}{aside} The loss of the steps that ran: {plot}. Try a lower learning rate, "
+        "fp32/bf16 instead of fp16, or check the data for empty completions."
+    )

@@ -29,6 +29,13 @@ class LossHistory(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None and not pl_module.automatic_optimization:
+            # a method that steps its own optimizer (GRPO) returns nothing: take the loss it logged,
+            # once per optimizer step (a skipped rollout steps nothing and logs no new loss)
+            logged = trainer.callback_metrics.get("train/loss")
+            if logged is not None and not (self.train and self.train[-1][0] >= trainer.global_step):
+                self.train.append((trainer.global_step, float(logged)))
+            return
         if isinstance(loss, torch.Tensor):
             self._pending.append(float(loss.detach()))
         elif isinstance(loss, (int, float)):
@@ -55,11 +62,21 @@ class LossHistory(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        run_dir = Path(trainer.default_root_dir)
+        self.plot_path = self.write(trainer.default_root_dir)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A NaN/inf stop or Ctrl-C still leaves the curve of the steps that ran."""
+        from pmetal.errors import NonFiniteLossError
+
+        if trainer.is_global_zero and isinstance(exception, (NonFiniteLossError, KeyboardInterrupt)):
+            self.write(trainer.default_root_dir)
+
+    def write(self, run_dir: str | Path) -> Path | None:
+        """Write `loss_history.json` and (when a step ran) the plot into `run_dir`; the plot's path."""
+        run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "loss_history.json").write_text(json.dumps({"train": self.train, "val": self.val}))
-        if self.train:
-            self.plot_path = plot_losses(self.train, self.val, run_dir / self.filename)
+        return plot_losses(self.train, self.val, run_dir / self.filename) if self.train else None
 
 
 def plot_losses(train, val, path: Path) -> Path:

@@ -22,8 +22,8 @@ import lightning as L
 import torch
 
 from pmetal.device import choose_device
-from pmetal.errors import PmetalError, non_finite_error
-from pmetal.models import apply_adapter, count_parameters
+from pmetal.errors import PmetalError
+from pmetal.models import apply_adapter, count_parameters, record_portable_base
 from pmetal.optim import build_optimizer, build_scheduler
 from pmetal.perf import enable_gradient_checkpointing, maybe_compile
 
@@ -256,9 +256,7 @@ class PmetalModule(TrainableModule):
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss")
 
     def training_step(self, batch, batch_idx):
-        loss, metrics = self.compute_loss(batch)
-        if not torch.isfinite(loss.detach()):
-            raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
+        loss, metrics = self.compute_loss(batch)  # a non-finite loss is stopped by NanGuard before backward
         batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         for name, value in metrics.items():
@@ -281,6 +279,7 @@ class PmetalModule(TrainableModule):
         if self.hparams.quantization and self.hparams.adapter == "full":
             raise PmetalError("cannot save a quantized full model")
         self.policy.save_pretrained(out, safe_serialization=True)
+        record_portable_base(out, self.hparams.model)  # a hub id, never a path into this machine's cache
         (self.processor or self.tokenizer).save_pretrained(out)
         self.write_settings(out)
         return out

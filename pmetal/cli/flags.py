@@ -309,6 +309,11 @@ class CommandFlags:
         return Resolved(out["model"], out["data"], out["trainer"], given)
 
 
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="clear --output-dir first when it holds an earlier run (without it pmetal refuses)")
+
+
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="last", default=None,
                         help="continue a killed run: its last checkpoint in --output-dir, or a .ckpt path")

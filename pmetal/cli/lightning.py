@@ -6,8 +6,10 @@ DataModule classes; every `__init__` argument of both becomes a flag (`--model.l
 value names the model to fine-tune (a directory, hub id, .gguf or "default"), as PMetal and TRL
 users expect; it is rewritten to `--model.model M`. `--trainer.*` are the parameters of
 `pmetal.cli.runner.build_trainer` (pmetal's Trainer defaults; every other `lightning.Trainer`
-argument passes through). `--resume` continues from `<default_root_dir>/checkpoints/last.ckpt`;
-`--ckpt_path PATH` (Lightning's name) from the checkpoint named.
+argument passes through). `--resume` continues from the newest usable checkpoint in
+`<default_root_dir>/checkpoints`; `--ckpt_path PATH` (Lightning's name) from the checkpoint named.
+`--overwrite` clears a `default_root_dir` that holds an earlier run (without it or `--resume`, such
+a folder is refused).
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
         raise PmetalError(f"unknown --method {method_name!r}; available: {', '.join(METHODS)}")
     method = get_method(method_name)
     resume, rest = _pop_resume(rest)
+    overwrite = "--overwrite" in rest
+    rest = [arg for arg in rest if arg != "--overwrite"]
     rest = rewrite_model_flag(rest)
 
     class PmetalCLI(LightningCLI):
@@ -113,9 +117,13 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
                                 help="older configs' place of trainer.checkpoint_every_n_steps (used when set)")
 
         def before_instantiate_classes(self) -> None:
+            from pmetal.cli.preflight import check_fit_config
+
             legacy = self.config.get("checkpoint_every_n_steps")
             if legacy is not None:
                 self.config["trainer"]["checkpoint_every_n_steps"] = legacy
+            check_fit_config(self.config, method_name, resume=resume or self.config.get("ckpt_path"),
+                             overwrite=overwrite)
 
     cli = PmetalCLI(
         method.module_class(),
@@ -125,6 +133,8 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
         run=False,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": str(default_run_dir(method_name))},
+        # a config error's "tip: run ... --help" names the command that shows this method's settings
+        parser_kwargs={"prog": f"pmetal {subcommand} --method {method_name}"},
         auto_configure_optimizers=False,
     )
     if not run:

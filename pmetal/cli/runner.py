@@ -7,8 +7,9 @@ trainer class, so `--trainer.<name>` and YAML `trainer:` keys are its parameters
 
 Defaults: the accelerator and precision from `pmetal.device.choose_device` (mps > cuda > cpu),
 gradient clipping at 1.0, atomic checkpoints every N steps and at the end (trainable parameters
-only), a NaN/inf guard, tokens/s in the progress bar, metrics as CSV (and TensorBoard when it is
-installed), the loss plot and the trained adapter/model in the run directory.
+only, never with non-finite values), a NaN/inf guard, tokens/s in the progress bar, metrics as CSV
+(one row per step, kept across --resume; and TensorBoard when it is installed), the loss plot and
+the trained adapter/model in the run directory.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def build_loggers(logger: Any, run_dir: Path) -> Any:
         if not isinstance(name, str):
             loggers.append(name)  # a Logger object beside named ones
         elif name == "csv":
-            from lightning.pytorch.loggers import CSVLogger
+            from pmetal.callbacks.metrics_csv import RunCSVLogger  # appends across --resume, a row per step
 
-            loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+            loggers.append(RunCSVLogger(save_dir=str(run_dir)))
         elif name in ("tensorboard", "wandb"):
             package = "tensorboard" if name == "tensorboard" else "wandb"
             if importlib.util.find_spec(package) is None:
@@ -195,19 +196,37 @@ def build_trainer(
 
 
 def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None:
-    """`--resume` with no value resumes from `<run_dir>/checkpoints/last.ckpt`; a path is used as is."""
+    """The checkpoint `--resume` continues from, validated.
+
+    With no value: the newest checkpoint in `<run_dir>/checkpoints` that reads and holds finite
+    values (`last.ckpt`, else the newest `step-N.ckpt`), saying which was used and which were
+    skipped and why; stray `*.tmp` files of an interrupted write are removed. A path is used as
+    is, once it reads.
+    """
+    from pmetal.callbacks.checkpoint import checkpoint_problem, resumable_checkpoint
+    from pmetal.errors import PmetalError
+
     if not resume:
         return None
     if resume is True or resume in ("last", "auto"):
-        path = Path(run_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        ckpt_dir = Path(run_dir) / "checkpoints"
+        path, skipped = resumable_checkpoint(ckpt_dir)
+        for bad, why in skipped:
+            log.warning("--resume: skipped %s: %s", bad, why)
+        if path is None:
             if resume == "auto":
                 return None
-            raise PmetalError(f"--resume: no checkpoint to resume from at {path}; pass --resume PATH.ckpt")
+            tried = f" (skipped {len(skipped)} that cannot be used)" if skipped else ""
+            raise PmetalError(f"--resume: no usable checkpoint in {ckpt_dir}{tried}; pass --resume PATH.ckpt "
+                              "or start a new run")
+        log.info("--resume: continuing from %s%s", path, " (the newest usable checkpoint)" if skipped else "")
         return str(path)
     path = Path(resume)
     if not path.is_file():
         raise PmetalError(f"--resume: checkpoint not found: {path}")
+    problem, _ = checkpoint_problem(path)
+    if problem:
+        raise PmetalError(f"--resume {path}: {problem}; expected a checkpoint written by pmetal (checkpoints/*.ckpt)")
     return str(path)
 
 

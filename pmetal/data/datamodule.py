@@ -40,10 +40,12 @@ class SftDataStats:
     train_tokens: int
     train_trained_tokens: int
     max_seq_len: int
+    assistant_first: int = 0
 
     def summary(self) -> str:
         return (f"data: {self.path} | format {self.format} | {self.rows} rows | {self.truncated} truncated to "
                 f"{self.max_seq_len} tokens | {self.dropped} without trainable tokens (skipped) | "
+                f"{self.assistant_first} opening with an assistant turn (not trained) | "
                 f"train {self.train_rows} / val {self.val_rows} rows | {self.train_tokens} train tokens, "
                 f"{self.train_trained_tokens} with loss")
 
@@ -144,11 +146,13 @@ class SftDataModule(L.LightningDataModule):
         train_set, fmt, n_rows = self._render(self.path, tokenizer)
         rows = list(zip(train_set.rows, train_set.source))
         truncated, dropped = train_set.truncated, len(train_set.dropped)
+        assistant_first = len(train_set.assistant_first)
         if self.eval_path:
             val_set, _, n_val_rows = self._render(self.eval_path, tokenizer)
             val = val_set.rows
             n_rows += n_val_rows
             truncated, dropped = truncated + val_set.truncated, dropped + len(val_set.dropped)
+            assistant_first += len(val_set.assistant_first)
         elif self.val_fraction > 0 and len(rows) > 1:
             order = list(range(len(rows)))
             random.Random(self.seed).shuffle(order)
@@ -164,7 +168,7 @@ class SftDataModule(L.LightningDataModule):
             train_rows=len(self.train_rows), val_rows=len(self.val_rows),
             train_tokens=sum(len(r["input_ids"]) for r in self.train_rows),
             train_trained_tokens=sum(1 for r in self.train_rows for x in r["labels"] if x != IGNORE_INDEX),
-            max_seq_len=self.max_seq_len,
+            max_seq_len=self.max_seq_len, assistant_first=assistant_first,
         )
         log.info(self.stats.summary())
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
@@ -194,10 +198,12 @@ class SftDataModule(L.LightningDataModule):
 
     def _checked(self, rendered: RenderedDataset, rows, path: str) -> RenderedDataset:
         if rendered.dropped:
-            shown = ", ".join(str(locate(rows, i, path)[1]) for i in rendered.dropped[:5])
-            more = ", ..." if len(rendered.dropped) > 5 else ""
-            log.warning("%s: %d row(s) have no trainable token after truncation to %d (rows/lines %s%s); skipped",
-                        path, len(rendered.dropped), self.max_seq_len, shown, more)
+            log.warning("%s: %d row(s) have no trainable token after truncation to %d (rows/lines %s); skipped",
+                        path, len(rendered.dropped), self.max_seq_len, _row_numbers(rows, rendered.dropped, path))
+        if rendered.assistant_first:
+            log.warning("%s: %d row(s) open with an assistant message, which has no prompt and is not trained on "
+                        "(rows/lines %s); the later turns are", path, len(rendered.assistant_first),
+                        _row_numbers(rows, rendered.assistant_first, path))
         if not rendered.rows:
             raise DataError(path, "no row has a token to learn from", expected="rows with a non-empty assistant answer "
                             f"that fits within max_seq_len={self.max_seq_len}")
@@ -247,3 +253,9 @@ class SftDataModule(L.LightningDataModule):
     def val_dataloader(self) -> ResumableDataLoader | list:
         self.setup("fit")
         return self._loader(self.val_rows, shuffle=False) if self.val_rows else []
+
+
+def _row_numbers(rows, indices: list[int], path: str, shown: int = 5) -> str:
+    """The first few 1-based rows/lines of `indices`, for a warning."""
+    text = ", ".join(str(locate(rows, i, path)[1]) for i in indices[:shown])
+    return text + (", ..." if len(indices) > shown else "")

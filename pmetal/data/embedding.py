@@ -167,6 +167,34 @@ def check_loss_layout(loss: str, kind: str, path: str | Path | None = None) -> N
         raise DataError(path, f"loss '{loss}' cannot train on {kind}", expected=f"{need}; {LAYOUT_HELP}")
 
 
+def check_informative_batches(loss: str, datamodule: Any) -> None:
+    """A `DataError` when every training batch would give the loss nothing to learn from.
+
+    InfoNCE on pairs takes its negatives from the other rows of the batch: one row per batch (batch
+    size 1, or a 1-row file) has none, and the loss is 0 at every step. CoSENT ranks the pairs of a
+    batch by their scores: a batch of one pair, or scores that are all equal, has nothing to rank.
+    """
+    examples = datamodule.train_examples
+    batch_size = min(int(datamodule.hparams.batch_size), len(examples))
+    path = datamodule.path
+    if loss == "infonce" and datamodule.kind == "pairs" and batch_size < 2:
+        raise DataError(path, f"InfoNCE on pairs needs at least 2 rows per batch for in-batch negatives; with "
+                        f"{len(examples)} training row(s) and batch size {datamodule.hparams.batch_size} the loss "
+                        "is 0 at every step", expected="--batch-size 2 or more and at least 2 training rows, "
+                        "or triplets (hard negatives)")
+    if loss == "cosent":
+        if batch_size < 2:
+            raise DataError(path, "CoSENT compares the scores of pairs within a batch; one pair per batch has "
+                            "nothing to compare", expected="--batch-size 2 or more and at least 2 training rows")
+        if datamodule.hparams.shuffle:
+            groups = [examples]
+        else:
+            groups = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+        if all(len({e.score for e in group}) < 2 for group in groups):
+            raise DataError(path, "every training batch has all-equal scores, so CoSENT has nothing to rank and "
+                            "its loss is constant", expected="scored pairs with different scores")
+
+
 def collate_embedding_examples(examples: Sequence[EmbeddingExample]) -> dict[str, Any]:
     """A batch: the texts, ids from text identity, and the scores if the rows have them.
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmetal.errors import DataError
+from pmetal.errors import DataError, encoding_error
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 ROLES = ("system", "user", "assistant", "tool")
@@ -151,14 +151,11 @@ def _load_file(p: Path) -> Rows:
         raise DataError(p, f"unsupported file extension '{p.suffix}'", expected=", ".join(EXTENSIONS))
     if p.stat().st_size == 0:
         raise DataError(p, "file is empty", expected="at least one row")
-    if suffix == ".jsonl":
-        rows = _read_jsonl(p)
-    elif suffix == ".json":
-        rows = _read_json(p)
-    elif suffix == ".parquet":
-        rows = _read_parquet(p)
-    else:
-        rows = _read_csv(p, delimiter="\t" if suffix == ".tsv" else ",")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+    try:
+        rows = readers[suffix](p) if suffix in readers else _read_csv(p, delimiter="\t" if suffix == ".tsv" else ",")
+    except UnicodeDecodeError:
+        raise encoding_error(p) from None
     if not rows:
         raise DataError(p, "file holds no rows", expected="at least one row")
     return rows

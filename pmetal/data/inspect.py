@@ -87,6 +87,8 @@ class SftFileReport:
             f"tokens/row:  {LengthStats.of(self.lengths)}",
             f"loss tokens: {trained} of {total}{share} after truncation",
             f"truncated:   {self.truncated} rows longer than max_seq_len={self.max_seq_len}",
+            f"assistant-first: {len(self.rendered.assistant_first)} rows open with an assistant message "
+            "(no prompt: that turn is not trained)",
         ]
 
     def example(self, k: int, tokenizer: Any, color: bool = False) -> str:

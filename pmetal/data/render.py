@@ -23,7 +23,7 @@ Helpers for the other builders (preference, KTO, RL):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -348,12 +348,15 @@ class RenderedDataset:
         truncated: how many rows were cut to `max_seq_len`.
         dropped: indices of input rows left with no trained token (e.g. the answer was truncated
             away), which are not trained on.
+        assistant_first: indices of rows whose conversation opens with an assistant message; that
+            message has no prompt to answer, so it carries no loss.
     """
 
     rows: list[dict[str, list[int]]]
     source: list[int]
     truncated: int
     dropped: list[int]
+    assistant_first: list[int] = field(default_factory=list)
 
     def lengths(self) -> list[int]:
         return [len(r["input_ids"]) for r in self.rows]
@@ -373,6 +376,7 @@ def render_sft_dataset(tokenizer: Any, rows: Sequence[dict], examples: Sequence[
     from pmetal.data.formats import row_error
 
     out, source, truncated, dropped = [], [], 0, []
+    assistant_first = [i for i, e in enumerate(examples) if opens_with_assistant(e.messages)]
     for i, example in enumerate(examples):
         try:
             rendered = render_example(tokenizer, example, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
@@ -386,7 +390,13 @@ def render_sft_dataset(tokenizer: Any, rows: Sequence[dict], examples: Sequence[
             continue
         out.append({"input_ids": rendered.input_ids, "labels": rendered.labels})
         source.append(i)
-    return RenderedDataset(out, source, truncated, dropped)
+    return RenderedDataset(out, source, truncated, dropped, assistant_first)
+
+
+def opens_with_assistant(messages: Sequence[dict] | None) -> bool:
+    """The first message after any system message is the assistant's (two user turns in a row are fine)."""
+    roles = [m.get("role") for m in messages or () if m.get("role") != "system"]
+    return bool(roles) and roles[0] == "assistant"
 
 
 def datamodule_tokenizer(datamodule: Any) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from pmetal.cli.flags import CommandFlags, Shortcut, add_resume_argument
+from pmetal.cli.flags import CommandFlags, Shortcut, add_overwrite_argument, add_resume_argument
 
 ADAPTER_LEARNING_RATE = 2e-4  # LoRA/DoRA's usual rate; full fine-tuning keeps the module's default
 
@@ -34,19 +34,31 @@ FLAGS = CommandFlags(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     FLAGS.add_to(p)
     add_resume_argument(p)
+    add_overwrite_argument(p)
 
 
 def run(args) -> int:
     from pathlib import Path
 
     from pmetal.cli.commands.train import build
+    from pmetal.cli.preflight import EMBED_RANGES, check_command
     from pmetal.cli.runner import launch
-    from pmetal.data.embedding import check_loss_layout
+    from pmetal.data.embedding import check_informative_batches, check_loss_layout
+    from pmetal.embedding import DEFAULT_EMBEDDING_MODEL_NAMES
+
+    def checks(settings) -> None:
+        model = settings.model.get("model")
+        check_command(args, settings, "embed", flag_names=FLAGS.flag_names, ranges=EMBED_RANGES,
+                      models={"--model": None if model in DEFAULT_EMBEDDING_MODEL_NAMES else model})
+
+    def data_checks(settings, datamodule) -> None:
+        datamodule.setup("fit")  # read and check the data before the model loads
+        check_loss_layout(settings.model["loss"], datamodule.kind, datamodule.path)
+        check_informative_batches(settings.model["loss"], datamodule)
 
     adapter_rate = lambda s: ADAPTER_LEARNING_RATE if s.model.get("adapter") != "full" else None  # noqa: E731
-    settings, module, datamodule = build(FLAGS, args, learning_rate_rule=adapter_rate)
-    datamodule.setup("fit")  # read and check the data before the trainer starts
-    check_loss_layout(settings.model["loss"], datamodule.kind, datamodule.path)
+    settings, module, datamodule = build(FLAGS, args, learning_rate_rule=adapter_rate, checks=checks,
+                                         data_checks=data_checks)
     result = launch(args, settings, "embed", module, datamodule)
     metrics = Path(result["run_dir"]) / "eval_metrics.json"
     if metrics.is_file():

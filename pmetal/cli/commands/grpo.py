@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from pmetal.cli.commands.train import ADAPTER_SHORTCUTS, build
-from pmetal.cli.flags import CommandFlags, add_resume_argument
+from pmetal.cli.flags import CommandFlags, add_overwrite_argument, add_resume_argument
 
 FLAGS = CommandFlags(methods=("grpo", "dapo"), shortcuts=ADAPTER_SHORTCUTS)
 
@@ -28,12 +28,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DAPO: clip-higher 0.2/0.28, token-level loss, overlong shaping, dynamic sampling")
     FLAGS.add_to(p)
     add_resume_argument(p)
+    add_overwrite_argument(p)
+
+
+def rollout_checks(args, method: str, flags: CommandFlags, models=None):
+    """The up-front checks of a rollout command: pmetal.cli.preflight plus the columns the rewards need."""
+    from pmetal.cli.preflight import check_command, reward_functions
+    from pmetal.data.formats import example_path
+
+    def checks(settings) -> None:
+        path = settings.data.get("path") or str(example_path("grpo.jsonl"))
+        rewards = reward_functions(settings.model.get("reward_fns") or [], bool(settings.model.get("reasoning_rewards")))
+        check_command(args, settings, method, flag_names=flags.flag_names, data_paths={"--dataset": path},
+                      models=models(settings) if models else None, rewards=rewards)
+
+    return checks
 
 
 def run(args) -> int:
     from pmetal.cli.runner import launch
 
     method = "dapo" if args.dapo else "grpo"
-    settings, module, datamodule = build(FLAGS, args, method)
+    settings, module, datamodule = build(FLAGS, args, method, checks=rollout_checks(args, method, FLAGS))
     launch(args, settings, method, module, datamodule)
     return 0

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 
+from pmetal.cli.commands.grpo import rollout_checks
 from pmetal.cli.commands.train import ADAPTER_SHORTCUTS, build
-from pmetal.cli.flags import CommandFlags, add_resume_argument
+from pmetal.cli.flags import CommandFlags, add_overwrite_argument, add_resume_argument
 
 FLAGS = CommandFlags(methods=("rlkd",), shortcuts=ADAPTER_SHORTCUTS, required=("teacher_model",))
 
@@ -22,11 +23,13 @@ FLAGS = CommandFlags(methods=("rlkd",), shortcuts=ADAPTER_SHORTCUTS, required=("
 def add_arguments(p: argparse.ArgumentParser) -> None:
     FLAGS.add_to(p)
     add_resume_argument(p)
+    add_overwrite_argument(p)
 
 
 def run(args) -> int:
     from pmetal.cli.runner import launch
 
-    settings, module, datamodule = build(FLAGS, args)
+    models = lambda s: {"--model": s.model.get("model"), "--teacher-model": s.model.get("teacher_model")}  # noqa: E731
+    settings, module, datamodule = build(FLAGS, args, checks=rollout_checks(args, "rlkd", FLAGS, models))
     launch(args, settings, "rlkd", module, datamodule)
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from pmetal.cli.flags import CommandFlags, Shortcut, add_resume_argument
+from pmetal.cli.flags import CommandFlags, Shortcut, add_overwrite_argument, add_resume_argument
 
 # 5e-4 for the short example dataset, which then teaches its persona in one epoch.
 EXAMPLE_LEARNING_RATE = 5e-4
@@ -30,13 +30,17 @@ FLAGS = CommandFlags(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     FLAGS.add_to(p)
     add_resume_argument(p)
+    add_overwrite_argument(p)
 
 
-def build(flags: CommandFlags, args, method: str | None = None, learning_rate_rule=None):
-    """(settings, module, datamodule) of a command: resolve the flags, seed everything, build both.
+def build(flags: CommandFlags, args, method: str | None = None, learning_rate_rule=None, *,
+          checks=None, data_checks=None):
+    """(settings, module, datamodule) of a command: resolve the flags, check, seed everything, build both.
 
     `learning_rate_rule(settings)` may give the learning rate to use when --learning-rate is not
-    passed (an app-level recipe); None keeps the module's default.
+    passed (an app-level recipe); None keeps the module's default. `checks(settings)` runs before
+    anything is built (pmetal.cli.preflight), `data_checks(settings, datamodule)` after the
+    DataModule is built and before the model loads.
     """
     import lightning as L
 
@@ -44,15 +48,22 @@ def build(flags: CommandFlags, args, method: str | None = None, learning_rate_ru
     rule = learning_rate_rule(settings) if learning_rate_rule and "learning_rate" not in settings.given else None
     if rule is not None:
         settings.model["learning_rate"] = rule
+    if checks is not None:
+        checks(settings)
     L.seed_everything(settings.data["seed"], workers=True, verbose=False)
     classes = flags.targets(method)
-    return settings, classes["model"](**settings.model), classes["data"](**settings.data)
+    datamodule = classes["data"](**settings.data)
+    if data_checks is not None:
+        data_checks(settings, datamodule)
+    return settings, classes["model"](**settings.model), datamodule
 
 
 def run(args) -> int:
+    from pmetal.cli.preflight import check_command
     from pmetal.cli.runner import launch
 
     example = lambda settings: EXAMPLE_LEARNING_RATE if settings.data.get("path") is None else None  # noqa: E731
-    settings, module, datamodule = build(FLAGS, args, learning_rate_rule=example)
+    checks = lambda settings: check_command(args, settings, "sft", flag_names=FLAGS.flag_names)  # noqa: E731
+    settings, module, datamodule = build(FLAGS, args, learning_rate_rule=example, checks=checks)
     launch(args, settings, "sft", module, datamodule)
     return 0
