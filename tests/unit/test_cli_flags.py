@@ -279,5 +279,5 @@ def test_fit_accepts_ckpt_path_and_trainer_settings(tiny_model_dir, tmp_path, ca
                             run=False)
     (checkpoint,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ModelCheckpoint"]
     assert checkpoint._every_n_train_steps == 7
-    assert [type(x).__name__ for x in cli.trainer.loggers] == ["CSVLogger"]
+    assert [type(x).__name__ for x in cli.trainer.loggers] == ["RunCSVLogger"]  # the CSV logger that appends across --resume
     assert any(type(cb).__name__ == "SaveConfigCallback" for cb in cli.trainer.callbacks)

@@ -115,7 +115,7 @@ def test_a_checkpoint_with_non_finite_parameters_is_never_written(tiny_model_dir
     data = write_chat_data(tmp_path / "chat.jsonl", rows=12)
     run = tmp_path / "run"
     trainer = build_trainer(run, max_steps=4, max_epochs=None, checkpoint_every_n_steps=1, enable_progress_bar=False,
-                            extra_callbacks=[CorruptAfterStep2()])
+                            callbacks=[CorruptAfterStep2()])
     with pytest.raises(NonFiniteLossError, match="is not finite at step 2, so step-2.ckpt was not written") as info:
         trainer.fit(SftModule(model=str(tiny_model_dir)),
                     datamodule=SftDataModule(path=str(data), batch_size=2, max_seq_len=64, val_fraction=0.0))
