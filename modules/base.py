@@ -25,6 +25,7 @@ from pmetal.device import choose_device
 from pmetal.errors import PmetalError, non_finite_error
 from pmetal.models import apply_adapter, count_parameters, load_model_and_tokenizer
 from pmetal.optim import build_optimizer, build_scheduler
+from pmetal.modules.distributed import sync_metrics
 from pmetal.perf import enable_gradient_checkpointing, maybe_compile
 
 log = logging.getLogger("pmetal")
@@ -175,6 +176,13 @@ class PmetalModule(L.LightningModule):
         if self.needs_reference and self.hparams.adapter == "full":
             self._reference_model()  # copy the weights before the first update
 
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under `--strategy fsdp` (Lightning's ModelParallelStrategy); else nothing."""
+        if self._device_mesh is not None:
+            from pmetal.modules.distributed import shard_for_fsdp
+
+            shard_for_fsdp(self)
+
     # ------------------------------------------------------------------ steps
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss")
@@ -184,11 +192,12 @@ class PmetalModule(L.LightningModule):
         if not torch.isfinite(loss.detach()):
             raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
         batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        sync = sync_metrics(self)  # several processes: log the mean over ranks
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         for name, value in metrics.items():
-            self.log(f"train/{name}", value, batch_size=batch_size)
+            self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=sync)
         return loss
 
     def validation_step(self, batch, batch_idx):

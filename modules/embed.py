@@ -50,6 +50,7 @@ from pmetal.embedding import (
 from pmetal.errors import PmetalError, non_finite_error
 from pmetal.losses.embedding import cosent_loss, duplicate_text_mask, info_nce_loss, triplet_loss
 from pmetal.models import apply_adapter, count_parameters
+from pmetal.modules.distributed import distributed_mean, sync_metrics
 from pmetal.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("pmetal")
@@ -220,8 +221,8 @@ class EmbedModule(L.LightningModule):
         loss = self.compute_loss(batch)
         if not torch.isfinite(loss.detach()):
             raise non_finite_error(self.trainer, f"the loss became {loss.item()}")
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["anchor"]))
-        return loss
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["anchor"]), sync_dist=sync_metrics(self))
+        return distributed_mean(self, loss, len(batch["anchor"]))
 
     def on_train_start(self) -> None:
         if not self.hparams.evaluate_before_training or self.trainer.global_step > 0:

@@ -35,4 +35,6 @@ class OrpoModule(PreferenceModule):
         or_losses, log_odds = orpo_loss(chosen.mean, rejected.mean, beta=beta)
         metrics = self.preference_metrics(beta * chosen.mean, beta * rejected.mean, chosen.sum, rejected.sum)
         metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": log_odds.mean()})
-        return nll + or_losses.mean(), metrics
+        from pmetal.modules.distributed import distributed_mean
+
+        return distributed_mean(self, nll, chosen.num_tokens.sum()) + self.batch_mean(or_losses), metrics

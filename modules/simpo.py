@@ -39,4 +39,4 @@ class SimpoModule(PreferenceModule):
             chosen.mean, rejected.mean, beta=hp.beta, gamma_beta_ratio=hp.gamma_beta_ratio,
             label_smoothing=hp.label_smoothing,
         )
-        return losses.mean(), self.preference_metrics(chosen_rewards, rejected_rewards, chosen.sum, rejected.sum)
+        return self.batch_mean(losses), self.preference_metrics(chosen_rewards, rejected_rewards, chosen.sum, rejected.sum)

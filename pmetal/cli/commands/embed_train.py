@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from pmetal.cli.commands.train import add_distributed_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
@@ -68,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--accelerator", choices=["auto", "mps", "cuda", "cpu"], default="auto")
     r.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, 16-mixed")
     r.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+    add_distributed_arguments(r)
 
 
 def build(args):

@@ -58,6 +58,16 @@ def add_model_arguments(p: argparse.ArgumentParser, *, learning_rate: float, lor
     r.add_argument("--accelerator", choices=["auto", "mps", "cuda", "cpu"], default="auto")
     r.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, 16-mixed, bf16-true")
     r.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+    add_distributed_arguments(r)
+
+
+def add_distributed_arguments(group) -> None:
+    """--devices, --num-nodes, --strategy (see pmetal.cli.runner.build_trainer)."""
+    group.add_argument("--devices", default="1", help="devices per machine: a count, or auto (every GPU); "
+                       "above 1 Lightning starts one process per device (default %(default)s)")
+    group.add_argument("--num-nodes", type=int, default=1, help="machines taking part (torchrun --nnodes, SLURM --nodes)")
+    group.add_argument("--strategy", default="auto", help="auto, ddp (data parallel) or fsdp (FSDP2: the base "
+                       "and adapters sharded over the processes), or a Lightning strategy name")
 
 
 def module_kwargs(args) -> dict:
@@ -101,6 +111,9 @@ def launch(args, method: str, module, datamodule, extra_callbacks=None, **traine
         run_dir,
         accelerator=args.accelerator,
         precision=args.precision,
+        devices=int(args.devices) if str(args.devices).isdigit() else args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.gradient_accumulation_steps,
