@@ -135,15 +135,15 @@ def test_random_batches_shard_and_resume_with_the_same_global_batch():
     one = RandomBatchSampler(11, 4, seed=3)
     halves = [RandomBatchSampler(11, 2, seed=3, rank=r, num_replicas=2) for r in range(2)]
     assert [a + b for a, b in zip(*map(list, halves))] == list(one)
-    assert sorted(i for h in halves for b in h for i in b) == list(range(10))  # a last batch of 1 row is dropped
+    assert sorted(i for h in halves for b in h for i in b) == list(range(11))  # the last 3 rows: 2 + 1
     loader = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 2, seed=3, rank=0, num_replicas=2),
-                                 collate_fn=_indices)
+                                 collate_fn=list)
     it = iter(loader)
     next(it)
-    single = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 4, seed=3), collate_fn=_indices)
+    single = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 4, seed=3), collate_fn=list)
     single.load_state_dict(loader.state_dict())  # same global batch (1 × 4 = 2 × 2): resumes
     assert list(single) == [b for b in RandomBatchSampler(11, 4, seed=3)][1:]
-    other = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 2, seed=3), collate_fn=_indices)
+    other = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 2, seed=3), collate_fn=list)
     with pytest.raises(PmetalError, match=r"global batch of 4 rows \(2 process\(es\) × 2\), this run's is 2"):
         other.load_state_dict(loader.state_dict())
 
