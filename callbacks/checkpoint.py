@@ -50,12 +50,15 @@ class ExportOnTrainEnd(Callback):
         self.subdir = subdir
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not hasattr(pl_module, "save_pretrained"):
+        if not hasattr(pl_module, "save_pretrained") or getattr(trainer, "_pmetal_failed", False):
             return
-        if getattr(trainer, "_pmetal_failed", False):
+        from pmetal.modules.distributed import full_state_dict
+
+        state = full_state_dict(pl_module)  # FSDP: every rank takes part in gathering the shards
+        if not trainer.is_global_zero:
             return
         out = Path(trainer.default_root_dir) / self.subdir
-        pl_module.save_pretrained(out)
+        pl_module.save_pretrained(out) if state is None else pl_module.save_pretrained(out, state_dict=state)
         trainer.pmetal_export_dir = out
         log.info("saved the trained %s to %s", getattr(pl_module, "artifact_kind", "model"), out)
 

@@ -224,13 +224,19 @@ class PmetalModule(L.LightningModule):
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write the adapter (PEFT format) or the full model, the tokenizer and pmetal's settings."""
+    def save_pretrained(self, out_dir: str | Path, state_dict: Optional[dict] = None) -> Path:
+        """Write the adapter (PEFT format) or the full model, the tokenizer and pmetal's settings.
+
+        `state_dict`: the policy's weights when they are not all in this process (gathered FSDP shards).
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.hparams.quantization and self.hparams.adapter == "full":
             raise PmetalError("cannot save a quantized full model")
-        self.policy.save_pretrained(out, safe_serialization=True)
+        if state_dict is None:
+            self.policy.save_pretrained(out, safe_serialization=True)
+        else:
+            self.policy.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(out)
         settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
         (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))

@@ -50,11 +50,14 @@ def shard_for_fsdp(module) -> None:
     """FSDP2 (`fully_shard`) over the device mesh Lightning's ModelParallelStrategy gives the module.
 
     Each decoder layer is one shard group (its frozen base weights and its LoRA weights gathered
-    together for its forward and freed after), then the rest of the model (embeddings, norm, LM
-    head). The frozen base is sharded like the adapters: every process holds 1/world of it.
+    together for its forward and freed after): the decoder layers, nearly all of the weights, are
+    sharded, every process holding 1/world of them. The embeddings, final norm and LM head stay
+    whole on every process: pmetal's chunked LM-head loss reads the head's weight outside a
+    module call, which a sharded (DTensor) weight does not allow. They are frozen under LoRA, so
+    no gradient of theirs needs reducing; full fine-tuning is therefore refused under FSDP.
 
     Raises:
-        PmetalError: under a quantized base (QLoRA): pmetal's packed 4-bit weights are buffers,
+        PmetalError: under full fine-tuning (see above), or under a quantized base (QLoRA): pmetal's packed 4-bit weights are buffers,
             which `fully_shard` replicates rather than shards, so FSDP would save no memory.
     """
     from torch.distributed.fsdp import fully_shard
@@ -71,10 +74,27 @@ def shard_for_fsdp(module) -> None:
             "FSDP2's fully_shard replicates on every process. Use --strategy ddp (each GPU holds the whole 4-bit base "
             "and trains on its own shard of the data), or FSDP without --quantization"
         )
+    if module.hparams.get("adapter") == "full":
+        raise PmetalError("--strategy fsdp trains adapters (LoRA/DoRA) only: the embeddings and LM head stay whole "
+                          "and frozen on every process; use --strategy ddp for full fine-tuning")
     mesh = module.device_mesh
     if any(type(m).__name__.startswith("FSDP") for m in policy.modules()):
         return  # configure_model runs again on a second fit of the same module
     layers = decoder_layers(policy)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(policy, mesh=mesh)
+
+
+def full_state_dict(module) -> dict | None:
+    """The policy's whole state dict gathered from its FSDP2 shards (a collective: every rank calls it).
+
+    None when nothing is sharded (one process, DDP). Under FSDP rank 0 receives the tensors, on the CPU.
+    """
+    from torch.distributed.tensor import DTensor
+
+    policy = getattr(module, "policy", None)
+    if policy is None or not any(isinstance(p, DTensor) for p in policy.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
