@@ -90,9 +90,11 @@ def run_all(out: Path, model_dir: str, data: dict, world: int, strategy: str = "
     fit(trainer("sft"), module, dm)
     if strategy == "fsdp":
         return
-    # DPO straight, then the same run stopped at step 2 and resumed
+    # DPO straight, then the same run stopped at step 2 and resumed (a constant learning rate: the
+    # stopped run's max_steps=2 would otherwise give it another schedule)
     for name, steps, ckpt in (("dpo", 4, None), ("dpo_part", 2, None), ("dpo_part", 4, "dpo_part/checkpoints/last.ckpt")):
-        module, dm = modules(DpoModule, PreferenceDataModule, dict(path=data["dpo"], batch_size=per_rank, max_seq_len=64, seed=3))
+        module, dm = modules(DpoModule, PreferenceDataModule, dict(path=data["dpo"], batch_size=per_rank, max_seq_len=64,
+                                                                   seed=3), lr_schedule="constant")
         fit(trainer(name, steps, [_recorder(out / f"{name}_seen_rank{rank}.json")]), module, dm,
             ckpt_path=str(out / ckpt) if ckpt else None)
     # GRPO/DAPO update: whole groups per rank, tokens counted over the whole rollout
