@@ -1,7 +1,8 @@
-"""SFT throughput on 1 or N devices through pmetal's distributed path (`--devices N --strategy ddp|fsdp`).
+"""SFT and GRPO throughput on 1 or N devices through pmetal's distributed path (`--devices N --strategy ddp|fsdp`).
 
     python benchmarks/bench_ddp.py --devices 2 --strategy ddp --strategy fsdp   # 2 GPUs, both strategies
     python benchmarks/bench_ddp.py --devices 1 --strategy ddp                   # the one-GPU DDP overhead
+    python benchmarks/bench_ddp.py --method grpo --devices 2 --strategy ddp --batch-size 8   # 16 prompts x 8
     python benchmarks/bench_ddp.py --model tiny --accelerator cpu --devices 2 --strategy ddp --steps 4
 
 Every configuration runs in a fresh `python -m pmetal train` (Lightning starts the other
@@ -10,6 +11,10 @@ processes), LoRA r16 on the Qwen3-0.6B shape (random bf16 weights, word-level to
 device, no strategy) always runs first. Prints a table: tokens/s over the timed steps (after
 `--warmup`), scaling against the baseline, peak memory per device, and the loss at the last step
 (equal global batches give equal curves).
+
+`--method grpo` runs `pmetal grpo` instead: `--batch-size` prompts per device with
+`--num-generations` completions each; the baseline takes the same global batch on one device
+(batch × devices prompts), and the table shows rollout tokens/s (all ranks) and seconds per step.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def write_data(path: Path, rows: int, seq_len: int) -> Path:
+def write_data(path: Path, rows: int, seq_len: int, prompts_only: bool = False) -> Path:
     rng = random.Random(0)
     with path.open("w") as f:
         for _ in range(rows):
             words = lambda n: " ".join(f"w{rng.randrange(3, 8000)}" for _ in range(n))  # noqa: E731
-            f.write(json.dumps({"prompt": words(8), "completion": words(seq_len - 12)}) + "\n")
+            row = {"prompt": words(seq_len)} if prompts_only else {"prompt": words(8), "completion": words(seq_len - 12)}
+            f.write(json.dumps(row) + "\n")
     return path
 
 
@@ -82,7 +88,7 @@ class StepTimer:
         return _Timer()
 
 
-def run_config(args, work: Path, model_dir: Path, data: Path, devices: int, strategy: str) -> dict:
+def run_config(args, work: Path, model_dir: Path, data: Path, devices: int, strategy: str, batch_size: int) -> dict:
     name = f"{strategy}-{devices}"
     out = work / name
     timing = work / f"{name}.json"
@@ -91,20 +97,26 @@ def run_config(args, work: Path, model_dir: Path, data: Path, devices: int, stra
     env.pop("PMETAL_RUN_DIR", None)
     cmd = [sys.executable, str(Path(__file__)), "--worker", "--model-dir", str(model_dir), "--dataset", str(data),
            "--devices", str(devices), "--strategy", strategy, "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--accelerator", args.accelerator,
-           "--output-dir", str(out)]
+           "--batch-size", str(batch_size), "--seq-len", str(args.seq_len), "--accelerator", args.accelerator,
+           "--output-dir", str(out), "--method", args.method, "--num-generations", str(args.num_generations),
+           "--max-completion-length", str(args.max_completion_length)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"config": name, "error": proc.stderr[-2000:]}
     result = json.loads(timing.read_text())
     times = result["times"][args.warmup:]
     steps = len(times) - 1
-    tokens = args.batch_size * args.seq_len * result["world"] * steps
+    seconds = (times[-1] - times[0]) / steps if steps > 0 else float("nan")
     with (out / "metrics.csv").open() as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    return {"config": name, "tokens_per_s": tokens / (times[-1] - times[0]) if steps > 0 else float("nan"),
-            "peak_gib": max(result["peaks"]), "last_loss": losses[-1] if losses else float("nan"),
-            "world": result["world"]}
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    if args.method == "grpo":  # logged per rank and averaged over the ranks: x world for all of them
+        rates = [float(r["train/rollout/tokens_per_s"]) for r in rows if r.get("train/rollout/tokens_per_s")][args.warmup:]
+        rate = sum(rates) / max(len(rates), 1) * result["world"]
+    else:
+        rate = batch_size * args.seq_len * result["world"] / seconds
+    return {"config": name, "tokens_per_s": rate, "step_s": seconds, "peak_gib": max(result["peaks"]),
+            "last_loss": losses[-1] if losses else float("nan"), "world": result["world"]}
 
 
 def worker(args) -> None:
@@ -114,19 +126,25 @@ def worker(args) -> None:
     timer = StepTimer(os.environ["BENCH_DDP_TIMING"], int(os.environ["BENCH_DDP_WARMUP"]))
     launch = train.launch
     train.launch = lambda *a, **k: launch(*a, **{**k, "extra_callbacks": [timer()]})
-    argv = ["--model", args.model_dir, "--dataset", args.dataset, "--max-seq-len", str(args.seq_len),
-            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--val-fraction", "0",
-            "--devices", str(args.devices), "--output-dir", args.output_dir, "--no-progress-bar",
-            "--checkpoint-every", "100000", "--accelerator", args.accelerator, "--learning-rate", "1e-4"]
+    argv = ["--model", args.model_dir, "--dataset", args.dataset, "--batch-size", str(args.batch_size),
+            "--max-steps", str(args.steps), "--devices", str(args.devices), "--output-dir", args.output_dir,
+            "--no-progress-bar", "--checkpoint-every", "100000", "--accelerator", args.accelerator,
+            "--learning-rate", "1e-4"]
+    if args.method == "grpo":
+        argv += ["--reward-fn", "length", "--num-generations", str(args.num_generations),
+                 "--max-completion-length", str(args.max_completion_length), "--max-prompt-length", str(args.seq_len)]
+    else:
+        argv += ["--max-seq-len", str(args.seq_len), "--val-fraction", "0"]
     if args.strategy != "none":
         argv += ["--strategy", args.strategy]
     from pmetal.cli.dispatch import main
 
-    sys.exit(main(["train", *argv]))
+    sys.exit(main(["train" if args.method == "sft" else "grpo", *argv]))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["sft", "grpo"], default="sft")
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--strategy", action="append", choices=["ddp", "fsdp", "none"], default=None)
     p.add_argument("--model", default="qwen3-0.6b-shape", help="qwen3-0.6b-shape, tiny, or a model directory")
@@ -134,7 +152,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="packed rows per device per step")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=2048, help="SFT: tokens per packed row; GRPO: prompt tokens")
+    p.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt")
+    p.add_argument("--max-completion-length", type=int, default=256, help="GRPO: new tokens per completion")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -151,18 +171,22 @@ def main() -> None:
 
         model_dir = write_model_dir(args.model, work)
     rows = args.batch_size * args.devices * (args.steps + 2)
-    data = write_data(work / "data.jsonl", rows, args.seq_len)
-    configs = [(1, "none")] + [(args.devices, s) for s in (args.strategy or ["ddp"])]
-    results = [run_config(args, work, model_dir, data, devices, strategy) for devices, strategy in configs]
+    data = write_data(work / "data.jsonl", rows, args.seq_len, prompts_only=args.method == "grpo")
+    # SFT: the same batch per device (weak scaling); GRPO: the same global batch (strong scaling)
+    base_batch = args.batch_size * (args.devices if args.method == "grpo" else 1)
+    configs = [(1, "none", base_batch)] + [(args.devices, s, args.batch_size) for s in (args.strategy or ["ddp"])]
+    results = [run_config(args, work, model_dir, data, *config) for config in configs]
     base = results[0].get("tokens_per_s")
-    print(f"| config | devices | tokens/s | vs 1 device, no strategy | peak GiB per device | loss at step {args.steps} |")
-    print("|---|---|---|---|---|---|")
+    what = "rollout tokens/s" if args.method == "grpo" else "tokens/s"
+    print(f"| {args.method} config | devices | {what} | vs 1 device, no strategy | s/step | peak GiB per device | "
+          f"loss at step {args.steps} |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['config']} | | failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'} | | | |")
+            print(f"| {r['config']} | | failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'} | | | | |")
             continue
         print(f"| {r['config']} | {r['world']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | "
-              f"{r['peak_gib']:.2f} | {r['last_loss']:.4f} |")
+              f"{r['step_s']:.3f} | {r['peak_gib']:.2f} | {r['last_loss']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,10 @@ class ShuffledBatchSampler(EpochBatchSampler):
 class RandomBatchSampler(EpochBatchSampler):
     """Rows in a deterministic shuffled order per (seed, epoch), cut into global batches.
 
+    On one process the batches are exactly those of `DataLoader(shuffle=True,
+    generator=torch.Generator().manual_seed(seed))` epoch after epoch (the loaders pmetal used
+    before), so single-device runs keep their data order.
+
     Args:
         num_rows: rows in the dataset.
         batch_size: rows per batch and per rank.
@@ -181,11 +185,25 @@ class RandomBatchSampler(EpochBatchSampler):
             raise PmetalError(f"batch_size must be at least 1, got {batch_size}")
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
+        self._perm: tuple[int, list[int]] | None = None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        import torch
+
+        if self._perm is not None and self._perm[0] == epoch:
+            return self._perm[1]
+        # per epoch, a DataLoader draws its workers' base seed, then RandomSampler one permutation
+        # for the epoch and one more (for a remainder it leaves empty) when the epoch is exhausted
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            perm = torch.randperm(self.num_rows, generator=generator).tolist()
+            torch.randperm(self.num_rows, generator=generator)
+        self._perm = (epoch, perm)
+        return perm
 
     def batches(self, epoch: int) -> list[list[int]]:
-        order = list(range(self.num_rows))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
+        order = self._permutation(epoch) if self.shuffle else list(range(self.num_rows))
         size = self.global_batch_size
         result = [order[b:b + size] for b in range(0, len(order), size)]
         return [b for b in result if len(b) == size] if self.drop_last else result

@@ -301,3 +301,14 @@ def test_shipped_example_is_the_default(tok):
     assert dm.path == str(example_path()) and example_path().is_file()
     dm.setup()
     assert dm.stats.format == "messages" and dm.stats.rows >= 200 and dm.stats.truncated == 0
+
+
+def test_random_batches_on_one_process_are_those_of_a_seeded_shuffling_dataloader():
+    from torch.utils.data import DataLoader
+
+    from pmetal.data.sampler import RandomBatchSampler
+
+    plain = DataLoader(list(range(11)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5),
+                       collate_fn=list)
+    sampler = RandomBatchSampler(11, 4, seed=5)
+    assert [list(plain) for _ in range(3)] == [sampler.batches(e) for e in range(3)]
