@@ -2,8 +2,10 @@
 
 One launch of two processes (tests/support/ddp_worker.py) runs SFT, DPO (with a resume from a
 checkpoint) and GRPO under DDP, then SFT under FSDP2; the test's own process runs the same with
-the global batch on one process. Tolerance: 1e-5 absolute on the adapters, 1e-5 on the logged
-losses (2 processes sum gradients in another order than one process's batch: fp32 rounding).
+the global batch on one process. Tolerance: 1e-5 absolute on the adapters and the logged losses
+(2 processes sum gradients in another order than one process's batch: fp32 rounding); 2e-4 on
+GRPO's adapter, whose gradient has entries near zero where AdamW's m/sqrt(v) magnifies that
+rounding (a per-rank normalization error moves parameters by about the learning rate, 1e-2).
 """
 
 from __future__ import annotations
@@ -64,11 +66,11 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / "adapter_model.safetensors")
 
 
-def _assert_same_adapter(a: Path, b: Path) -> None:
+def _assert_same_adapter(a: Path, b: Path, atol: float = ATOL) -> None:
     x, y = _adapter(a), _adapter(b)
     assert x.keys() == y.keys()
     for key in x:
-        assert torch.allclose(x[key], y[key], atol=ATOL, rtol=0), (key, (x[key] - y[key]).abs().max())
+        assert torch.allclose(x[key], y[key], atol=atol, rtol=0), (key, (x[key] - y[key]).abs().max())
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -79,7 +81,7 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
 def test_two_processes_train_like_one_with_the_global_batch(runs, method):
     single, multi = runs / "single" / method, runs / "multi" / "ddp" / method
-    _assert_same_adapter(single, multi)
+    _assert_same_adapter(single, multi, atol=2e-4 if method == "grpo" else ATOL)
     # the logged loss is the global batch's (reduced over the ranks), not rank 0's own
     assert _losses(multi) == pytest.approx(_losses(single), abs=ATOL)
     assert len(_losses(multi)) == (4 if method == "dpo" else 3)
