@@ -265,7 +265,7 @@ class ResumableDataLoader(DataLoader):
         world = sampler.replica()[1]
         if state.get("world_size", world) != world and saved_global != sampler.global_batch_size:
             raise PmetalError(
-                f"the checkpoint was written with a global batch of {saved_global} rows "
+                f"the checkpoint was written with a global batch of {saved_global} rows (or packed bins) "
                 f"({state.get('world_size', 1)} process(es) × {saved_global // max(state.get('world_size', 1), 1)}), "
                 f"this run's is {sampler.global_batch_size} ({world} × {sampler.batch_size}): resume on the same "
                 f"number of devices, or set the batch size so that batch size × devices = {saved_global}")

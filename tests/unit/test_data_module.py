@@ -144,7 +144,7 @@ def test_random_batches_shard_and_resume_with_the_same_global_batch():
     single.load_state_dict(loader.state_dict())  # same global batch (1 × 4 = 2 × 2): resumes
     assert list(single) == [b for b in RandomBatchSampler(11, 4, seed=3)][1:]
     other = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 2, seed=3), collate_fn=list)
-    with pytest.raises(PmetalError, match=r"global batch of 4 rows \(2 process\(es\) × 2\), this run's is 2"):
+    with pytest.raises(PmetalError, match=r"global batch of 4 rows \(or packed bins\) \(2 process\(es\) × 2\), this run's is 2"):
         other.load_state_dict(loader.state_dict())
 
 

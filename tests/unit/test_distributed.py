@@ -127,3 +127,27 @@ def test_fsdp_refuses_a_quantized_base(tiny_model_dir):
     module = SftModule(model=str(tiny_model_dir), quantization="nf4", quant_block_size=32, gradient_checkpointing=False)
     with pytest.raises(PmetalError, match="does not shard a quantized base"):
         shard_for_fsdp(module)
+
+
+def test_an_fsdp_checkpoint_resumes_on_one_device_with_the_same_global_batch(runs, tiny_model_dir):
+    import lightning as L
+
+    from pmetal.cli.runner import build_trainer, fit
+    from pmetal.data.datamodule import SftDataModule
+    from pmetal.errors import PmetalError
+    from pmetal.modules.sft import SftModule
+
+    ckpt = str(runs / "multi" / "fsdp" / "sft" / "checkpoints" / "last.ckpt")  # 2 processes × 1 bin, step 3
+    for bins, run in ((2, "resume_same"), (1, "resume_other")):
+        L.seed_everything(0, verbose=False)
+        module = SftModule(model=str(tiny_model_dir), learning_rate=1e-2, gradient_checkpointing=False)
+        data = SftDataModule(path=str(runs / "sft.jsonl"), batch_size=bins, max_seq_len=48, pack_tokens=48,
+                             val_fraction=0, seed=3)
+        trainer = build_trainer(runs / run, accelerator="cpu", precision="32-true", max_steps=4, enable_progress_bar=False)
+        if bins == 2:
+            fit(trainer, module, data, ckpt_path=ckpt)
+            assert trainer.global_step == 4
+        else:
+            with pytest.raises(PmetalError, match=r"global batch of 2 rows \(or packed bins\) \(2 process\(es\) × 1\), "
+                                                  r"this run's is 1 .* batch size × devices = 2"):
+                fit(trainer, module, data, ckpt_path=ckpt)
