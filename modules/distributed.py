@@ -74,6 +74,10 @@ def shard_for_fsdp(module) -> None:
             "FSDP2's fully_shard replicates on every process. Use --strategy ddp (each GPU holds the whole 4-bit base "
             "and trains on its own shard of the data), or FSDP without --quantization"
         )
+    if hasattr(module, "rollout_settings"):
+        raise PmetalError(
+            f"--strategy fsdp does not run {type(module).__name__}: each rank generates rollouts of its own length, "
+            "and FSDP's per-layer all-gathers need every rank to run the same forwards; use --strategy ddp")
     if module.hparams.get("adapter") == "full":
         raise PmetalError("--strategy fsdp trains adapters (LoRA/DoRA) only: the embeddings and LM head stay whole "
                           "and frozen on every process; use --strategy ddp for full fine-tuning")

@@ -209,6 +209,10 @@ class EmbedModule(L.LightningModule):
             raise PmetalError("loss 'infonce' trains on pairs or triplets, not scored pairs; use --loss cosent")
 
     # ------------------------------------------------------------------ Lightning hooks
+    def configure_model(self) -> None:
+        if self._device_mesh is not None:  # `--strategy fsdp` (Lightning's ModelParallelStrategy)
+            raise PmetalError("--strategy fsdp trains language models; an embedding model trains with --strategy ddp")
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         kind = getattr(datamodule, "kind", None)

@@ -151,3 +151,13 @@ def test_an_fsdp_checkpoint_resumes_on_one_device_with_the_same_global_batch(run
             with pytest.raises(PmetalError, match=r"global batch of 2 rows \(or packed bins\) \(2 process\(es\) × 1\), "
                                                   r"this run's is 1 .* batch size × devices = 2"):
                 fit(trainer, module, data, ckpt_path=ckpt)
+
+
+def test_fsdp_refuses_rollout_methods_with_a_clear_message(tiny_model_dir):
+    from pmetal.errors import PmetalError
+    from pmetal.modules.distributed import shard_for_fsdp
+    from pmetal.modules.grpo import GrpoModule
+
+    module = GrpoModule(model=str(tiny_model_dir), reward_fns=["length"], num_generations=2, gradient_checkpointing=False)
+    with pytest.raises(PmetalError, match="does not run GrpoModule.*use --strategy ddp"):
+        shard_for_fsdp(module)
