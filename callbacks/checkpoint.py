@@ -43,6 +43,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+def full_state_dict(module) -> dict | None:
+    """The policy's whole state dict gathered from its FSDP2 shards (a collective: every rank calls it).
+
+    None when nothing is sharded (one process, DDP). Under FSDP rank 0 receives the tensors, on the CPU.
+    """
+    from torch.distributed.tensor import DTensor
+
+    policy = getattr(module, "policy", None)
+    if policy is None or not any(isinstance(p, DTensor) for p in policy.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 class ExportOnTrainEnd(Callback):
     """Saves the trained adapter (or full model), tokenizer and config into `<run_dir>/<subdir>`."""
 
@@ -52,8 +67,6 @@ class ExportOnTrainEnd(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not hasattr(pl_module, "save_pretrained") or getattr(trainer, "_pmetal_failed", False):
             return
-        from pmetal.modules.distributed import full_state_dict
-
         state = full_state_dict(pl_module)  # FSDP: every rank takes part in gathering the shards
         if not trainer.is_global_zero:
             return

@@ -88,17 +88,3 @@ def shard_for_fsdp(module) -> None:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
 
-
-def full_state_dict(module) -> dict | None:
-    """The policy's whole state dict gathered from its FSDP2 shards (a collective: every rank calls it).
-
-    None when nothing is sharded (one process, DDP). Under FSDP rank 0 receives the tensors, on the CPU.
-    """
-    from torch.distributed.tensor import DTensor
-
-    policy = getattr(module, "policy", None)
-    if policy is None or not any(isinstance(p, DTensor) for p in policy.parameters()):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
