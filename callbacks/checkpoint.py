@@ -52,6 +52,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+def full_state_dict(module) -> dict | None:
+    """The policy's whole state dict gathered from its FSDP2 shards (a collective: every rank calls it).
+
+    None when nothing is sharded (one process, DDP). Under FSDP rank 0 receives the tensors, on the CPU.
+    """
+    from torch.distributed.tensor import DTensor
+
+    policy = getattr(module, "policy", None)
+    if policy is None or not any(isinstance(p, DTensor) for p in policy.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 class ExportOnTrainEnd(Callback):
     """Saves the trained adapter (or full model), tokenizer and config into `<run_dir>/<subdir>`.
 
@@ -70,12 +85,16 @@ class ExportOnTrainEnd(Callback):
         self.failed = True  # a broken model (NaN, a crash) is never exported
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not hasattr(pl_module, "save_pretrained") or self.failed:
+        if not hasattr(pl_module, "save_pretrained") or self.failed:
+            return
+        state = full_state_dict(pl_module)  # FSDP: every rank takes part in gathering the shards
+        if not trainer.is_global_zero:
             return
         out = Path(trainer.default_root_dir) / self.subdir
-        pl_module.save_pretrained(out)
+        pl_module.save_pretrained(out) if state is None else pl_module.save_pretrained(out, state_dict=state)
         self.export_dir = out
         log.info("saved the trained %s to %s", getattr(pl_module, "artifact_kind", "model"), out)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,3 +190,99 @@ def set_aside_diverged(ckpt_dir: str | Path, step: int) -> list[Path]:
             os.replace(path, target)
             moved.append(target)
     return moved
+
+
+def _numpy_state() -> list | None:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        return None
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_numpy_state(state: list | None) -> None:
+    if state is None:
+        return
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = state
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _device_rng(device: torch.device) -> tuple[Any, Any] | None:
+    """(get_rng_state, set_rng_state) of an accelerator's default generator, None on CPU."""
+    if device.type == "cuda":
+        return (lambda: torch.cuda.get_rng_state(device)), (lambda s: torch.cuda.set_rng_state(s, device))
+    if device.type == "mps":
+        return torch.mps.get_rng_state, torch.mps.set_rng_state
+    return None
+
+
+class RngCheckpoint(Callback):
+    """Saves every rank's random state in the checkpoint and restores it on resume.
+
+    The state covers the generators a run draws from while it trains: torch's CPU generator and the
+    accelerator's (dropout, sampled rollouts), Python's and NumPy's, and the DataModule's own draws
+    (`random_state()`, e.g. DAPO's dynamic-sampling prompts). Each rank's state is gathered to the
+    checkpoint (`torch.distributed.all_gather_object`), so a resumed run draws exactly the numbers
+    the uninterrupted one would have. It is restored when training starts, after everything that
+    builds the run (model, loaders) has drawn its numbers as in the first run. A checkpoint from
+    another number of processes restores the ranks it has and warns for the others.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: list[dict[str, Any]] | None = None
+
+    @staticmethod
+    def _state(trainer, pl_module) -> dict[str, Any]:
+        import random
+
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()),
+                                 "numpy": _numpy_state()}
+        device_rng = _device_rng(pl_module.device)
+        if device_rng is not None:
+            state["device"] = device_rng[0]()
+        datamodule = getattr(trainer, "datamodule", None)
+        if hasattr(datamodule, "random_state"):
+            state["datamodule"] = datamodule.random_state()
+        return state
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        local = self._state(trainer, pl_module)
+        import torch.distributed as dist
+
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        # in the place Lightning restores callback states from (`load_state_dict` below)
+        checkpoint.setdefault("callbacks", {})[self.state_key] = {"ranks": gathered}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict.get("ranks")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import random
+
+        ranks, self._loaded = self._loaded, None
+        if not ranks:
+            return
+        rank = trainer.global_rank
+        if len(ranks) != trainer.world_size and rank == 0:
+            log.warning("the checkpoint holds the random state of %d process(es), this run has %d: ranks beyond "
+                        "the checkpoint's keep their fresh random state", len(ranks), trainer.world_size)
+        if rank >= len(ranks):
+            return
+        state = ranks[rank]
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        _set_numpy_state(state.get("numpy"))
+        device_rng = _device_rng(pl_module.device)
+        if device_rng is not None and state.get("device") is not None:
+            device_rng[1](state["device"])
+        datamodule = getattr(trainer, "datamodule", None)
+        if hasattr(datamodule, "load_random_state") and state.get("datamodule"):
+            datamodule.load_random_state(state["datamodule"])

@@ -40,6 +40,11 @@ class LossHistory(Callback):
             self._pending.append(float(loss.detach()))
         elif isinstance(loss, (int, float)):
             self._pending.append(float(loss))
+        elif loss is None and not pl_module.automatic_optimization:
+            # manual optimization (GRPO) returns nothing: take the loss it logged, once per optimizer step
+            logged = trainer.callback_metrics.get("train/loss")
+            if logged is not None and trainer.global_step > (self.train[-1][0] if self.train else 0):
+                self._pending.append(float(logged))
         # one point per optimizer step: average the accumulated micro-batches
         if self._pending and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self.train.append((trainer.global_step, sum(self._pending) / len(self._pending)))

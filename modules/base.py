@@ -25,6 +25,7 @@ from pmetal.device import choose_device
 from pmetal.errors import PmetalError
 from pmetal.models import apply_adapter, count_parameters, record_portable_base
 from pmetal.optim import build_optimizer, build_scheduler
+from pmetal.modules.distributed import sync_metrics
 from pmetal.perf import enable_gradient_checkpointing, maybe_compile
 
 log = logging.getLogger("pmetal")
@@ -251,6 +252,13 @@ class PmetalModule(TrainableModule):
         if self.needs_reference and self.hparams.adapter == "full":
             self._reference_model()  # copy the weights before the first update
 
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under `--strategy fsdp` (Lightning's ModelParallelStrategy); else nothing."""
+        if self._device_mesh is not None:
+            from pmetal.modules.distributed import shard_for_fsdp
+
+            shard_for_fsdp(self)
+
     # ------------------------------------------------------------------ steps
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss")
@@ -258,9 +266,10 @@ class PmetalModule(TrainableModule):
     def training_step(self, batch, batch_idx):
         loss, metrics = self.compute_loss(batch)  # a non-finite loss is stopped by NanGuard before backward
         batch_size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        sync = sync_metrics(self)  # several processes: log the mean over ranks
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
         for name, value in metrics.items():
-            self.log(f"train/{name}", value, batch_size=batch_size)
+            self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=sync)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -272,13 +281,19 @@ class PmetalModule(TrainableModule):
         return loss
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write the adapter (PEFT format) or the full model, the tokenizer and pmetal's settings."""
+    def save_pretrained(self, out_dir: str | Path, state_dict: Optional[dict] = None) -> Path:
+        """Write the adapter (PEFT format) or the full model, the tokenizer and pmetal's settings.
+
+        `state_dict`: the policy's weights when they are not all in this process (gathered FSDP shards).
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.hparams.quantization and self.hparams.adapter == "full":
             raise PmetalError("cannot save a quantized full model")
-        self.policy.save_pretrained(out, safe_serialization=True)
+        if state_dict is None:
+            self.policy.save_pretrained(out, safe_serialization=True)
+        else:
+            self.policy.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
         record_portable_base(out, self.hparams.model)  # a hub id, never a path into this machine's cache
         (self.processor or self.tokenizer).save_pretrained(out)
         self.write_settings(out)

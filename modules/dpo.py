@@ -65,5 +65,5 @@ class DpoModule(PreferenceModule):
                                 label_smoothing=hp.label_smoothing)
         chosen_rewards = hp.beta * (chosen.sum - ref[:, 0]).detach()
         rejected_rewards = hp.beta * (rejected.sum - ref[:, 1]).detach()
-        return losses.mean(), self.preference_metrics(chosen_rewards, rejected_rewards, chosen.sum, rejected.sum,
-                                                     chosen, rejected)
+        return self.batch_mean(losses), self.preference_metrics(chosen_rewards, rejected_rewards, chosen.sum,
+                                                               rejected.sum, chosen, rejected)

@@ -51,6 +51,7 @@ from pmetal.errors import PmetalError
 from pmetal.losses.embedding import cosent_loss, duplicate_text_mask, info_nce_loss, triplet_loss
 from pmetal.models import count_parameters
 from pmetal.modules.base import TrainableModule
+from pmetal.modules.distributed import distributed_mean, sync_metrics
 
 log = logging.getLogger("pmetal")
 
@@ -206,6 +207,10 @@ class EmbedModule(TrainableModule):
             raise PmetalError("loss 'infonce' trains on pairs or triplets, not scored pairs; use --loss cosent")
 
     # ------------------------------------------------------------------ Lightning hooks
+    def configure_model(self) -> None:
+        if self._device_mesh is not None:  # `--strategy fsdp` (Lightning's ModelParallelStrategy)
+            raise PmetalError("--strategy fsdp trains language models; an embedding model trains with --strategy ddp")
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         kind = getattr(datamodule, "kind", None)
@@ -218,8 +223,8 @@ class EmbedModule(TrainableModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.compute_loss(batch)  # a non-finite loss is stopped by NanGuard before backward
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["anchor"]))
-        return loss
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["anchor"]), sync_dist=sync_metrics(self))
+        return distributed_mean(self, loss, len(batch["anchor"]))
 
     def on_train_start(self) -> None:
         if not self.hparams.evaluate_before_training or self.trainer.global_step > 0:

@@ -27,6 +27,8 @@ Where pmetal departs:
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections import defaultdict
 from typing import Any, Literal, Optional
 
@@ -35,6 +37,7 @@ import torch
 from pmetal.errors import PmetalError
 from pmetal.modules.base import PmetalModule
 from pmetal.tokens import IGNORE_INDEX
+from pmetal.modules.distributed import global_sum, sync_metrics, world_size
 
 
 class GrpoModule(PmetalModule):
@@ -205,27 +208,44 @@ class GrpoModule(PmetalModule):
             raise PmetalError(f"{type(self).__name__} got a batch without a rollout: the RolloutCallback did not run "
                               "(it is added by configure_callbacks; check that no callback removed it)")
         num_prompts = len(batch["prompt_ids"])
+        sync = sync_metrics(self)
         for name, value in rollout.metrics.items():
-            self.log(f"train/{name}", value, batch_size=num_prompts, prog_bar=name == "reward")
-        if rollout.num_sequences == 0:  # dynamic sampling found no group with a reward spread
-            self.log("train/skipped_steps", 1.0, batch_size=num_prompts)
+            self.log(f"train/{name}", value, batch_size=num_prompts, prog_bar=name == "reward", sync_dist=sync)
+        # Several processes: each rank's rollout holds whole groups (its own prompts); the loss is
+        # normalized by the counts of the whole world's rollout, summed by the strategy's all-reduce.
+        world = world_size(self)
+        num_sequences = int(global_sum(self, rollout.num_sequences))
+        num_tokens = int(global_sum(self, rollout.num_completion_tokens))
+        if num_sequences == 0:  # dynamic sampling found no group with a reward spread on any rank
+            self.log("train/skipped_steps", 1.0, batch_size=num_prompts, sync_dist=sync)
             return None
-        if self.hparams.beta:
+        if self.hparams.beta and rollout.num_sequences:
             rollout.ref_logps = self._reference_token_logps(rollout)
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        parts = rollout.micro_batches(self.hparams.micro_batch_size)
-        num_sequences, num_tokens = rollout.num_sequences, rollout.num_completion_tokens
+        parts = rollout.micro_batches(self.hparams.micro_batch_size) if rollout.num_sequences else []
+        # every rank runs as many backward passes (the strategy's gradient sync is a collective)
+        num_parts = len(parts) if world == 1 else int(self.trainer.strategy.reduce(
+            torch.tensor(float(len(parts)), device=self.device), reduce_op=torch.distributed.ReduceOp.MAX))
+        scale = world if self.hparams.loss_type != "bnpo" else 1  # DDP averages the ranks' gradients
         self.iteration_metrics = []
         for _ in range(self.hparams.num_iterations):
             totals: dict[str, float] = defaultdict(float)
-            for part in parts:
-                loss, metrics = self.micro_batch_loss(part, num_sequences, num_tokens)
-                if self.hparams.loss_type == "bnpo":
-                    loss = loss / len(parts)  # bnpo normalizes per micro-batch: average them
-                self.manual_backward(loss)  # NanGuard stops a non-finite loss here, before backward
-                share = float((part["labels"] != IGNORE_INDEX).sum()) / max(num_tokens, 1)
-                totals["loss"] += float(loss.detach())
+            for k in range(num_parts):
+                last = k == num_parts - 1
+                sync_context = contextlib.nullcontext() if last or world == 1 else self.trainer.strategy.block_backward_sync()
+                with sync_context:
+                    if k >= len(parts):  # this rank has fewer completions: a zero-weight pass joins the sync
+                        self.manual_backward(self._idle_loss())
+                        continue
+                    part = parts[k]
+                    loss, metrics = self.micro_batch_loss(part, num_sequences, num_tokens)
+                    if self.hparams.loss_type == "bnpo":
+                        loss = loss / len(parts)  # bnpo normalizes per micro-batch: average them
+                    # NanGuard stops a non-finite loss here, before backward
+                    self.manual_backward(loss * scale if scale != 1 else loss)
+                share = float((part["labels"] != IGNORE_INDEX).sum()) / max(rollout.num_completion_tokens, 1)
+                totals["loss"] += float(loss.detach()) * scale
                 for name, value in metrics.items():
                     totals[name] += float(value) * share
             if self._clip_val:
@@ -236,11 +256,19 @@ class GrpoModule(PmetalModule):
             if scheduler is not None:
                 scheduler.step()
             self.iteration_metrics.append(dict(totals))
-        last = dict(self.iteration_metrics[-1])
-        self.log("train/loss", last.pop("loss"), prog_bar=True, batch_size=num_prompts)
-        for name, value in last.items():
-            self.log(f"train/{name}", value, batch_size=num_prompts)
+        last_metrics = dict(self.iteration_metrics[-1])
+        self.log("train/loss", last_metrics.pop("loss", 0.0), prog_bar=True, batch_size=num_prompts, sync_dist=sync)
+        for name, value in last_metrics.items():
+            self.log(f"train/{name}", value, batch_size=num_prompts, sync_dist=sync)
         return None
+
+    def _idle_loss(self) -> torch.Tensor:
+        """A zero loss through a real forward (one pad token), for a rank without completions this step."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((1, 2), pad, dtype=torch.long, device=self.device)
+        part = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "labels": torch.tensor([[-100, pad]], device=self.device)}
+        return self.token_logps(part).sum() * 0.0
 
     def validation_step(self, batch, batch_idx):  # RL methods validate by their reward, in the rollout metrics
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from pmetal.losses.preference import kto_loss
+from pmetal.modules.distributed import global_sum, world_size
 from pmetal.modules.preference import PreferenceModule, concat_sides, log, mean_logit, split_sides
 
 
@@ -61,7 +62,11 @@ class KtoModule(PreferenceModule):
         with torch.no_grad():
             policy_kl = self.completion_logps(batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
         ref = self.reference_values(batch)  # [B, 2]: completion, mismatched completion
-        kl = (policy_kl.sum - ref[:, 1]).mean().clamp(min=0)
+        # z0 over the global batch: every rank's mismatched pairs (summed by the strategy's all-reduce)
+        kl_terms = policy_kl.sum - ref[:, 1]
+        if world_size(self) > 1:
+            kl_terms = global_sum(self, kl_terms.sum()) / global_sum(self, kl_terms.numel()).clamp_min(1)
+        kl = kl_terms.mean().clamp(min=0)
         desirable = batch["desirable"].bool()
         losses, rewards = kto_loss(policy.sum, ref[:, 0], desirable, kl, beta=hp.beta,
                                    desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight)
@@ -74,4 +79,4 @@ class KtoModule(PreferenceModule):
                 metrics[f"logits/{name}"] = mean_logit(logits_sum[rows], policy.num_tokens[rows])
         if desirable.any() and (~desirable).any():
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        return losses.mean(), metrics
+        return self.batch_mean(losses), metrics

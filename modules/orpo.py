@@ -50,9 +50,11 @@ class OrpoModule(PreferenceModule):
         chosen, rejected = completion_sides(out, labels)
         if full:
             half = chosen.sum.shape[0]
-            nll = -out.sum[:half].sum() / out.num_tokens[:half].sum().clamp_min(1)
+            nll_tokens = out.num_tokens[:half].sum()
+            nll = -out.sum[:half].sum() / nll_tokens.clamp_min(1)
         else:
-            nll = -chosen.sum.sum() / chosen.num_tokens.sum().clamp_min(1)
+            nll_tokens = chosen.num_tokens.sum()
+            nll = -chosen.sum.sum() / nll_tokens.clamp_min(1)
         or_losses, log_odds = orpo_loss(chosen.mean, rejected.mean, beta=beta)
         metrics = self.preference_metrics(beta * chosen.mean, beta * rejected.mean, chosen.mean, rejected.mean,
                                           chosen, rejected)
@@ -61,4 +63,6 @@ class OrpoModule(PreferenceModule):
             "log_odds_chosen": log_odds.detach().mean(),
             "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds.detach()).mean(),
         })
-        return nll + or_losses.mean(), metrics
+        from pmetal.modules.distributed import distributed_mean
+
+        return distributed_mean(self, nll, nll_tokens) + self.batch_mean(or_losses), metrics

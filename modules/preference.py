@@ -171,6 +171,12 @@ class PreferenceModule(PmetalModule):
                 metrics[f"logits/{name}"] = mean_logit(side.logits_sum, side.num_tokens)
         return metrics
 
+    def batch_mean(self, losses: torch.Tensor) -> torch.Tensor:
+        """The mean of per-example losses over the global batch (all ranks' examples)."""
+        from pmetal.modules.distributed import distributed_mean
+
+        return distributed_mean(self, losses.mean(), losses.numel())
+
     def _batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         key = "chosen_input_ids" if "chosen_input_ids" in batch else "input_ids"
         return int(batch[key].shape[0])

@@ -18,5 +18,8 @@ class SftModule(PmetalModule):
     def compute_loss(self, batch):
         from pmetal.logps import lm_loss
 
+        from pmetal.modules.distributed import distributed_mean
+
         loss, num_tokens = lm_loss(self.policy, batch)
-        return loss, {"tokens": float(num_tokens)}
+        # the token-weighted mean over the global batch (every rank's tokens), not a mean of rank means
+        return distributed_mean(self, loss, num_tokens), {"tokens": float(num_tokens)}

@@ -41,5 +41,5 @@ class SimpoModule(PreferenceModule):
             label_smoothing=hp.label_smoothing,
         )
         # logps/* are the average log-probs SimPO scores, as TRL's CPOTrainer (loss_type simpo) logs them
-        return losses.mean(), self.preference_metrics(chosen_rewards, rejected_rewards, chosen.mean, rejected.mean,
-                                                     chosen, rejected)
+        return self.batch_mean(losses), self.preference_metrics(chosen_rewards, rejected_rewards, chosen.mean,
+                                                               rejected.mean, chosen, rejected)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -32,15 +33,54 @@ log = logging.getLogger("pmetal")
 LoggerName = Literal["csv", "tensorboard", "wandb"]
 
 
+RUN_DIR_VARIABLE = "PMETAL_RUN_DIR"
+
+
 def default_run_dir(method: str) -> Path:
+    """`runs/<method>-<time>`, one directory for all the processes of a multi-device run.
+
+    The processes Lightning starts for the other devices inherit the first's (`PMETAL_RUN_DIR`,
+    set by `build_trainer`); processes started by SLURM or torchrun, which cannot share one
+    clock reading, name the directory after the job (`SLURM_JOB_ID`, `TORCHELASTIC_RUN_ID`).
+    """
+    if "LOCAL_RANK" in os.environ and os.environ.get(RUN_DIR_VARIABLE):
+        return Path(os.environ[RUN_DIR_VARIABLE])
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if job and job != "none":
+        return Path("runs") / f"{method}-{job}"
     return Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_strategy(strategy: Any, devices: Any, num_nodes: int) -> Any:
+    """A Lightning strategy for pmetal's names: "ddp", "fsdp" (FSDP2's fully_shard) or Lightning's own.
+
+    "fsdp" is Lightning's `ModelParallelStrategy` with every process in one data-parallel group:
+    the module's `configure_model` shards each decoder layer with `fully_shard`
+    (`pmetal.modules.distributed.shard_for_fsdp`), and checkpoints are written whole by rank 0, so
+    a run can resume on another number of devices.
+    """
+    if not isinstance(strategy, str) or strategy != "fsdp":
+        return strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from pmetal.errors import PmetalError
+
+    if os.environ.get("WORLD_SIZE", "").isdigit():  # torchrun / SLURM launched the processes
+        world = int(os.environ["WORLD_SIZE"])
+    elif isinstance(devices, int) and devices > 0:
+        world = devices * num_nodes
+    elif isinstance(devices, str) and devices.isdigit():
+        world = int(devices) * num_nodes
+    else:
+        raise PmetalError(f"--strategy fsdp needs a device count (--devices N), got devices={devices!r}")
+    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False)
 
 
 def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "final") -> list:
     """The callbacks every pmetal run has (checkpoint, NaN guard, loss plot, throughput, export)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from pmetal.callbacks.checkpoint import ExportOnTrainEnd
+    from pmetal.callbacks.checkpoint import ExportOnTrainEnd, RngCheckpoint
     from pmetal.callbacks.guards import NanGuard
     from pmetal.callbacks.plots import LossHistory
 
@@ -56,6 +96,7 @@ def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "
             auto_insert_metric_name=False,
         ),
         NanGuard(),
+        RngCheckpoint(),
         LossHistory(),
         ExportOnTrainEnd(export_subdir),
     ]
@@ -119,6 +160,8 @@ def build_trainer(
     logger: Union[LoggerName, list[LoggerName], Logger, list[Logger], bool, None] = None,
     enable_progress_bar: bool = True,
     devices: Union[int, str] = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
     num_sanity_val_steps: int = 0,
     enable_model_summary: bool = False,
     use_distributed_sampler: bool = False,
@@ -148,7 +191,12 @@ def build_trainer(
             (comma-separated on a PMetal command: csv,wandb), Lightning Logger objects, or False
             for none; None means CSV plus TensorBoard when it is installed.
         enable_progress_bar: show the progress bar with loss, learning rate and tokens/s.
-        devices: the number of devices (or Lightning's device list / "auto").
+        devices: devices per machine: a count, or "auto" (every GPU on it). Above 1, Lightning
+            starts one process per device (or joins those torchrun/SLURM started).
+        num_nodes: machines taking part (torchrun's --nnodes, SLURM's --nodes).
+        strategy: "auto" (one device, or DDP on several), "ddp" (each process holds the model and
+            trains on its own shard of every global batch), "fsdp" (FSDP2: the frozen base and the
+            adapters are sharded over the processes), or any Lightning strategy name.
         num_sanity_val_steps: validation batches run before training as a check (0: none).
         enable_model_summary: print Lightning's table of the model's layers before training.
         use_distributed_sampler: let Lightning wrap the training sampler for distributed runs;
@@ -161,6 +209,8 @@ def build_trainer(
 
     run_dir = Path(default_root_dir) if default_root_dir is not None else default_run_dir("run")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if "LOCAL_RANK" not in os.environ:  # the processes Lightning launches for other devices write here too
+        os.environ[RUN_DIR_VARIABLE] = str(run_dir)
     choice = choose_device(accelerator, precision)
     log.info(choice.describe())
     callbacks = pmetal_callbacks(checkpoint_every_n_steps) + list(callbacks or [])
@@ -173,6 +223,8 @@ def build_trainer(
     if isinstance(val_check_interval, int) and not isinstance(val_check_interval, bool):
         check_val_every_n_epoch = None  # N batches across epochs, not N batches of one epoch
     return L.Trainer(
+        num_nodes=num_nodes,
+        strategy=resolve_strategy(strategy, devices, num_nodes),
         default_root_dir=str(run_dir),
         accelerator=choice.accelerator,
         precision=choice.precision,
@@ -242,6 +294,7 @@ def fit(trainer, module, datamodule, *, ckpt_path: str | None = None) -> dict[st
     export = next((cb.export_dir for cb in trainer.callbacks if isinstance(cb, ExportOnTrainEnd)), None)
     plot = next((cb.plot_path for cb in trainer.callbacks if isinstance(cb, LossHistory)), None)
     return {
+        "rank": trainer.global_rank,
         "run_dir": run_dir,
         "export_dir": export,
         "plot": plot,
@@ -274,7 +327,9 @@ def launch(args, settings, method: str, module, datamodule, **trainer_overrides:
 
 
 def report_outputs(result: dict, kind: str = "adapter") -> None:
-    """Tell the user where everything went, in a few lines."""
+    """Tell the user where everything went, in a few lines (once: by rank 0 of a multi-process run)."""
+    if result.get("rank", 0) != 0:
+        return
     run_dir = Path(result["run_dir"])
     lines = [f"done: {result['steps']} optimizer steps in {result['seconds']:.0f} s"]
     if result.get("export_dir"):

@@ -10,12 +10,10 @@ The train loader is resumable mid-epoch (see `pmetal.data.sampler`).
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
-
+from pmetal.data.base import PmetalDataModule, check_val_fraction, held_out_split
 from pmetal.data.collate import PaddingCollator
 from pmetal.data.formats import example_path, load_rows, locate, to_sft_examples
 from pmetal.data.render import RenderedDataset, ensure_chat_template, render_sft_dataset
@@ -64,7 +62,7 @@ class PackedBinsCollator:
         return stack_packed(packed, -(-longest // self.multiple) * self.multiple, pad_id=self.pad_id)
 
 
-class SftDataModule(L.LightningDataModule):
+class SftDataModule(PmetalDataModule):
     """Supervised fine-tuning data: chat conversations (or plain text) with assistant-only loss.
 
     Accepted file layouts (detected per file): OpenAI `messages`, ShareGPT `conversations`,
@@ -119,8 +117,7 @@ class SftDataModule(L.LightningDataModule):
         processor: Any = None,
     ) -> None:
         super().__init__()
-        if not 0 <= val_fraction < 1:
-            raise PmetalError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_val_fraction(val_fraction)
         if batch_size < 1 or max_seq_len < 2 or pad_to_multiple_of < 1:
             raise PmetalError("batch_size and pad_to_multiple_of must be >= 1 and max_seq_len >= 2")
         self.path = str(path) if path is not None else str(example_path())
@@ -139,9 +136,7 @@ class SftDataModule(L.LightningDataModule):
         self.stats: SftDataStats | None = None
 
     # ------------------------------------------------------------------------------ preparing
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_rows is not None:
-            return
+    def prepare(self) -> None:
         tokenizer = self._tokenizer()
         train_set, fmt, n_rows = self._render(self.path, tokenizer)
         rows = list(zip(train_set.rows, train_set.source))
@@ -153,15 +148,9 @@ class SftDataModule(L.LightningDataModule):
             n_rows += n_val_rows
             truncated, dropped = truncated + val_set.truncated, dropped + len(val_set.dropped)
             assistant_first += len(val_set.assistant_first)
-        elif self.val_fraction > 0 and len(rows) > 1:
-            order = list(range(len(rows)))
-            random.Random(self.seed).shuffle(order)
-            n_val = max(1, round(len(rows) * self.val_fraction))
-            held = set(order[:n_val])
-            val = [rows[i][0] for i in sorted(held)]
-            rows = [r for i, r in enumerate(rows) if i not in held]
         else:
-            val = []
+            rows, held = held_out_split(rows, self.val_fraction, self.seed, path=self.path)
+            val = [r for r, _ in held]
         self.train_rows, self.val_rows = [r for r, _ in rows], val
         self.stats = SftDataStats(
             path=self.path, format=fmt, rows=n_rows, truncated=truncated, dropped=dropped,
@@ -222,6 +211,7 @@ class SftDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------ loaders
     def _loader(self, rows: list[dict], shuffle: bool) -> ResumableDataLoader:
+        # A global batch is `batch_size` rows (or bins) per rank; each rank trains on its own part.
         lengths = [len(r["input_ids"]) for r in rows]
         from pmetal.data.vlm import VlmCollator, vlm_processor
 
@@ -242,9 +232,7 @@ class SftDataModule(L.LightningDataModule):
         else:
             sampler = LengthGroupedBatchSampler(lengths, self.batch_size, seed=self.seed, shuffle=shuffle)
             collate = PaddingCollator(self._pad_id, self.pad_to_multiple_of, max_length=self.max_seq_len)
-        first_epoch = self.trainer.current_epoch if self.trainer is not None and shuffle else 0
-        return ResumableDataLoader(rows, sampler, collate_fn=collate, num_workers=self.num_workers,
-                                   persistent_workers=self.num_workers > 0, first_epoch=first_epoch)
+        return self.resumable_loader(rows, collate, shuffle=shuffle, batch_sampler=sampler)
 
     def train_dataloader(self) -> ResumableDataLoader:
         self.setup("fit")

@@ -19,15 +19,14 @@ the InfoNCE loss can leave duplicated documents out of an anchor's negatives.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from pmetal.data.base import PmetalDataModule, check_val_fraction, held_out_split
 from pmetal.data.formats import load_rows, require_string, row_error
 from pmetal.errors import DataError
 
@@ -231,7 +230,7 @@ def default_embedding_dataset() -> Path:
     return Path(pmetal.examples.__file__).parent / "data" / "embed.jsonl"
 
 
-class EmbeddingDataModule(L.LightningDataModule):
+class EmbeddingDataModule(PmetalDataModule):
     """Pairs, scored pairs or triplets for embedding training, with an optional held-out set.
 
     Args:
@@ -247,7 +246,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         shuffle: shuffle the training rows every epoch.
         drop_last: drop a last, smaller training batch (fewer in-batch negatives).
         num_workers: DataLoader worker processes.
-        seed: seed of the held-out split.
+        seed: seed of the held-out split and of the per-epoch shuffle.
     """
 
     def __init__(
@@ -264,40 +263,36 @@ class EmbeddingDataModule(L.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise DataError(None, f"val_fraction {val_fraction} is out of range", expected="a number in [0, 1)")
+        check_val_fraction(val_fraction)
         self.save_hyperparameters()
+        self.seed, self.num_workers = seed, num_workers
         self.path = str(path) if path else str(default_embedding_dataset())
         self.kind: str | None = None
         self.eval_kind: str | None = None
         self.train_examples: list[EmbeddingExample] = []
         self.eval_examples: list[EmbeddingExample] = []
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_examples:
-            return
+    def prepare(self) -> None:
         hp = self.hparams
         self.kind, examples = load_embedding_examples(self.path, score_range=hp.score_range)
         if hp.eval_path:
             self.eval_kind, self.eval_examples = load_embedding_examples(hp.eval_path, score_range=hp.score_range)
-        elif hp.val_fraction > 0 and len(examples) > 1:
-            order = list(range(len(examples)))
-            random.Random(hp.seed).shuffle(order)
-            held = max(1, round(len(examples) * hp.val_fraction))
-            held_set = set(order[:held])
-            self.eval_kind = self.kind
-            self.eval_examples = [e for i, e in enumerate(examples) if i in held_set]
-            examples = [e for i, e in enumerate(examples) if i not in held_set]
+        else:
+            examples, self.eval_examples = held_out_split(examples, hp.val_fraction, hp.seed, path=self.path)
+            self.eval_kind = self.kind if self.eval_examples else None
         self.train_examples = examples
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return DataLoader(self.train_examples, batch_size=hp.batch_size, shuffle=hp.shuffle, drop_last=hp.drop_last,
-                          collate_fn=collate_embedding_examples, num_workers=hp.num_workers)
+        self.setup("fit")
+        return self.resumable_loader(self.train_examples, collate_embedding_examples, batch_size=hp.batch_size,
+                                     shuffle=hp.shuffle, drop_last=hp.drop_last, sharded=True)
 
     def val_dataloader(self) -> DataLoader | list:
+        self.setup("fit")
         if not self.eval_examples:
             return []
         hp = self.hparams
-        return DataLoader(self.eval_examples, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
-                          collate_fn=collate_embedding_examples, num_workers=hp.num_workers)
+        # whole on every rank: retrieval metrics rank each query against the whole held-out corpus
+        return self.resumable_loader(self.eval_examples, collate_embedding_examples,
+                                     batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False)

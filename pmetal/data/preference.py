@@ -31,14 +31,13 @@ and reported once per split.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-import lightning as L
 import torch
 
+from pmetal.data.base import PmetalDataModule, check_val_fraction, held_out_split
 from pmetal.data.formats import coerce_messages, load_rows, locate, require_string, row_error
 from pmetal.data.render import (
     datamodule_tokenizer,
@@ -264,7 +263,7 @@ class PreferenceCollator:
 # DataModules
 # ----------------------------------------------------------------------------------------------
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(PmetalDataModule):
     """Preference pairs (DPO, SimPO, ORPO) read from a file; see `pmetal.data.preference` for the fields.
 
     Args:
@@ -294,8 +293,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if chat_template is False and system_prompt:
             raise DataError(None, "system_prompt needs a chat template; chat_template=false tokenizes raw text",
                             expected="system_prompt unset, or chat_template left on")
-        if not 0.0 <= val_fraction < 1.0:
-            raise DataError(None, f"val_fraction={val_fraction} is out of range", expected="0 <= val_fraction < 1")
+        check_val_fraction(val_fraction)
         if path is None:
             from importlib.resources import files
 
@@ -314,25 +312,15 @@ class PreferenceDataModule(L.LightningDataModule):
     def _tokenize(self, tokenizer, examples, first_index: int, stats: TruncationStats) -> list[dict]:
         return tokenize_pairs(tokenizer, examples, self.max_seq_len, first_index=first_index, stats=stats)
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_items is not None:
-            return
+    def prepare(self) -> None:
         self.tokenizer = tokenizer = datamodule_tokenizer(self)
         if self.chat_template is not False:
             ensure_chat_template(tokenizer, None if self.chat_template is True else self.chat_template)
         train = self._examples(load_rows(self.path), self.path)
         if self.eval_path:
             val = self._examples(load_rows(self.eval_path), self.eval_path)
-        elif self.val_fraction > 0:
-            order = list(range(len(train)))
-            random.Random(self.seed).shuffle(order)
-            n_val = max(1, round(len(train) * self.val_fraction))
-            if n_val >= len(train):
-                raise DataError(self.path, f"{len(train)} examples leave none for training after holding out "
-                                f"val_fraction={self.val_fraction}", expected="more rows or a smaller val_fraction")
-            val, train = [train[i] for i in sorted(order[:n_val])], [train[i] for i in sorted(order[n_val:])]
         else:
-            val = []
+            train, val = held_out_split(train, self.val_fraction, self.seed, path=self.path)
         self._on_examples(train, val)
         stats = TruncationStats(), TruncationStats()
         self.train_items = self._tokenize(tokenizer, train, 0, stats[0])
@@ -345,17 +333,15 @@ class PreferenceDataModule(L.LightningDataModule):
         """A hook for per-split statistics (KTO's desirable/undesirable counts)."""
 
     def _loader(self, items: list[dict], shuffle: bool):
-        from torch.utils.data import DataLoader
-
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(items, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=self.collator(pad), num_workers=self.num_workers)
+        return self.resumable_loader(items, self.collator(pad), batch_size=self.batch_size, shuffle=shuffle)
 
     def train_dataloader(self):
+        self.setup("fit")
         return self._loader(self.train_items, shuffle=True)
 
     def val_dataloader(self):
+        self.setup("fit")
         return self._loader(self.val_items, shuffle=False) if self.val_items else []
 
     def ordered_dataloaders(self) -> list:

@@ -26,8 +26,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Optional
 
-import lightning as L
-
+from pmetal.data.base import PmetalDataModule
 from pmetal.data.formats import coerce_messages, load_rows, require_string, row_error
 from pmetal.errors import DataError
 
@@ -136,7 +135,7 @@ def vlm_row_to_prompt(rows: Sequence[dict], index: int, *, prompt_column: str | 
     return messages, messages, columns
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(PmetalDataModule):
     """Prompts (plus answer columns for the rewards) for GRPO, DAPO and RLKD.
 
     Args:
@@ -169,16 +168,13 @@ class PromptDataModule(L.LightningDataModule):
         self.prompt_column, self.system_prompt, self.chat_template = prompt_column, system_prompt, chat_template
         self.seed, self.tokenizer, self.num_workers, self.processor = seed, tokenizer, num_workers, processor
         self.train_items: list[dict] | None = None
-        self._rng = random.Random(seed + 1)
+        self._rng: random.Random | None = None
         self._collate = collate_prompts
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_items is not None:
-            return
-        from pmetal.data.render import datamodule_tokenizer, ensure_chat_template, render_prompt
+    def prepare(self) -> None:
+        from pmetal.data.render import render_prompt
 
-        self.tokenizer = tokenizer = datamodule_tokenizer(self)
-        ensure_chat_template(tokenizer, self.chat_template)
+        tokenizer = self.chat_tokenizer()
         rows = load_rows(self.path)
         if not rows:
             raise DataError(self.path, "no rows", expected="at least one prompt")
@@ -209,14 +205,29 @@ class PromptDataModule(L.LightningDataModule):
         log.info("prompt data: %d prompts from %s", len(items), self.path)
 
     def train_dataloader(self):
-        import torch
-        from torch.utils.data import DataLoader
+        self.setup("fit")
+        return self.resumable_loader(self.train_items, self._collate, batch_size=self.batch_size, shuffle=True)
 
-        return DataLoader(self.train_items, batch_size=self.batch_size, shuffle=True, collate_fn=self._collate,
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
+    def _draws(self) -> random.Random:
+        if self._rng is None:  # per rank: each process draws its own extra prompts
+            rank = self.replica()[0]
+            self._rng = random.Random(self.seed + 1 + 1_000_003 * rank)
+        return self._rng
 
     def sample(self, n: int) -> dict[str, Any]:
-        """A batch of `n` prompts drawn at random (DAPO's dynamic sampling asks for more prompts)."""
+        """A batch of `n` prompts drawn at random (DAPO's dynamic sampling asks for more prompts).
+
+        Every prompt of a draw is rendered here with its whole group: groups never span ranks.
+        """
         if not self.train_items:
             raise DataError(self.path, "no prompts loaded (setup() has not run)", expected="setup() first")
-        return self._collate([self._rng.choice(self.train_items) for _ in range(n)])
+        rng = self._draws()
+        return self._collate([rng.choice(self.train_items) for _ in range(n)])
+
+    def random_state(self) -> dict[str, Any]:
+        return {"draws": self._draws().getstate()}
+
+    def load_random_state(self, state: dict[str, Any]) -> None:
+        if "draws" in state:
+            version, internal, gauss = state["draws"]
+            self._draws().setstate((int(version), tuple(int(x) for x in internal), gauss))

@@ -34,18 +34,45 @@ def _replica() -> tuple[int, int]:
     return 0, 1
 
 
-class EpochBatchSampler:
-    """Base: a list of batches (lists of row indices) per epoch, iterated from a start batch.
+def shard_batch(batch: Sequence[int], rank: int, world: int) -> list[int]:
+    """Rank `rank`'s contiguous part of a global batch split into `world` near-equal parts."""
+    size, extra = divmod(len(batch), world)
+    start = rank * size + min(rank, extra)
+    return list(batch[start:start + size + (rank < extra)])
 
-    Under torch.distributed each rank takes every world-size-th batch (all ranks get the same
-    number), so the Trainer must not inject its own sampler (`use_distributed_sampler=False`).
+
+class EpochBatchSampler:
+    """Base: a list of global batches (lists of row indices) per epoch, iterated from a start batch.
+
+    Subclasses build *global* batches of `batch_size × world size` rows; under torch.distributed
+    each rank takes its own contiguous part of every global batch (`shard_batch`), so N processes
+    with `batch_size` B train on exactly the batches one process with `batch_size` N·B would, and
+    every rank makes the same number of steps (a final global batch with fewer rows than ranks is
+    dropped). The Trainer must therefore not inject its own sampler (`use_distributed_sampler=False`).
+
+    Args:
+        rank, num_replicas: this process's place among the data-parallel processes; None asks
+            torch.distributed when the sampler is iterated ((0, 1) without a process group).
     """
 
-    def __init__(self) -> None:
+    batch_size = 1
+
+    def __init__(self, *, rank: int | None = None, num_replicas: int | None = None) -> None:
         self.epoch = 0
         self.start = 0
+        self.rank, self.num_replicas = rank, num_replicas
+
+    def replica(self) -> tuple[int, int]:
+        if self.num_replicas is not None:
+            return self.rank or 0, self.num_replicas
+        return _replica()
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.replica()[1]
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of epoch `epoch` (each `global_batch_size` rows, the last maybe fewer)."""
         raise NotImplementedError
 
     def set_position(self, epoch: int, start: int = 0) -> None:
@@ -54,10 +81,10 @@ class EpochBatchSampler:
 
     def _local(self, epoch: int) -> list[list[int]]:
         batches = self.batches(epoch)
-        rank, world = _replica()
+        rank, world = self.replica()
         if world == 1:
             return batches
-        return batches[rank::world][: len(batches) // world]
+        return [shard_batch(b, rank, world) for b in batches if len(b) >= world]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._local(self.epoch)[self.start:]
@@ -84,44 +111,47 @@ class LengthGroupedBatchSampler(EpochBatchSampler):
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 42, shuffle: bool = True,
-                 drop_last: bool = False, group_factor: int = 50) -> None:
-        super().__init__()
+                 drop_last: bool = False, group_factor: int = 50, rank: int | None = None,
+                 num_replicas: int | None = None) -> None:
+        super().__init__(rank=rank, num_replicas=num_replicas)
         if batch_size < 1:
             raise PmetalError(f"batch_size must be at least 1, got {batch_size}")
         self.lengths = list(lengths)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.drop_last, self.group_factor = drop_last, group_factor
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, int, list[list[int]]] | None = None
 
     def batches(self, epoch: int) -> list[list[int]]:
-        if self._cache is not None and (self._cache[0] == epoch or not self.shuffle):
-            return self._cache[1]
+        size = self.global_batch_size
+        if self._cache is not None and self._cache[:2] == (size, epoch if self.shuffle else 0):
+            return self._cache[2]
         order = list(range(len(self.lengths)))
         rng = random.Random(self.seed + epoch)
         if self.shuffle:
             rng.shuffle(order)
-            group = self.batch_size * self.group_factor
+            group = size * self.group_factor
         else:
             group = len(order) or 1
         result = []
         for g in range(0, len(order), group):
             chunk = sorted(order[g:g + group], key=lambda i: -self.lengths[i])
-            result += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+            result += [chunk[b:b + size] for b in range(0, len(chunk), size)]
         if self.drop_last:
-            result = [b for b in result if len(b) == self.batch_size]
+            result = [b for b in result if len(b) == size]
         if self.shuffle and result:
             rng.shuffle(result)
             longest = max(range(len(result)), key=lambda b: max(self.lengths[i] for i in result[b]))
             result.insert(0, result.pop(longest))
-        self._cache = (epoch, result)
+        self._cache = (size, epoch if self.shuffle else 0, result)
         return result
 
 
 class ShuffledBatchSampler(EpochBatchSampler):
-    """Fixed batches (e.g. packing bins) in a deterministic shuffled order per (seed, epoch)."""
+    """Fixed global batches (e.g. packing bins) in a deterministic shuffled order per (seed, epoch)."""
 
-    def __init__(self, fixed_batches: Sequence[Sequence[int]], *, seed: int = 42, shuffle: bool = True) -> None:
-        super().__init__()
+    def __init__(self, fixed_batches: Sequence[Sequence[int]], *, seed: int = 42, shuffle: bool = True,
+                 rank: int | None = None, num_replicas: int | None = None) -> None:
+        super().__init__(rank=rank, num_replicas=num_replicas)
         self.fixed = [list(b) for b in fixed_batches]
         self.seed, self.shuffle = seed, shuffle
 
@@ -131,6 +161,52 @@ class ShuffledBatchSampler(EpochBatchSampler):
         order = list(self.fixed)
         random.Random(self.seed + epoch).shuffle(order)
         return order
+
+
+class RandomBatchSampler(EpochBatchSampler):
+    """Rows in a deterministic shuffled order per (seed, epoch), cut into global batches.
+
+    On one process the batches are exactly those of `DataLoader(shuffle=True,
+    generator=torch.Generator().manual_seed(seed))` epoch after epoch (the loaders pmetal used
+    before), so single-device runs keep their data order.
+
+    Args:
+        num_rows: rows in the dataset.
+        batch_size: rows per batch and per rank.
+        seed: base seed; epoch `e` uses `seed + e`.
+        shuffle: False keeps file order (validation, precomputing).
+        drop_last: drop a final global batch smaller than `batch_size × world size`.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
+                 rank: int | None = None, num_replicas: int | None = None) -> None:
+        super().__init__(rank=rank, num_replicas=num_replicas)
+        if batch_size < 1:
+            raise PmetalError(f"batch_size must be at least 1, got {batch_size}")
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self._perm: tuple[int, list[int]] | None = None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        import torch
+
+        if self._perm is not None and self._perm[0] == epoch:
+            return self._perm[1]
+        # per epoch, a DataLoader draws its workers' base seed, then RandomSampler one permutation
+        # for the epoch and one more (for a remainder it leaves empty) when the epoch is exhausted
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            perm = torch.randperm(self.num_rows, generator=generator).tolist()
+            torch.randperm(self.num_rows, generator=generator)
+        self._perm = (epoch, perm)
+        return perm
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = self._permutation(epoch) if self.shuffle else list(range(self.num_rows))
+        size = self.global_batch_size
+        result = [order[b:b + size] for b in range(0, len(order), size)]
+        return [b for b in result if len(b) == size] if self.drop_last else result
 
 
 class ResumableDataLoader(DataLoader):
@@ -145,6 +221,11 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: Any, batch_sampler: EpochBatchSampler, *, first_epoch: int = 0, **kwargs: Any) -> None:
+        import torch
+
+        # A DataLoader without a generator draws its workers' base seed from the global RNG at each
+        # `iter()`: a resumed run would then draw once more than the uninterrupted one did.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self._epoch = first_epoch - 1  # the epoch of the pass in progress (or last finished)
         self._yielded = 0
@@ -168,13 +249,27 @@ class ResumableDataLoader(DataLoader):
         return len(self.batch_sampler)
 
     def state_dict(self) -> dict[str, int]:
-        """Where the run is: the epoch in progress and how many of its batches were handed out."""
-        return {"epoch": max(self._epoch, 0), "batches_yielded": self._yielded,
-                "num_batches": len(self.batch_sampler)}
+        """Where the run is: the epoch in progress and how many of its (global) batches were handed out."""
+        sampler: EpochBatchSampler = self.batch_sampler
+        return {"epoch": max(self._epoch, 0), "batches_yielded": self._yielded, "num_batches": len(sampler),
+                "global_batch_size": sampler.global_batch_size, "world_size": sampler.replica()[1]}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: the next pass continues `state`'s epoch after its `batches_yielded` batches."""
-        num_batches = len(self.batch_sampler)
+        """Resume: the next pass continues `state`'s epoch after its `batches_yielded` batches.
+
+        A step consumes one global batch on every rank, so a run resumes on another number of
+        processes exactly when its global batch (batch size × processes) is the checkpoint's.
+        """
+        sampler: EpochBatchSampler = self.batch_sampler
+        saved_global = state.get("global_batch_size", sampler.global_batch_size)
+        world = sampler.replica()[1]
+        if state.get("world_size", world) != world and saved_global != sampler.global_batch_size:
+            raise PmetalError(
+                f"the checkpoint was written with a global batch of {saved_global} rows (or packed bins) "
+                f"({state.get('world_size', 1)} process(es) × {saved_global // max(state.get('world_size', 1), 1)}), "
+                f"this run's is {sampler.global_batch_size} ({world} × {sampler.batch_size}): resume on the same "
+                f"number of devices, or set the batch size so that batch size × devices = {saved_global}")
+        num_batches = len(sampler)
         if state.get("num_batches", num_batches) != num_batches:
             raise PmetalError(f"the checkpoint's training data had {state['num_batches']} batches per epoch, this "
                               f"run has {num_batches}: resume with the same data, batch size and max_seq_len")

@@ -113,16 +113,39 @@ def _loader_epoch(epoch):
 
 
 def test_ranks_split_the_batches(monkeypatch):
+    """Two ranks with batch 4 train on the global batches one process with batch 8 sees, disjointly."""
     import pmetal.data.sampler as sampler_module
 
-    everything = LengthGroupedBatchSampler(LENGTHS, 4, seed=2).batches(0)  # 51 batches
+    everything = LengthGroupedBatchSampler(LENGTHS, 8, seed=2).batches(0)  # 26 global batches of 8 (last: 4)
     shards = []
     for rank in range(2):
         monkeypatch.setattr(sampler_module, "_replica", lambda rank=rank: (rank, 2))
         sampler = LengthGroupedBatchSampler(LENGTHS, 4, seed=2)
-        assert len(sampler) == 25
+        assert len(sampler) == len(everything) == 26
         shards.append(list(sampler))
-    assert shards[0] == everything[0:50:2] and shards[1] == everything[1:50:2]
+    for step, batch in enumerate(everything):
+        assert shards[0][step] + shards[1][step] == batch
+        assert not set(shards[0][step]) & set(shards[1][step])
+    assert all(0 <= len(a) - len(b) <= 1 and b for a, b in zip(*shards))  # a smaller global batch: near-equal parts
+
+
+def test_random_batches_shard_and_resume_with_the_same_global_batch():
+    from pmetal.data.sampler import RandomBatchSampler
+
+    one = RandomBatchSampler(11, 4, seed=3)
+    halves = [RandomBatchSampler(11, 2, seed=3, rank=r, num_replicas=2) for r in range(2)]
+    assert [a + b for a, b in zip(*map(list, halves))] == list(one)
+    assert sorted(i for h in halves for b in h for i in b) == list(range(11))  # the last 3 rows: 2 + 1
+    loader = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 2, seed=3, rank=0, num_replicas=2),
+                                 collate_fn=list)
+    it = iter(loader)
+    next(it)
+    single = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 4, seed=3), collate_fn=list)
+    single.load_state_dict(loader.state_dict())  # same global batch (1 × 4 = 2 × 2): resumes
+    assert list(single) == [b for b in RandomBatchSampler(11, 4, seed=3)][1:]
+    other = ResumableDataLoader(list(range(11)), RandomBatchSampler(11, 2, seed=3), collate_fn=list)
+    with pytest.raises(PmetalError, match=r"global batch of 4 rows \(or packed bins\) \(2 process\(es\) × 2\), this run's is 2"):
+        other.load_state_dict(loader.state_dict())
 
 
 def test_shuffled_fixed_batches():
@@ -278,3 +301,14 @@ def test_shipped_example_is_the_default(tok):
     assert dm.path == str(example_path()) and example_path().is_file()
     dm.setup()
     assert dm.stats.format == "messages" and dm.stats.rows >= 200 and dm.stats.truncated == 0
+
+
+def test_random_batches_on_one_process_are_those_of_a_seeded_shuffling_dataloader():
+    from torch.utils.data import DataLoader
+
+    from pmetal.data.sampler import RandomBatchSampler
+
+    plain = DataLoader(list(range(11)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5),
+                       collate_fn=list)
+    sampler = RandomBatchSampler(11, 4, seed=5)
+    assert [list(plain) for _ in range(3)] == [sampler.batches(e) for e in range(3)]

@@ -1,0 +1,103 @@
+"""Kill-and-resume for DPO, KTO, GRPO (with DAPO's dynamic sampling) and embeddings.
+
+Each method trains 6 steps straight; then the same run is SIGKILLed when step 5 starts (a forked
+child: no second import of the libraries), after the step-4 checkpoint, and resumed from it. The
+resumed run must reproduce the straight run's loss at every step and its final weights bit for
+bit: the loaders resume mid-epoch, and `RngCheckpoint` restores the random state that dropout
+(DPO's LoRA dropout, BERT's dropout), GRPO's sampled rollouts and DAPO's extra prompt draws use.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, KILL_AT = 6, 5
+
+
+def _head(name: str, tmp: Path, rows: int) -> str:
+    path = tmp / f"{name}.jsonl"
+    with (ROOT / "examples" / "data" / f"{name}.jsonl").open() as f:
+        path.write_text("".join(islice(f, rows)))
+    return str(path)
+
+
+def _builders(tiny_model_dir, tiny_bert_dir, tmp):
+    from pmetal.data.embedding import EmbeddingDataModule
+    from pmetal.data.kto import KtoDataModule
+    from pmetal.data.preference import PreferenceDataModule
+    from pmetal.data.prompts import PromptDataModule
+    from pmetal.modules.dpo import DpoModule
+    from pmetal.modules.embed import EmbedModule
+    from pmetal.modules.grpo import GrpoModule
+    from pmetal.modules.kto import KtoModule
+
+    lm = dict(model=str(tiny_model_dir), learning_rate=1e-2, gradient_checkpointing=False)
+    # 3 batches per epoch: the kill falls in the second epoch, mid-way
+    return {
+        "dpo": lambda: (DpoModule(lora_dropout=0.1, **lm),
+                        PreferenceDataModule(_head("dpo", tmp, 6), batch_size=2, max_seq_len=48, seed=1)),
+        "kto": lambda: (KtoModule(**lm), KtoDataModule(_head("kto", tmp, 6), batch_size=2, max_seq_len=48, seed=1)),
+        "grpo": lambda: (GrpoModule(num_generations=2, max_completion_length=4, reward_fns=["length"],
+                                    dynamic_sampling=True, max_sampling_rounds=2, micro_batch_size=2, **lm),
+                         PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
+        "embed": lambda: (EmbedModule(model=str(tiny_bert_dir), learning_rate=1e-3, evaluate_before_training=False),
+                          EmbeddingDataModule(_head("embed", tmp, 12), batch_size=4, val_fraction=0, seed=1)),
+    }
+
+
+def _fit(build, run_dir: Path, *, kill: bool = False, resume: bool = False) -> None:
+    import lightning as L
+
+    from pmetal.cli.runner import build_trainer, fit, resolve_resume
+
+    L.seed_everything(0, verbose=False)
+    module, datamodule = build()
+    extra = []
+    if kill:
+        import sys
+
+        sys.path.insert(0, str(ROOT / "tests" / "support"))
+        from killer import KillAtStep
+
+        extra.append(KillAtStep(KILL_AT))
+    trainer = build_trainer(run_dir, accelerator="cpu", precision="32-true", max_epochs=None, max_steps=STEPS,
+                            checkpoint_every_n_steps=2,
+                            enable_progress_bar=False, extra_callbacks=extra)
+    fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, "last") if resume else None)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "embed"])
+def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_dir, tiny_bert_dir, tmp_path):
+    build = _builders(tiny_model_dir, tiny_bert_dir, tmp_path)[method]
+    _fit(build, tmp_path / "straight")
+    child = multiprocessing.get_context("fork").Process(target=_fit, args=(build, tmp_path / "killed"),
+                                                        kwargs={"kill": True})
+    child.start()
+    child.join(timeout=600)
+    assert child.exitcode == -9
+    assert not (tmp_path / "killed" / "final").exists()
+    _fit(build, tmp_path / "killed", resume=True)
+
+    curves = [json.loads((tmp_path / run / "loss_history.json").read_text())["train"] for run in ("straight", "killed")]
+    assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == list(range(1, STEPS + 1))
+    assert [v for _, v in curves[0]] == [v for _, v in curves[1]]  # bit-exact on CPU
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    if method != "embed":
+        from safetensors.torch import load_file
+
+        x, y = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("straight", "killed"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
