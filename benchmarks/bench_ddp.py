@@ -121,11 +121,11 @@ def run_config(args, work: Path, model_dir: Path, data: Path, devices: int, stra
 
 def worker(args) -> None:
     """One run through `pmetal train` (as a user would), with the step timer added."""
-    from pmetal.cli.commands import train
+    from pmetal.cli import runner
 
     timer = StepTimer(os.environ["BENCH_DDP_TIMING"], int(os.environ["BENCH_DDP_WARMUP"]))
-    launch = train.launch
-    train.launch = lambda *a, **k: launch(*a, **{**k, "extra_callbacks": [timer()]})
+    launch = runner.launch  # the commands import it from the runner when they run
+    runner.launch = lambda *a, **k: launch(*a, **{**k, "callbacks": [timer()]})
     argv = ["--model", args.model_dir, "--dataset", args.dataset, "--batch-size", str(args.batch_size),
             "--max-steps", str(args.steps), "--devices", str(args.devices), "--output-dir", args.output_dir,
             "--no-progress-bar", "--checkpoint-every", "100000", "--accelerator", args.accelerator,

@@ -267,7 +267,7 @@ class GrpoModule(PmetalModule):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((1, 2), pad, dtype=torch.long, device=self.device)
         part = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "labels": torch.tensor([[-100, pad]], device=self.device)}
+                "labels": torch.tensor([[IGNORE_INDEX, pad]], device=self.device)}
         return self.token_logps(part).sum() * 0.0
 
     def validation_step(self, batch, batch_idx):  # RL methods validate by their reward, in the rollout metrics

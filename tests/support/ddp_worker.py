@@ -78,7 +78,7 @@ def run_all(out: Path, model_dir: str, data: dict, world: int, strategy: str = "
                   enable_progress_bar=False, checkpoint_every_n_steps=2)
 
     def trainer(name, steps=STEPS, extra=None):
-        return build_trainer(out / name, max_steps=steps, extra_callbacks=extra, **kwargs)
+        return build_trainer(out / name, max_steps=steps, callbacks=extra, **kwargs)
 
     def modules(cls, dm_cls, dm_kwargs, **module_kwargs):
         L.seed_everything(0, verbose=False)

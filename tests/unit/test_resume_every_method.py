@@ -69,7 +69,7 @@ def _fit(build, run_dir: Path, *, kill: bool = False, resume: bool = False) -> N
         extra.append(KillAtStep(KILL_AT))
     trainer = build_trainer(run_dir, accelerator="cpu", precision="32-true", max_epochs=None, max_steps=STEPS,
                             checkpoint_every_n_steps=2,
-                            enable_progress_bar=False, extra_callbacks=extra)
+                            enable_progress_bar=False, callbacks=extra)
     fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, "last") if resume else None)
 
 
