@@ -28,7 +28,8 @@ def _head(name: str, tmp: Path, rows: int) -> str:
     return str(path)
 
 
-def _builders(tiny_model_dir, tiny_bert_dir, tmp):
+def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
+    """(module, datamodule) of `method`'s run (a module-level function: the killed run is a spawned process)."""
     from pmetal.data.embedding import EmbeddingDataModule
     from pmetal.data.kto import KtoDataModule
     from pmetal.data.preference import PreferenceDataModule
@@ -40,7 +41,7 @@ def _builders(tiny_model_dir, tiny_bert_dir, tmp):
 
     lm = dict(model=str(tiny_model_dir), learning_rate=1e-2, gradient_checkpointing=False)
     # 3 batches per epoch: the kill falls in the second epoch, mid-way
-    return {
+    builders = {
         "dpo": lambda: (DpoModule(lora_dropout=0.1, **lm),
                         PreferenceDataModule(_head("dpo", tmp, 6), batch_size=2, max_seq_len=48, seed=1)),
         "kto": lambda: (KtoModule(**lm), KtoDataModule(_head("kto", tmp, 6), batch_size=2, max_seq_len=48, seed=1)),
@@ -50,15 +51,16 @@ def _builders(tiny_model_dir, tiny_bert_dir, tmp):
         "embed": lambda: (EmbedModule(model=str(tiny_bert_dir), learning_rate=1e-3, evaluate_before_training=False),
                           EmbeddingDataModule(_head("embed", tmp, 12), batch_size=4, val_fraction=0, seed=1)),
     }
+    return builders[method]()
 
 
-def _fit(build, run_dir: Path, *, kill: bool = False, resume: bool = False) -> None:
+def _fit(spec: tuple, run_dir: Path, *, kill: bool = False, resume: bool = False) -> None:
     import lightning as L
 
     from pmetal.cli.runner import build_trainer, fit, resolve_resume
 
     L.seed_everything(0, verbose=False)
-    module, datamodule = build()
+    module, datamodule = _build(*spec)
     extra = []
     if kill:
         import sys
@@ -79,15 +81,16 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "embed"])
 def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_dir, tiny_bert_dir, tmp_path):
-    build = _builders(tiny_model_dir, tiny_bert_dir, tmp_path)[method]
-    _fit(build, tmp_path / "straight")
-    child = multiprocessing.get_context("fork").Process(target=_fit, args=(build, tmp_path / "killed"),
-                                                        kwargs={"kill": True})
+    spec = (method, str(tiny_model_dir), str(tiny_bert_dir), tmp_path)
+    _fit(spec, tmp_path / "straight")
+    # spawned, not forked: a fork of a process whose threads hold locks can hang in the child
+    child = multiprocessing.get_context("spawn").Process(target=_fit, args=(spec, tmp_path / "killed"),
+                                                         kwargs={"kill": True})
     child.start()
     child.join(timeout=600)
     assert child.exitcode == -9
     assert not (tmp_path / "killed" / "final").exists()
-    _fit(build, tmp_path / "killed", resume=True)
+    _fit(spec, tmp_path / "killed", resume=True)
 
     curves = [json.loads((tmp_path / run / "loss_history.json").read_text())["train"] for run in ("straight", "killed")]
     assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == list(range(1, STEPS + 1))
