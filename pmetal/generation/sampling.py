@@ -1,6 +1,9 @@
 """Batched, KV-cached sampling for rollouts, returning the sampling-time log-probs.
 
-A small loop over a Hugging Face causal LM (``model(input_ids, past_key_values=DynamicCache)``)
+:func:`generate` runs the rollout engine (``pmetal.generation.engine``: static cache, fixed-shape
+rounds, CUDA graphs, optional speculation). :func:`generate_reference` is the plain loop it
+replaces, kept as the engine's fallback and as the independent reference its tests compare with:
+a small loop over a Hugging Face causal LM (``model(input_ids, past_key_values=DynamicCache)``)
 rather than ``generate``: the rollout needs, for every chosen token, exactly the log-probability
 training will compute for it, ``log_softmax(logits / temperature)[token]``, and per-sequence
 stopping with the stop token kept in the completion mask.
@@ -107,13 +110,30 @@ def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor
     return logits
 
 
-def _forward_kwargs(model) -> tuple[str, bool]:
+def forward_kwargs(model) -> tuple[str, bool]:
     """The cache keyword (``cache`` in transformers >= 5.2x, ``past_key_values`` before) and
     whether ``logits_to_keep`` is accepted, read from the underlying HF model's signature."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     return cache_kw, "logits_to_keep" in params
+
+
+def sampling_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """``[..., V]`` float logits -> the sampling distribution (one-hot of the argmax when greedy)."""
+    if config.temperature == 0.0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    shape = logits.shape
+    return process_logits(logits.reshape(-1, shape[-1]), config).softmax(dim=-1).view(shape)
+
+
+def race(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from unnormalized ``[..., V]`` weights: ``argmax(w / E)`` with ``E ~ Exp(1)``.
+
+    The exponential race: ``P(argmax = i) = w_i / sum(w)`` exactly, with no host-side
+    ``multinomial``, so it runs inside a CUDA graph."""
+    u = torch.rand(weights.shape, device=weights.device, dtype=torch.float32, generator=generator)
+    return (weights / -torch.log(u.clamp_min(1e-30))).argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -126,6 +146,46 @@ def generate(
     pad_token_id: int,
     num_return_sequences: int = 1,
     generator: torch.Generator | None = None,
+    prefill_inputs: dict | None = None,
+    speculative: bool = False,
+    draft_model=None,
+    num_draft_tokens: int = 4,
+    engine=None,
+) -> Generation:
+    """Sample ``num_return_sequences`` completions for each prompt with the rollout engine.
+
+    The arguments of :func:`generate_reference`, plus:
+
+    Args:
+        prefill_inputs: extra inputs of the prompt forward only (``pixel_values``,
+            ``image_grid_thw``, ...: a VLM's images), never of the decode steps.
+        speculative: draft ``num_draft_tokens`` tokens per round and verify them in one policy
+            forward (exact speculative sampling; the completions' distribution is unchanged).
+        draft_model: the drafting model (same tokenizer); None drafts from prompt n-grams.
+        num_draft_tokens: K, tokens drafted per round.
+        engine: a :class:`pmetal.generation.engine.RolloutEngine` to use; by default one kept
+            per model and options (its buffers and CUDA graphs are reused between calls).
+    """
+    from pmetal.generation.engine import engine_for
+
+    if engine is None:
+        engine = engine_for(model, speculative=speculative, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
+    return engine.generate(prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
+                           num_return_sequences=num_return_sequences, generator=generator,
+                           prefill_inputs=prefill_inputs)
+
+
+@torch.no_grad()
+def generate_reference(
+    model,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    stop_ids: Sequence[int],
+    pad_token_id: int,
+    num_return_sequences: int = 1,
+    generator: torch.Generator | None = None,
+    prefill_inputs: dict | None = None,
 ) -> Generation:
     """Sample ``num_return_sequences`` completions for each prompt, batched, with a KV cache.
 
@@ -141,6 +201,7 @@ def generate(
         pad_token_id: the id written after a completion ends.
         num_return_sequences: completions per prompt (GRPO's group size ``G``).
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+        prefill_inputs: extra inputs of the prompt forward only (a VLM's ``pixel_values``, ...).
     """
     from transformers import DynamicCache
 
@@ -155,11 +216,11 @@ def generate(
         prompt_mask[i, width - len(ids) :] = 1
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # [P, T]
 
-    cache_kw, has_logits_to_keep = _forward_kwargs(model)
+    cache_kw, has_logits_to_keep = forward_kwargs(model)
     cache = DynamicCache()
     extra = {"logits_to_keep": 1} if has_logits_to_keep else {}
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
-                **{cache_kw: cache}, **extra)
+                **{cache_kw: cache}, **extra, **(prefill_inputs or {}))
     last_logits = out.logits[:, -1, :].float()  # [P, V]
     if num_return_sequences > 1:
         cache.batch_repeat_interleave(num_return_sequences)
