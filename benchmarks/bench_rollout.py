@@ -118,7 +118,8 @@ def rollout_table(args, model, tokenizer) -> str:
             kwargs["cache_implementation"] = cache
         return lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
-    results = [("pmetal engine", timed(run_engine, args.device, args.repeats))]
+    results = [("pmetal engine" + (f" (eager: {engine.capture_error[:100]})" if engine.capture_error else ""),
+                timed(run_engine, args.device, args.repeats))]
     for name, cache in (("HF generate, dynamic cache", None), ("HF generate, static cache", "static")):
         if name.split(", ")[1].split()[0] in args.skip:
             continue

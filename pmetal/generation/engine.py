@@ -56,10 +56,10 @@ class SlotCache:
     """
 
     is_compileable = True
-    is_sliding = False
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self.keys, self.values = keys, values
+        self.is_sliding = [False] * len(keys)  # transformers 5.1x reads it per layer before taking a 4-D mask
         self.write_index: torch.Tensor | None = None  # [T] long, set before every forward
         self.seen = 0
 
@@ -81,6 +81,55 @@ class SlotCache:
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values]
+
+
+SLOT_ATTENTION = "pmetal_slot_sdpa"
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA over the slot cache with grouped-query heads folded into the query length.
+
+    ``query [B, Hq, T, D]``, ``key/value [B, Hkv, C, D]``, ``attention_mask [B, 1, T, C]`` (bool).
+    transformers' SDPA path repeats K and V to ``Hq`` heads whenever a mask is given (a full copy
+    of the cache per layer and token); viewing the ``Hq / Hkv`` query heads of each KV head as
+    extra query rows reads the cache once. Returns ``[B, T, Hq, D]`` as attention functions do.
+    """
+    b, hq, t, d = query.shape
+    hkv, capacity = key.shape[1], key.shape[2]
+    group = hq // hkv
+    q = query.reshape(b, hkv, group * t, d)  # head h = kv * group + j, as transformers' repeat_kv orders them
+    mask = attention_mask[:, :, None].expand(b, 1, group, t, capacity).reshape(b, 1, group * t, capacity)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, t, d).transpose(1, 2).contiguous(), None
+
+
+def _register_slot_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+        return True
+    except Exception:  # noqa: BLE001 - an older transformers: the model's own attention is used
+        return False
+
+
+class use_slot_attention:
+    """Within the block, ``model``'s attention layers dispatch to :func:`slot_attention`."""
+
+    def __init__(self, model) -> None:
+        self.config = getattr(model, "config", None)
+        self.previous = None
+
+    def __enter__(self):
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl == "sdpa" and _register_slot_attention():
+            self.previous = impl
+            self.config._attn_implementation = SLOT_ATTENTION
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            self.config._attn_implementation = self.previous
 
 
 def _prompt_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -186,6 +235,7 @@ class RolloutEngine:
         self._family: tuple[DecodeSpec, dict[int, _Workspace], object] | None = None
         self._pool = None
         self.last_stats: dict[str, float] = {}
+        self.capture_error: str | None = None  # why the rounds run eagerly on CUDA, if they do
 
     # ------------------------------------------------------------------ public entry point
     @torch.no_grad()
@@ -370,7 +420,8 @@ class RolloutEngine:
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 step(ws)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
-            log.warning("rollout engine: CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
+            self.capture_error = f"{type(exc).__name__}: {exc}"
+            log.warning("rollout engine: CUDA graph capture failed (%s); decoding eagerly", self.capture_error)
             graph = False
         for name, t in ws.state.items():
             t.copy_(snapshot[name])

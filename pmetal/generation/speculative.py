@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from pmetal.generation.engine import use_slot_attention
 from pmetal.generation.sampling import SamplingConfig, forward_kwargs, race as _race, sampling_probs as _probs
 
 NGRAM_SIZES = (3, 2, 1)
@@ -169,7 +170,9 @@ class Round:
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         extra = {"logits_to_keep": ids.shape[1]} if has_keep else {}
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}, **extra)
+        with use_slot_attention(model):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache},
+                        **extra)
         return out.logits[:, -ids.shape[1]:, :].float()
 
     def _draft_with_model(self, ws, slots):
