@@ -13,6 +13,12 @@ batch holds as many groups as prompts it started with, for at most ``max_samplin
 the rounds and dropped groups are logged. If the rounds run out, the update uses the groups it has
 (possibly none: the step is skipped and counted).
 
+Speculative rollouts (``speculative``, a draft model or prompt lookup) are an option of the engine
+(``pmetal.generation``). With ``chunks > 1`` the prompts are generated chunk after chunk; with
+``async_rewards`` each chunk is scored in a background worker while the next one is generated, so
+a slow reward overlaps generation. The chunks, not the worker, decide what is sampled: the same
+seed gives the same rewards and advantages with and without ``async_rewards``.
+
 The module supplies the settings (``rollout_settings()``), the reward set (``rewards``), the
 policy and the tokenizer; the callback holds no state between steps, so it can be added by the
 module itself (``configure_callbacks``) and plain ``Trainer().fit(GrpoModule(...), dm)`` works.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +37,9 @@ import lightning as L
 import torch
 
 from pmetal.generation.rollout import RolloutBatch, RolloutRow, assemble, rows_from_generation
-from pmetal.generation.sampling import SamplingConfig, generate, stop_token_ids
+from pmetal.errors import PmetalError
+from pmetal.generation.engine import engine_for
+from pmetal.generation.sampling import SamplingConfig, stop_token_ids
 from pmetal.losses.policy import group_advantages, zero_spread_groups
 
 log = logging.getLogger("pmetal")
@@ -43,6 +52,11 @@ class RolloutSettings:
     scale_rewards: str = "group"
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    speculative: bool = False
+    draft: Any = None  # the draft model (None: prompt lookup under speculative)
+    num_draft_tokens: int = 4
+    async_rewards: bool = False
+    chunks: int = 1
 
 
 class RolloutCallback(L.Callback):
@@ -63,36 +77,96 @@ class RolloutCallback(L.Callback):
                 fn.to(pl_module.device)  # a reward model runs beside the policy
 
 
-def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings, first_group: int):
-    tokenizer = module.tokenizer
+def _generate(module, prompt_ids, settings: RolloutSettings):
     policy = module.policy
-    group = settings.num_generations
+    engine = engine_for(policy, speculative=settings.speculative, draft_model=settings.draft,
+                        num_draft_tokens=settings.num_draft_tokens)
     was_training = policy.training
     policy.eval()
     try:
-        gen = generate(
-            policy,
-            batch["prompt_ids"],
-            settings.sampling,
-            stop_ids=_stop_ids(module),
-            pad_token_id=tokenizer.pad_token_id,
-            num_return_sequences=group,
-        )
+        gen = engine.generate(prompt_ids, settings.sampling, stop_ids=_stop_ids(module),
+                              pad_token_id=module.tokenizer.pad_token_id, num_return_sequences=settings.num_generations)
     finally:
         policy.train(was_training)
+    return gen, dict(engine.last_stats)
+
+
+def _score(module, batch, gen, settings: RolloutSettings, first_prompt: int):
+    """Decode and score one chunk; a reward that raises is named with the prompt it failed on."""
+    group = settings.num_generations
     completion_ids = [row[: int(n)] for row, n in zip(gen.completion_ids.tolist(), gen.lengths.tolist())]
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = module.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
     columns = {name: repeat(values) for name, values in batch.get("columns", {}).items()}
-    total, per_function = module.rewards.score(
-        repeat(batch["prompts"]),
-        completions,
-        **columns,
-        completion_lengths=gen.lengths.tolist(),
-        max_completion_length=settings.sampling.max_new_tokens,
-    )
-    rows = rows_from_generation(gen, total, group, first_group=first_group)
-    return rows, completions, per_function
+    prompts = repeat(batch["prompts"])
+    extra = dict(completion_lengths=gen.lengths.tolist(), max_completion_length=settings.sampling.max_new_tokens)
+    try:
+        total, per_function = module.rewards.score(prompts, completions, **columns, **extra)
+    except PmetalError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - find the function and the prompt, then report them
+        raise _reward_error(module.rewards, prompts, completions, columns, extra, first_prompt, group, exc) from exc
+    return completions, total, per_function
+
+
+def _reward_error(rewards, prompts, completions, columns, extra, first_prompt, group, exc) -> PmetalError:
+    for name, fn in zip(rewards.names, rewards.functions):
+        for i in range(len(completions)):
+            one = {k: v[i: i + 1] for k, v in {**columns, **extra}.items() if isinstance(v, list)}
+            try:
+                rewards.score_one(fn, prompts[i: i + 1], completions[i: i + 1], **{**extra, **one})
+            except Exception as inner:  # noqa: BLE001
+                return PmetalError(f"reward function {name!r} raised {type(inner).__name__}: {inner} "
+                                   f"(prompt {first_prompt + i // group} of the step, completion {i % group})")
+    return PmetalError(f"the rewards raised {type(exc).__name__}: {exc}")
+
+
+def _generate_and_score(module, batch, settings: RolloutSettings, first_group: int):
+    """Generate chunk after chunk; score each in line or, with async_rewards, in a background worker."""
+    group, chunks = settings.num_generations, max(1, min(settings.chunks, len(batch["prompt_ids"])))
+    size = -(-len(batch["prompt_ids"]) // chunks)
+    parts = [_chunk(batch, start, size) for start in range(0, len(batch["prompt_ids"]), size)]
+    timing = {"generation": 0.0, "rewards": 0.0, "reward_wait": 0.0}
+    engine_stats: dict[str, list[float]] = {}
+
+    def timed_score(part, gen, first):
+        t0 = time.perf_counter()
+        out = _score(module, part, gen, settings, first)
+        timing["rewards"] += time.perf_counter() - t0
+        return out
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmetal-rewards") if settings.async_rewards else None
+    pending = []
+    try:
+        for k, part in enumerate(parts):
+            t0 = time.perf_counter()
+            gen, stats = _generate(module, part["prompt_ids"], settings)
+            timing["generation"] += time.perf_counter() - t0
+            for name, value in stats.items():
+                engine_stats.setdefault(name, []).append(value)
+            args = (part, gen, k * size)
+            pending.append((gen, pool.submit(timed_score, *args) if pool else timed_score(*args)))
+        rows, completions, per_function = [], [], {}
+        for k, (gen, result) in enumerate(pending):
+            t0 = time.perf_counter()
+            texts, total, scores = result.result() if pool else result
+            timing["reward_wait"] += time.perf_counter() - t0
+            rows += rows_from_generation(gen, total, group, first_group=first_group + k * size)
+            completions += texts
+            for name, values in scores.items():
+                per_function.setdefault(name, []).extend(values)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # no worker outlives the step, even on an error
+    metrics = {f"rollout/{name}_seconds": value for name, value in timing.items()}
+    metrics.update({name: sum(v) / len(v) for name, v in engine_stats.items()})
+    return rows, completions, per_function, metrics
+
+
+def _chunk(batch: dict[str, Any], start: int, size: int) -> dict[str, Any]:
+    rows = slice(start, start + size)
+    return {"prompt_ids": batch["prompt_ids"][rows], "prompts": batch["prompts"][rows],
+            "columns": {name: values[rows] for name, values in batch.get("columns", {}).items()}}
 
 
 def _stop_ids(module) -> list[int]:
@@ -116,8 +190,12 @@ def make_rollout(module, batch: dict[str, Any], *, source=None) -> RolloutBatch:
     per_function_all: dict[str, list[float]] = {}
     rounds, dropped = 0, 0
     prompt_batch = batch
+    step_metrics: dict[str, float] = {}
     while True:
-        rows, completions, per_function = _generate_and_score(module, prompt_batch, settings, first_group=rounds * num_prompts)
+        rows, completions, per_function, timing = _generate_and_score(module, prompt_batch, settings,
+                                                                      first_group=rounds * num_prompts)
+        for name, value in timing.items():
+            step_metrics[name] = step_metrics.get(name, 0.0) + value
         rounds += 1
         all_rows += rows
         for name, scores in per_function.items():
@@ -146,6 +224,7 @@ def make_rollout(module, batch: dict[str, Any], *, source=None) -> RolloutBatch:
                        device=module.device)
     rollout.completions = kept_text
     rollout.metrics = _metrics(all_rows, per_function_all, group, settings, time.perf_counter() - start)
+    rollout.metrics.update(step_metrics)
     if settings.dynamic_sampling:
         rollout.metrics["dynamic_sampling/rounds"] = float(rounds)
         rollout.metrics["dynamic_sampling/dropped_groups"] = float(dropped)
