@@ -82,3 +82,26 @@ def test_rollout_settings_are_checked_before_loading(tiny_model_dir):
         GrpoModule("/nonexistent/model", reward_fns=[parity_reward], draft_model=str(tiny_model_dir))
     with pytest.raises(PmetalError, match="rollout_chunks"):
         GrpoModule("/nonexistent/model", reward_fns=[parity_reward], rollout_chunks=0)
+
+
+def test_rollout_flags_on_a_command_without_rollouts_are_refused(capsys):
+    from pmetal.cli.dispatch import main
+
+    assert main(["sft", "--speculative", "--dataset", "x.jsonl"]) == 2
+    assert "--speculative applies to commands that sample rollouts" in capsys.readouterr().err
+    assert main(["dpo", "--num-draft-tokens=2"]) == 2
+    assert "--num-draft-tokens applies" in capsys.readouterr().err
+
+
+def test_grpo_command_passes_the_engine_flags():
+    import argparse
+
+    from pmetal.cli.commands.grpo import add_arguments, rl_module_kwargs
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--speculative", "--num-draft-tokens", "3", "--async-rewards",
+                         "--importance-sampling-level", "sequence"])
+    kwargs = rl_module_kwargs(args)
+    assert (kwargs["speculative"], kwargs["num_draft_tokens"], kwargs["async_rewards"]) == (True, 3, True)
+    assert kwargs["importance_sampling_level"] == "sequence" and kwargs["draft_model"] is None

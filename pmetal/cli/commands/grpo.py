@@ -52,6 +52,18 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-type", choices=["grpo", "bnpo", "dr_grpo", "dapo"], default=None,
                    help="token aggregation (default grpo; --dapo: dapo)")
     g.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group")
+    g.add_argument("--importance-sampling-level", choices=["token", "sequence"], default="token",
+                   help="importance ratio per token (GRPO) or per sequence (GSPO)")
+    s = p.add_argument_group("rollout engine")
+    s.add_argument("--speculative", action="store_true",
+                   help="speculative rollouts: draft tokens, verify them in one policy forward (exact sampling)")
+    s.add_argument("--draft-model", default=None,
+                   help="draft model for --speculative (same tokenizer); default: n-grams of the prompt (prompt lookup)")
+    s.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per speculative round (default %(default)s)")
+    s.add_argument("--async-rewards", action="store_true",
+                   help="score rewards in a background worker while the next prompt chunk is generated")
+    s.add_argument("--rollout-chunks", type=int, default=None,
+                   help="prompt chunks generated one after another per step (default: 2 with --async-rewards, else 1)")
 
 
 def rl_module_kwargs(args) -> dict:
@@ -63,6 +75,9 @@ def rl_module_kwargs(args) -> dict:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         num_iterations=args.num_iterations, micro_batch_size=args.micro_batch_size, beta=args.beta,
         epsilon=args.epsilon, scale_rewards=args.scale_rewards,
+        importance_sampling_level=args.importance_sampling_level, speculative=args.speculative,
+        draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, async_rewards=args.async_rewards,
+        rollout_chunks=args.rollout_chunks,
     )
     if args.epsilon_high is not None:
         kwargs["epsilon_high"] = args.epsilon_high
