@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pmetal.generation.sampling import Generation, SamplingConfig, forward_kwargs
+from pmetal.generation.sampling import Generation, SamplingConfig, forward_kwargs, left_pad
 
 log = logging.getLogger("pmetal")
 
@@ -274,14 +274,8 @@ class RolloutEngine:
     def _prefill(self, model, prompts, pad_token_id, group, prefill_inputs):
         from transformers import DynamicCache
 
-        device = self.device
-        num_prompts, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((num_prompts, width), pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((num_prompts, width), dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
-            mask[i, width - len(p):] = 1
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        ids, mask, position_ids = left_pad(prompts, pad_token_id, self.device)
+        num_prompts, width = ids.shape
         cache_kw, has_keep = forward_kwargs(model)
         cache = DynamicCache()
         extra = {"logits_to_keep": 1} if has_keep else {}

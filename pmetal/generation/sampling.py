@@ -119,6 +119,17 @@ def forward_kwargs(model) -> tuple[str, bool]:
     return cache_kw, "logits_to_keep" in params
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
+    """``(ids, mask, position_ids)``, each ``[P, W]``: prompts left-padded, positions ``0..len-1`` per prompt."""
+    num_prompts, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((num_prompts, width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((num_prompts, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        mask[i, width - len(p):] = 1
+    return ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def sampling_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """``[..., V]`` float logits -> the sampling distribution (one-hot of the argmax when greedy)."""
     if config.temperature == 0.0:
@@ -208,13 +219,7 @@ def generate_reference(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
-    num_prompts, width = len(prompts), max(len(p) for p in prompts)
-    prompt_ids = torch.full((num_prompts, width), pad_token_id, dtype=torch.long, device=device)
-    prompt_mask = torch.zeros((num_prompts, width), dtype=torch.long, device=device)
-    for i, ids in enumerate(prompts):
-        prompt_ids[i, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long, device=device)
-        prompt_mask[i, width - len(ids) :] = 1
-    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # [P, T]
+    prompt_ids, prompt_mask, position_ids = left_pad(prompts, pad_token_id, device)
 
     cache_kw, has_logits_to_keep = forward_kwargs(model)
     cache = DynamicCache()

@@ -197,17 +197,23 @@ def _trl_grpo_loss(logps, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_
     return loss, stand_in._metrics["train"]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_grpo_loss_matches_trl(loss_type, beta):
-    g = torch.Generator().manual_seed(7)
-    n, length = 8, 6
+def _random_policy_inputs(seed: int, old_noise: float, n: int = 8, length: int = 6):
+    """float64 ``(logps, old, ref, advantages, mask)`` of ``n`` completions of up to ``length`` tokens."""
+    g = torch.Generator().manual_seed(seed)
     base = -torch.rand(n, length, generator=g, dtype=torch.float64) * 3
-    old = base + 0.4 * torch.randn(n, length, generator=g, dtype=torch.float64)
+    old = base + old_noise * torch.randn(n, length, generator=g, dtype=torch.float64)
     ref = base + 0.2 * torch.randn(n, length, generator=g, dtype=torch.float64)
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     mask = (torch.rand(n, length, generator=g) > 0.25).long()
     mask[:, 0] = 1
+    return base, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_matches_trl(loss_type, beta):
+    base, old, ref, adv, mask = _random_policy_inputs(seed=7, old_noise=0.4)
+    length = base.shape[1]
     kw = dict(loss_type=loss_type, beta=beta, eps_low=0.2, eps_high=0.28, max_len=length)
 
     ours_logps = base.clone().requires_grad_(True)
@@ -247,14 +253,8 @@ def test_gspo_sequence_ratio_by_hand():
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_gspo_matches_trl(loss_type, beta):
-    g = torch.Generator().manual_seed(11)
-    n, length = 8, 6
-    base = -torch.rand(n, length, generator=g, dtype=torch.float64) * 3
-    old = base + 0.3 * torch.randn(n, length, generator=g, dtype=torch.float64)
-    ref = base + 0.2 * torch.randn(n, length, generator=g, dtype=torch.float64)
-    adv = torch.randn(n, generator=g, dtype=torch.float64)
-    mask = (torch.rand(n, length, generator=g) > 0.25).long()
-    mask[:, 0] = 1
+    base, old, ref, adv, mask = _random_policy_inputs(seed=11, old_noise=0.3)
+    length = base.shape[1]
     ours_logps = base.clone().requires_grad_(True)
     ours, _ = grpo_loss(ours_logps, old, adv, mask, ref_logps=ref, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
                         loss_type=loss_type, max_completion_length=length, importance_sampling_level="sequence")
