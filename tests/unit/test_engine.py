@@ -184,3 +184,32 @@ def test_bad_speculation_options_are_refused(tiny_lm):
     with pytest.raises(ValueError, match="another tokenizer"):
         check_draft_tokenizer(Tok({"a": 0, "b": 1}), Tok({"a": 0, "c": 1}), "drafts/tiny")
     check_draft_tokenizer(Tok({"a": 0}), Tok({"a": 0}), "drafts/tiny")
+
+
+def test_prefill_inputs_reach_the_prompt_forward_only(tiny_lm):
+    from transformers import LlamaForCausalLM
+
+    class ImageLM(LlamaForCausalLM):
+        """Adds `pixel_values` (a [P, hidden] offset) to the prompt's embeddings, as a VLM mixes in images."""
+
+        calls: list = []
+
+        def forward(self, input_ids=None, pixel_values=None, **kwargs):
+            type(self).calls.append(pixel_values is not None)
+            embeds = self.model.embed_tokens(input_ids)
+            if pixel_values is not None:
+                embeds = embeds + pixel_values[:, None, :]
+            return super().forward(inputs_embeds=embeds, **kwargs)
+
+    model = ImageLM(tiny_lm.config).eval()
+    model.load_state_dict(tiny_lm.state_dict())
+    config = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    pixels = torch.randn(len(PROMPTS), tiny_lm.config.hidden_size)
+    gen = RolloutEngine(model).generate(PROMPTS, config, stop_ids=[], pad_token_id=PAD, num_return_sequences=2,
+                                        prefill_inputs={"pixel_values": pixels})
+    assert ImageLM.calls[0] is True and not any(ImageLM.calls[1:])  # decode rounds never see the images
+    ref = generate_reference(model, PROMPTS, config, stop_ids=[], pad_token_id=PAD, num_return_sequences=2,
+                             prefill_inputs={"pixel_values": pixels})
+    assert gen.completion_ids.tolist() == ref.completion_ids.tolist()
+    plain = generate_reference(tiny_lm, PROMPTS, config, stop_ids=[], pad_token_id=PAD, num_return_sequences=2)
+    assert gen.completion_ids.tolist() != plain.completion_ids.tolist()  # the images changed the output
