@@ -105,3 +105,18 @@ def test_grpo_command_passes_the_engine_flags():
     kwargs = rl_module_kwargs(args)
     assert (kwargs["speculative"], kwargs["num_draft_tokens"], kwargs["async_rewards"]) == (True, 3, True)
     assert kwargs["importance_sampling_level"] == "sequence" and kwargs["draft_model"] is None
+
+
+def test_grpo_speculative_rollout_with_a_draft_model(tiny_model_dir):
+    from pmetal.modules.grpo import GrpoModule
+
+    module = GrpoModule(str(tiny_model_dir), reward_fns=[parity_reward], num_generations=2, max_completion_length=8,
+                        speculative=True, draft_model=str(tiny_model_dir), num_draft_tokens=3,
+                        temperature=0.0, gradient_checkpointing=False)
+    module.setup("fit")  # loads the draft beside the policy
+    assert module.draft is not None and not any(p.requires_grad for p in module.draft.parameters())
+    assert "draft" not in dict(module.named_children())  # never trained, never saved with the policy
+    rollout = make_rollout(module, _prompt_batch(module, ["Say hi.", "Count."]))
+    # the draft is the policy's own base (the adapter starts at zero): every draft is accepted
+    assert rollout.metrics["speculative/acceptance_rate"] == pytest.approx(1.0)
+    assert rollout.metrics["speculative/tokens_per_forward"] > 1.0
