@@ -316,7 +316,8 @@ class RolloutEngine:
 
     def _spec(self, config, stop, max_new, width, rows, generator) -> DecodeSpec:
         k = self.num_draft_tokens
-        need = width + max_new + (4 * (k + 1) if k else 0)
+        # speculation leaves holes (rejected drafts): slack so the cache is defragmented rarely
+        need = width + max_new + (max(4 * (k + 1), max_new // 2) if k else 0)
         capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
         sampling = (config.temperature, config.top_k, config.top_p, config.min_p)
         if self._family is not None:  # reuse a family that is big enough (no new capture per prompt width)
