@@ -61,6 +61,7 @@ class SlotCache:
         self.keys, self.values = keys, values
         self.is_sliding = [False] * len(keys)  # transformers 5.1x reads it per layer before taking a 4-D mask
         self.write_index: torch.Tensor | None = None  # [T] long, set before every forward
+        self.limit: int | None = None  # eager rounds attend to the written columns only
         self.seen = 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -71,6 +72,8 @@ class SlotCache:
         except NotImplementedError:  # MPS without index_copy_
             k[:, :, self.write_index] = key_states.to(k.dtype)
             v[:, :, self.write_index] = value_states.to(v.dtype)
+        if self.limit is not None:
+            return k[:, :, : self.limit], v[:, :, : self.limit]
         return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -390,14 +393,17 @@ class RolloutEngine:
         if self.cuda_graphs and ws.graph is None:
             ws.graph = self._capture(ws, step)
         if self.cuda_graphs and ws.graph is not False:
+            step.kv_limit = None
             ws.graph.replay()
-        else:
+        else:  # eager: the shapes may change, so attend to the columns written so far only
+            step.kv_limit = ws.col_host + step.width
             step(ws)
         ws.col_host += step.width
         ws.cache.seen = ws.col_host
 
     def _capture(self, ws: _Workspace, step):
         """Capture ``step(ws)`` into a CUDA graph; False (eager from then on) if the model cannot be captured."""
+        step.kv_limit = None  # a captured round attends over the whole capacity
         snapshot = {name: t.clone() for name, t in ws.state.items()}
         col = ws.col.clone()
         extra = step.snapshot()

@@ -72,6 +72,7 @@ class Round:
         self.stop = torch.as_tensor(spec.stop or (-1,), dtype=torch.long, device=device)
         self.arange = torch.arange(max(k + 1, max(NGRAM_SIZES)), device=device)
         self.cols = torch.arange(spec.capacity, device=device)
+        self.kv_limit: int | None = None  # set by the engine per eager round (None: whole capacity)
         self.temperature = config.temperature if config.temperature > 0 else 1.0
         self.vocab_size = engine.vocab_size
         self._kwargs = {id(m): self._model_kwargs(m) for m in (engine.model, engine.draft_model) if m is not None}
@@ -164,8 +165,10 @@ class Round:
     # ------------------------------------------------------------------ forwards and drafts
     def _forward(self, model, cache, ids, positions, slots, ws) -> torch.Tensor:  # [rows, T, V] float32
         cache_kw, has_keep, additive = self._kwargs[id(model)]
-        cache.write_index = slots
-        mask = ws.state["valid"][:, None, None, :] & (self.cols[None, None, None, :] <= slots[None, None, :, None])
+        cache.write_index, cache.limit = slots, self.kv_limit
+        limit = self.kv_limit or self.cols.shape[0]
+        valid = ws.state["valid"][:, :limit]
+        mask = valid[:, None, None, :] & (self.cols[None, None, None, :limit] <= slots[None, None, :, None])
         if additive:  # eager attention adds the mask to the scores
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
