@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from pmetal.generation.engine import use_slot_attention
+from pmetal.generation.slots import use_slot_attention
 from pmetal.generation.sampling import SamplingConfig, forward_kwargs, race as _race, sampling_probs as _probs
 
 NGRAM_SIZES = (3, 2, 1)
