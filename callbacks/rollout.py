@@ -13,10 +13,18 @@ batch holds as many groups as prompts it started with, for at most ``max_samplin
 the rounds and dropped groups are logged. If the rounds run out, the update uses the groups it has
 (possibly none: the step is skipped and counted).
 
+Speculative rollouts (``speculative``, a draft model or prompt lookup) are an option of the engine
+(``pmetal.generation``). With ``chunks > 1`` the prompts are generated chunk after chunk; with
+``async_rewards`` each chunk is scored in a background worker while the next one is generated, so
+a slow reward overlaps generation. The chunks, not the worker, decide what is sampled: the same
+seed gives the same rewards and advantages with and without ``async_rewards``.
+
 The module supplies the settings (``rollout_settings()``), the reward set (``rewards``), the
 policy and the tokenizer; the callback keeps only a cache of the tokenizer's stop ids, so it can
 be added by the module itself (``configure_callbacks``) and plain
-``Trainer().fit(GrpoModule(...), dm)`` works.
+``Trainer().fit(GrpoModule(...), dm)`` works. A VLM's prompts carry their images
+(``pixel_inputs``): the prefill sees them, and each rollout row keeps its prompt's images for
+the update and the reference.
 """
 
 from __future__ import annotations
@@ -24,12 +32,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import lightning as L
 import torch
 
 from pmetal.generation.rollout import RolloutBatch, RolloutRow, assemble, rows_from_generation
+from pmetal.errors import PmetalError
+from pmetal.generation.engine import engine_for
 from pmetal.generation.sampling import generate, stop_token_ids
 from pmetal.generation.settings import RolloutSettings
 from pmetal.losses.policy import group_advantages, zero_spread_groups
@@ -64,43 +75,112 @@ class RolloutCallback(L.Callback):
                 fn.to(pl_module.device)  # a reward model runs beside the policy
 
 
-def _generate_and_score(module, batch: dict[str, Any], settings: RolloutSettings, first_group: int,
-                        stop_ids: list[int]):
-    tokenizer = module.tokenizer
+def _generate(module, part: dict[str, Any], settings: RolloutSettings, stop_ids: list[int]):
+    """Sample one chunk's completions; (generation, the engine's statistics)."""
     policy = module.policy
-    group = settings.num_generations
+    pixel_inputs = part.get("pixel_inputs")  # a VLM: one dict of image tensors per prompt
     was_training = policy.training
-    pixel_inputs = batch.get("pixel_inputs")  # a VLM: one dict of image tensors per prompt
     policy.eval()
     try:
-        from pmetal.vlm import collate_pixel_inputs
+        if pixel_inputs:
+            from pmetal.vlm import collate_pixel_inputs
 
-        gen = generate(
-            policy,
-            batch["prompt_ids"],
-            settings.sampling,
-            stop_ids=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            num_return_sequences=group,
-            prefill_inputs=collate_pixel_inputs(pixel_inputs) if pixel_inputs else None,
-        )
+            gen = generate(policy, part["prompt_ids"], settings.sampling, stop_ids=stop_ids,
+                           pad_token_id=module.tokenizer.pad_token_id, num_return_sequences=settings.num_generations,
+                           prefill_inputs=collate_pixel_inputs(pixel_inputs))
+            return gen, {}
+        engine = engine_for(policy, speculative=settings.speculative, draft_model=settings.draft,
+                            num_draft_tokens=settings.num_draft_tokens)
+        gen = engine.generate(part["prompt_ids"], settings.sampling, stop_ids=stop_ids,
+                              pad_token_id=module.tokenizer.pad_token_id, num_return_sequences=settings.num_generations)
+        return gen, dict(engine.last_stats)
     finally:
         policy.train(was_training)
+
+
+def _score(module, batch, gen, settings: RolloutSettings, first_prompt: int):
+    """Decode and score one chunk; a reward that raises is named with the prompt it failed on."""
+    group = settings.num_generations
     completion_ids = [row[: int(n)] for row, n in zip(gen.completion_ids.tolist(), gen.lengths.tolist())]
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = module.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
     columns = {name: repeat(values) for name, values in batch.get("columns", {}).items()}
-    total, per_function = module.rewards.score(
-        repeat(batch["prompts"]),
-        completions,
-        **columns,
-        completion_lengths=gen.lengths.tolist(),
-        max_completion_length=settings.sampling.max_new_tokens,
-    )
-    rows = rows_from_generation(gen, total, group, first_group=first_group)
-    for row in rows if pixel_inputs else ():  # the update sees the images the sampling saw
-        row.pixel_inputs = pixel_inputs[row.group - first_group]
-    return rows, completions, per_function
+    prompts = repeat(batch["prompts"])
+    extra = dict(completion_lengths=gen.lengths.tolist(), max_completion_length=settings.sampling.max_new_tokens)
+    try:
+        total, per_function = module.rewards.score(prompts, completions, **columns, **extra)
+    except PmetalError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - find the function and the prompt, then report them
+        raise _reward_error(module.rewards, prompts, completions, columns, extra, first_prompt, group, exc) from exc
+    return completions, total, per_function
+
+
+def _reward_error(rewards, prompts, completions, columns, extra, first_prompt, group, exc) -> PmetalError:
+    for name, fn in zip(rewards.names, rewards.functions):
+        for i in range(len(completions)):
+            one = {k: v[i: i + 1] for k, v in {**columns, **extra}.items() if isinstance(v, list)}
+            try:
+                rewards.score_one(fn, prompts[i: i + 1], completions[i: i + 1], **{**extra, **one})
+            except Exception as inner:  # noqa: BLE001
+                return PmetalError(f"reward function {name!r} raised {type(inner).__name__}: {inner} "
+                                   f"(prompt {first_prompt + i // group} of the step, completion {i % group})")
+    return PmetalError(f"the rewards raised {type(exc).__name__}: {exc}")
+
+
+def _generate_and_score(module, batch, settings: RolloutSettings, first_group: int, stop_ids: list[int]):
+    """Generate chunk after chunk; score each in line or, with async_rewards, in a background worker."""
+    group, chunks = settings.num_generations, max(1, min(settings.chunks, len(batch["prompt_ids"])))
+    size = -(-len(batch["prompt_ids"]) // chunks)
+    parts = [_chunk(batch, start, size) for start in range(0, len(batch["prompt_ids"]), size)]
+    timing = {"generation": 0.0, "rewards": 0.0, "reward_wait": 0.0}
+    engine_stats: dict[str, list[float]] = {}
+
+    def timed_score(part, gen, first):
+        t0 = time.perf_counter()
+        out = _score(module, part, gen, settings, first)
+        timing["rewards"] += time.perf_counter() - t0
+        return out
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmetal-rewards") if settings.async_rewards else None
+    pending = []
+    try:
+        for k, part in enumerate(parts):
+            t0 = time.perf_counter()
+            gen, stats = _generate(module, part, settings, stop_ids)
+            timing["generation"] += time.perf_counter() - t0
+            for name, value in stats.items():
+                engine_stats.setdefault(name, []).append(value)
+            args = (part, gen, k * size)
+            pending.append((part, gen, pool.submit(timed_score, *args) if pool else timed_score(*args)))
+        rows, completions, per_function = [], [], {}
+        for k, (part, gen, result) in enumerate(pending):
+            t0 = time.perf_counter()
+            texts, total, scores = result.result() if pool else result
+            timing["reward_wait"] += time.perf_counter() - t0
+            first = first_group + k * size
+            chunk_rows = rows_from_generation(gen, total, group, first_group=first)
+            for row in chunk_rows if part.get("pixel_inputs") else ():  # the update sees the images sampling saw
+                row.pixel_inputs = part["pixel_inputs"][row.group - first]
+            rows += chunk_rows
+            completions += texts
+            for name, values in scores.items():
+                per_function.setdefault(name, []).extend(values)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # no worker outlives the step, even on an error
+    metrics = {f"rollout/{name}_seconds": value for name, value in timing.items()}
+    metrics.update({name: sum(v) / len(v) for name, v in engine_stats.items()})
+    return rows, completions, per_function, metrics
+
+
+def _chunk(batch: dict[str, Any], start: int, size: int) -> dict[str, Any]:
+    rows = slice(start, start + size)
+    part = {"prompt_ids": batch["prompt_ids"][rows], "prompts": batch["prompts"][rows],
+            "columns": {name: values[rows] for name, values in batch.get("columns", {}).items()}}
+    if batch.get("pixel_inputs"):
+        part["pixel_inputs"] = batch["pixel_inputs"][rows]
+    return part
 
 
 def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[int] | None = None) -> RolloutBatch:
@@ -120,9 +200,13 @@ def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[i
     per_function_all: dict[str, list[float]] = {}
     rounds, dropped = 0, 0
     prompt_batch = batch
+    step_metrics: dict[str, float] = {}
     while True:
-        rows, completions, per_function = _generate_and_score(module, prompt_batch, settings,
-                                                              first_group=rounds * num_prompts, stop_ids=stop_ids)
+        rows, completions, per_function, timing = _generate_and_score(module, prompt_batch, settings,
+                                                                      first_group=rounds * num_prompts,
+                                                                      stop_ids=stop_ids)
+        for name, value in timing.items():
+            step_metrics[name] = step_metrics.get(name, 0.0) + value
         rounds += 1
         all_rows += rows
         for name, scores in per_function.items():
@@ -151,6 +235,7 @@ def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[i
                        device=module.device)
     rollout.completions = kept_text
     rollout.metrics = _metrics(all_rows, per_function_all, group, settings, time.perf_counter() - start)
+    rollout.metrics.update(step_metrics)
     if settings.dynamic_sampling:
         rollout.metrics["dynamic_sampling/rounds"] = float(rounds)
         rollout.metrics["dynamic_sampling/dropped_groups"] = float(dropped)

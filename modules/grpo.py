@@ -70,6 +70,17 @@ class GrpoModule(PmetalModule):
         max_sampling_rounds: most generation rounds per step under dynamic sampling.
         overlong_punishment: add DAPO's soft overlong punishment to the rewards.
         overlong_buffer: the punishment's buffer L_cache in tokens; None = max_completion_length / 4.
+        importance_sampling_level: "token" (GRPO's per-token ratio) or "sequence" (GSPO's
+            length-normalized sequence ratio, Zheng et al. 2025).
+        speculative: speculative rollouts: draft tokens and verify them in one policy forward
+            (exact: the completions' distribution is unchanged).
+        draft_model: the draft model (same tokenizer) for speculative rollouts; None drafts from
+            n-grams of the prompt and completion.
+        num_draft_tokens: tokens drafted per speculative round.
+        async_rewards: score rewards in a background worker while the next chunk of prompts is
+            generated (the same rewards, advantages and losses as scoring in line).
+        rollout_chunks: prompt chunks per rollout, generated one after another; None = 2 with
+            async_rewards, else 1 (results depend on the chunks, not on async_rewards).
         learning_rate: peak learning rate of AdamW.
         **kwargs: the base module's settings (adapter, lora_r, quantization, warmup_steps, ...).
     """
@@ -100,15 +111,36 @@ class GrpoModule(PmetalModule):
         max_sampling_rounds: int = 4,
         overlong_punishment: bool = False,
         overlong_buffer: Optional[int] = None,
+        importance_sampling_level: Literal["token", "sequence"] = "token",
+        speculative: bool = False,
+        draft_model: Optional[str] = None,
+        num_draft_tokens: int = 4,
+        async_rewards: bool = False,
+        rollout_chunks: Optional[int] = None,
         learning_rate: float = 5e-6,
         **kwargs: Any,
     ) -> None:
+        from pmetal.generation.speculative import check_draft_settings
         from pmetal.rewards import OverlongPunishment, RewardSet
 
         if num_generations < 2:
             raise PmetalError(f"num_generations={num_generations}: group advantages need at least 2 completions per prompt")
         if num_iterations < 1 or micro_batch_size < 1:
             raise PmetalError("num_iterations and micro_batch_size must be at least 1")
+        if rollout_chunks is not None and rollout_chunks < 1:
+            raise PmetalError(f"rollout_chunks={rollout_chunks}: need at least 1 chunk")
+        try:
+            check_draft_settings(speculative, draft_model, num_draft_tokens)
+        except ValueError as exc:
+            raise PmetalError(f"{type(self).__name__}: {exc}") from exc
+        if draft_model is not None:  # a tokenizer mismatch is reported before any model loads
+            from pmetal.generation.speculative import check_draft_tokenizer
+            from pmetal.models import load_tokenizer
+
+            try:
+                check_draft_tokenizer(load_tokenizer(model), load_tokenizer(draft_model), draft_model)
+            except ValueError as exc:
+                raise PmetalError(str(exc)) from exc
         # Rewards first: a missing reward is reported before minutes of model loading.
         rewards = RewardSet.from_specs(reward_fns or [], reward_weights, reasoning=reasoning_rewards,
                                        reward_model=reward_model)
@@ -120,6 +152,17 @@ class GrpoModule(PmetalModule):
         self._clip_val: float | None = None
         self._clip_algorithm = "norm"
         self.iteration_metrics: list[dict[str, float]] = []  # the last step's per-iteration metrics
+        self.draft = None  # the draft model, loaded with the policy (setup) when draft_model is set
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.hparams.draft_model is not None and self.draft is None:
+            from pmetal.models import load_model_and_tokenizer
+
+            dtype = next(self.policy.parameters()).dtype
+            draft, _ = load_model_and_tokenizer(self.hparams.draft_model, dtype=dtype)
+            # outside the module's children: the draft is frozen and never saved with the policy
+            object.__setattr__(self, "draft", draft.to(self.device).eval().requires_grad_(False))
 
     # ------------------------------------------------------------------ rollout side
     def rollout_settings(self):
@@ -130,7 +173,9 @@ class GrpoModule(PmetalModule):
         sampling = SamplingConfig(max_new_tokens=hp.max_completion_length, temperature=hp.temperature,
                                   top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p)
         return RolloutSettings(sampling, hp.num_generations, hp.scale_rewards, hp.dynamic_sampling,
-                               hp.max_sampling_rounds)
+                               hp.max_sampling_rounds, speculative=hp.speculative, draft=self.draft,
+                               num_draft_tokens=hp.num_draft_tokens, async_rewards=hp.async_rewards,
+                               chunks=hp.rollout_chunks or (2 if hp.async_rewards else 1))
 
     def configure_callbacks(self):
         from pmetal.callbacks.rollout import RolloutCallback
@@ -189,6 +234,7 @@ class GrpoModule(PmetalModule):
             max_completion_length=hp.max_completion_length,
             num_sequences=num_sequences,
             num_tokens=num_tokens,
+            importance_sampling_level=hp.importance_sampling_level,
         )
 
     @torch.no_grad()

@@ -358,13 +358,22 @@ class RewardSet:
             all_weights.append(1.0)
         return cls(functions, all_weights)
 
+    @staticmethod
+    def score_one(fn, prompts: Sequence[Any], completions: Sequence[str], **columns: Any):
+        """One function's raw scores; an ``async def`` reward is run to completion."""
+        import asyncio
+        import inspect
+
+        scores = fn(list(prompts), list(completions), **columns)
+        return asyncio.run(scores) if inspect.isawaitable(scores) else scores
+
     def score(
         self, prompts: Sequence[Any], completions: Sequence[str], **columns: Any
     ) -> tuple[list[float], dict[str, list[float]]]:
         """``(total [N], {name: scores [N]})``; a function returning the wrong count is an error."""
         per_function: dict[str, list[float]] = {}
         for name, fn in zip(self.names, self.functions):
-            scores = fn(list(prompts), list(completions), **columns)
+            scores = self.score_one(fn, prompts, completions, **columns)
             if scores is None or len(scores) != len(completions):
                 got = "None" if scores is None else f"{len(scores)} scores"
                 raise PmetalError(f"reward function {name!r} returned {got} for {len(completions)} completions")

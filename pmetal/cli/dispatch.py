@@ -103,6 +103,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+ROLLOUT_FLAGS = ("--speculative", "--draft-model", "--num-draft-tokens", "--async-rewards", "--rollout-chunks")
+ROLLOUT_COMMANDS = ("grpo", "rlkd")
+
+
+def _refuse_rollout_flags_without_rollouts(argv: list[str]) -> None:
+    """Rollout-engine flags on a command that samples no rollouts: say so, not just "unrecognized"."""
+    if not argv or argv[0] in ROLLOUT_COMMANDS or argv[0].startswith("-"):
+        return
+    used = [a.split("=")[0] for a in argv[1:] if a.split("=")[0] in ROLLOUT_FLAGS]
+    if used:
+        raise PmetalError(f"{used[0]} applies to commands that sample rollouts ({', '.join(ROLLOUT_COMMANDS)}); "
+                          f"'pmetal {argv[0]}' samples none")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -113,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_lightning_cli(argv)
             return 0
+        _refuse_rollout_flags_without_rollouts(argv)
         parser = build_parser(argv[0] if argv else None)
         args = parser.parse_args(argv)
         if not getattr(args, "_run", None):

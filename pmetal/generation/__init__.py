@@ -1,5 +1,14 @@
-"""Generation for rollouts: batched, KV-cached sampling that records sampling-time log-probs."""
+"""Generation for rollouts: the rollout engine (static cache, CUDA graphs, speculation) and its sampler."""
 
-from pmetal.generation.sampling import Generation, SamplingConfig, generate, process_logits, stop_token_ids
+from pmetal.generation.engine import RolloutEngine
+from pmetal.generation.sampling import (
+    Generation,
+    SamplingConfig,
+    generate,
+    generate_reference,
+    process_logits,
+    stop_token_ids,
+)
 
-__all__ = ["Generation", "SamplingConfig", "generate", "process_logits", "stop_token_ids"]
+__all__ = ["Generation", "RolloutEngine", "SamplingConfig", "generate", "generate_reference", "process_logits",
+           "stop_token_ids"]

@@ -1,6 +1,9 @@
 """Batched, KV-cached sampling for rollouts, returning the sampling-time log-probs.
 
-A small loop over a Hugging Face causal LM (``model(input_ids, past_key_values=DynamicCache)``)
+:func:`generate` runs the rollout engine (``pmetal.generation.engine``: static cache, fixed-shape
+rounds, CUDA graphs, optional speculation). :func:`generate_reference` is the plain loop it
+replaces, kept as the engine's fallback and as the independent reference its tests compare with:
+a small loop over a Hugging Face causal LM (``model(input_ids, past_key_values=DynamicCache)``)
 rather than ``generate``: the rollout needs, for every chosen token, exactly the log-probability
 training will compute for it, ``log_softmax(logits / temperature)[token]``, and per-sequence
 stopping with the stop token kept in the completion mask.
@@ -107,7 +110,7 @@ def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor
     return logits
 
 
-def _forward_kwargs(model) -> tuple[str, bool]:
+def forward_kwargs(model) -> tuple[str, bool]:
     """The cache keyword (``cache`` in transformers >= 5.2x, ``past_key_values`` before) and
     whether ``logits_to_keep`` is accepted, read from the underlying HF model's signature."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -116,8 +119,83 @@ def _forward_kwargs(model) -> tuple[str, bool]:
     return cache_kw, "logits_to_keep" in params
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
+    """``(ids, mask, position_ids)``, each ``[P, W]``: prompts left-padded, positions ``0..len-1`` per prompt."""
+    num_prompts, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((num_prompts, width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((num_prompts, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        mask[i, width - len(p):] = 1
+    return ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def sampling_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """``[..., V]`` float logits -> the sampling distribution (one-hot of the argmax when greedy)."""
+    if config.temperature == 0.0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    shape = logits.shape
+    return process_logits(logits.reshape(-1, shape[-1]), config).softmax(dim=-1).view(shape)
+
+
+def race(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from unnormalized ``[..., V]`` weights: ``argmax(w / E)`` with ``E ~ Exp(1)``.
+
+    The exponential race: ``P(argmax = i) = w_i / sum(w)`` exactly, with no host-side
+    ``multinomial``, so it runs inside a CUDA graph."""
+    u = torch.rand(weights.shape, device=weights.device, dtype=torch.float32, generator=generator)
+    return (weights / -torch.log(u.clamp_min(1e-30))).argmax(dim=-1)
+
+
 @torch.no_grad()
 def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    stop_ids: Sequence[int],
+    pad_token_id: int,
+    num_return_sequences: int = 1,
+    generator: torch.Generator | None = None,
+    prefill_inputs: dict | None = None,
+    speculative: bool = False,
+    draft_model=None,
+    num_draft_tokens: int = 4,
+    engine=None,
+) -> Generation:
+    """Sample ``num_return_sequences`` completions for each prompt with the rollout engine.
+
+    The arguments of :func:`generate_reference`, plus:
+
+    Args:
+        prefill_inputs: extra inputs of the prompt forward only (``pixel_values``,
+            ``image_grid_thw``, ...: a VLM's images), never of the decode steps.
+        speculative: draft ``num_draft_tokens`` tokens per round and verify them in one policy
+            forward (exact speculative sampling; the completions' distribution is unchanged).
+        draft_model: the drafting model (same tokenizer); None drafts from prompt n-grams.
+        num_draft_tokens: K, tokens drafted per round.
+        engine: a :class:`pmetal.generation.engine.RolloutEngine` to use; by default one kept
+            per model and options (its buffers and CUDA graphs are reused between calls).
+
+    Prompts with image inputs (``prefill_inputs``) are sampled by :func:`generate_reference`,
+    whose prefill computes a VLM's multimodal positions (``pmetal.vlm.prefill_positions``) so that
+    sampling and the policy update see the same positions; the engine has no such prefill yet.
+    """
+    if prefill_inputs:
+        return generate_reference(model, prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
+                                  num_return_sequences=num_return_sequences, generator=generator,
+                                  prefill_inputs=prefill_inputs)
+    from pmetal.generation.engine import engine_for
+
+    if engine is None:
+        engine = engine_for(model, speculative=speculative, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
+    return engine.generate(prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
+                           num_return_sequences=num_return_sequences, generator=generator,
+                           prefill_inputs=prefill_inputs)
+
+
+@torch.no_grad()
+def generate_reference(
     model,
     prompts: Sequence[Sequence[int]],
     config: SamplingConfig,
@@ -150,15 +228,9 @@ def generate(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
-    num_prompts, width = len(prompts), max(len(p) for p in prompts)
-    prompt_ids = torch.full((num_prompts, width), pad_token_id, dtype=torch.long, device=device)
-    prompt_mask = torch.zeros((num_prompts, width), dtype=torch.long, device=device)
-    for i, ids in enumerate(prompts):
-        prompt_ids[i, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long, device=device)
-        prompt_mask[i, width - len(ids) :] = 1
-    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # [P, T]
+    prompt_ids, prompt_mask, position_ids = left_pad(prompts, pad_token_id, device)
 
-    cache_kw, has_logits_to_keep = _forward_kwargs(model)
+    cache_kw, has_logits_to_keep = forward_kwargs(model)
     cache = DynamicCache()
     extra = {"logits_to_keep": 1} if has_logits_to_keep else {}
     last_position = position_ids[:, -1]  # [P]

@@ -7,6 +7,7 @@ import them from below, not from each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pmetal.generation.sampling import SamplingConfig
 
@@ -18,3 +19,8 @@ class RolloutSettings:
     scale_rewards: str = "group"
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    speculative: bool = False
+    draft: Any = None  # the draft model (None: prompt lookup under speculative)
+    num_draft_tokens: int = 4
+    async_rewards: bool = False
+    chunks: int = 1

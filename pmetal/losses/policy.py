@@ -18,6 +18,7 @@ import torch
 AdvantageScale = Literal["group", "batch", "none"]
 GrpoLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+ImportanceSamplingLevel = Literal["token", "sequence"]
 
 # Added to the std before dividing, as TRL does: a group whose rewards barely differ gets large
 # but finite advantages, and a group with equal rewards gets exactly 0.
@@ -94,6 +95,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_sequences: int | None = None,
     num_tokens: float | None = None,
+    importance_sampling_level: ImportanceSamplingLevel = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Clipped surrogate policy loss of GRPO and its variants, with an optional k3 KL penalty.
 
@@ -117,6 +119,12 @@ def grpo_loss(
     - ``"dapo"``: sum over tokens / the number of tokens of the *whole* rollout batch: DAPO's
       token-level policy-gradient loss (arXiv:2503.14476, Eq. 8 / §3.3).
 
+    ``importance_sampling_level="sequence"`` is GSPO (Zheng et al. 2025, "Group Sequence Policy
+    Optimization", arXiv:2507.18071, Eq. 7): one ratio per completion, the geometric mean of its
+    token ratios, :math:`s_i = \exp(\frac{1}{|o_i|}\sum_t \log\frac{\pi_\theta}{\pi_{old}})`, clipped
+    and multiplied by the advantage for every token of the completion (TRL's definition; with
+    ``loss_type="grpo"`` the per-sequence mean is then GSPO's objective exactly).
+
     Micro-batching: when one call sees part of a rollout batch, pass ``num_sequences`` (the
     batch's number of completions, for ``grpo`` and ``dr_grpo``) and ``num_tokens`` (its number
     of completion tokens, for ``dapo``); then the micro-batch losses *sum* to the full-batch loss.
@@ -135,6 +143,7 @@ def grpo_loss(
         max_completion_length: the generation limit ``L_max``, required by ``"dr_grpo"``.
         num_sequences: completions in the whole rollout batch (micro-batching, see above).
         num_tokens: completion tokens in the whole rollout batch (micro-batching, see above).
+        importance_sampling_level: ``"token"`` (GRPO) or ``"sequence"`` (GSPO), see above.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and detached scalar metrics: ``kl`` (mean k3 KL over
@@ -154,9 +163,15 @@ def grpo_loss(
             f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask {tuple(mask.shape)} must match"
         )
 
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; expected 'token' or 'sequence'")
     mask = mask.to(logps.dtype)
     adv = advantages.detach().to(logps.dtype).unsqueeze(1)  # [N, 1]
-    ratio = torch.exp(logps - old_logps.detach())  # [N, L]
+    log_ratio = logps - old_logps.detach()  # [N, L]
+    if importance_sampling_level == "sequence":  # GSPO: the length-normalized sequence ratio on every token
+        log_ratio = ((log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0))
+        log_ratio = log_ratio.expand_as(logps)
+    ratio = torch.exp(log_ratio)  # [N, L]
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)  # [N, L]
     per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # [N, L]
 

@@ -43,7 +43,7 @@ def _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **module_kwargs):
         return module_cls(model=model), dm_cls(path=data, batch_size=4, val_fraction=0.0)
     if method in ("grpo", "dapo", "rlkd"):
         data = _write(tmp_path / "g.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)])
-        kwargs = dict(model=model, reasoning_rewards=True, num_generations=2, max_completion_length=6,
+        kwargs = dict(model=model, reasoning_rewards=True, num_generations=4, max_completion_length=6,
                       micro_batch_size=2)
         if method == "rlkd":
             kwargs["teacher_model"] = model

@@ -147,7 +147,7 @@ def test_grpo_loss_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-def _trl_grpo_loss(logps, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_high, max_len):
+def _trl_grpo_loss(logps, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_high, max_len, level="token"):
     """Run TRL 1.16's GRPOTrainer._compute_loss on a stand-in `self` whose model returns `logps`."""
     from trl import GRPOTrainer
 
@@ -167,7 +167,7 @@ def _trl_grpo_loss(logps, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=level,
         beta=beta,
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
         loss_type=loss_type,
@@ -197,17 +197,23 @@ def _trl_grpo_loss(logps, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_
     return loss, stand_in._metrics["train"]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_grpo_loss_matches_trl(loss_type, beta):
-    g = torch.Generator().manual_seed(7)
-    n, length = 8, 6
+def _random_policy_inputs(seed: int, old_noise: float, n: int = 8, length: int = 6):
+    """float64 ``(logps, old, ref, advantages, mask)`` of ``n`` completions of up to ``length`` tokens."""
+    g = torch.Generator().manual_seed(seed)
     base = -torch.rand(n, length, generator=g, dtype=torch.float64) * 3
-    old = base + 0.4 * torch.randn(n, length, generator=g, dtype=torch.float64)
+    old = base + old_noise * torch.randn(n, length, generator=g, dtype=torch.float64)
     ref = base + 0.2 * torch.randn(n, length, generator=g, dtype=torch.float64)
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     mask = (torch.rand(n, length, generator=g) > 0.25).long()
     mask[:, 0] = 1
+    return base, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_matches_trl(loss_type, beta):
+    base, old, ref, adv, mask = _random_policy_inputs(seed=7, old_noise=0.4)
+    length = base.shape[1]
     kw = dict(loss_type=loss_type, beta=beta, eps_low=0.2, eps_high=0.28, max_len=length)
 
     ours_logps = base.clone().requires_grad_(True)
@@ -224,6 +230,41 @@ def test_grpo_loss_matches_trl(loss_type, beta):
     assert metrics["clip_ratio/region_mean"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"][0])
     if beta:
         assert metrics["kl"].item() == pytest.approx(trl_metrics["kl"][0])
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """Two completions: the ratio is exp(mean token log-ratio) of each, clipped, times its advantage."""
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    logps = torch.tensor([[0.1, 0.2, 0.3], [-1.0, 0.0, 9.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the 9.0 is padding
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    loss, metrics = grpo_loss(logps, old, adv, mask, epsilon_low=0.2, epsilon_high=0.2, importance_sampling_level="sequence")
+    s1, s2 = math.exp(0.2), math.exp(-0.5)  # s1 = 1.2214 > 1.2: clipped, advantage > 0; s2 = 0.6065 < 0.8: clipped
+    expected = (-min(s1 * 1.0, 1.2 * 1.0) - min(s2 * -1.0, 0.8 * -1.0)) / 2
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()  # both clipped terms are constants: no gradient
+    assert torch.count_nonzero(logps.grad) == 0
+    token, _ = grpo_loss(logps.detach(), old, adv, mask, importance_sampling_level="token")
+    assert token.item() != pytest.approx(expected)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo_loss(logps, old, adv, mask, importance_sampling_level="group")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_gspo_matches_trl(loss_type, beta):
+    base, old, ref, adv, mask = _random_policy_inputs(seed=11, old_noise=0.3)
+    length = base.shape[1]
+    ours_logps = base.clone().requires_grad_(True)
+    ours, _ = grpo_loss(ours_logps, old, adv, mask, ref_logps=ref, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
+                        loss_type=loss_type, max_completion_length=length, importance_sampling_level="sequence")
+    trl_logps = base.clone().requires_grad_(True)
+    theirs, _ = _trl_grpo_loss(trl_logps, old, ref, adv, mask, loss_type=loss_type, beta=beta, eps_low=0.2,
+                               eps_high=0.28, max_len=length, level="sequence")
+    torch.testing.assert_close(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_logps.grad, trl_logps.grad)
 
 
 # ---------------------------------------------------------------------------------------------

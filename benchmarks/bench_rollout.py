@@ -1,0 +1,213 @@
+"""Rollout throughput: pmetal's rollout engine beside Hugging Face `generate` (dynamic and static cache).
+
+One process, one model, the same shapes: `--prompts` prompts x `--num-generations` samples, random
+prompt tokens of `--prompt-len`, `--max-new-tokens` new tokens per row, sampling at temperature 1,
+no stop tokens (every row runs to the limit: identical work). Each contender is called once untimed
+(CUDA graph capture, HF's static-cache compilation), then `--repeats` timed calls; the table keeps
+the best. New tokens/s = rows x new tokens / seconds.
+
+`--speculative` adds the speculation table: greedy decoding (temperature 0, exact either way) of the
+engine with and without speculation at batch sizes `--spec-batches`, with prompt-lookup drafts
+(`--draft ngram`) or a draft made of the model's first layers (`--draft truncate:N`), reporting the
+measured acceptance and tokens per policy forward.
+
+    # GPU: a Qwen3-0.6B-shaped model with random bf16 weights
+    python benchmarks/bench_rollout.py --device cuda --model qwen3-0.6b-shape --speculative
+    # CPU: the embedded SmolLM2-135M-Instruct, batch 8
+    python benchmarks/bench_rollout.py --device cpu --model default --prompts 8 --num-generations 1 \
+        --prompt-len 64 --max-new-tokens 64 --speculative --spec-batches 1,8 --draft truncate:10
+
+Prints the tables; `--markdown FILE` appends them as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import sys
+import time
+
+from _common import QWEN3_06B_SHAPE  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+
+def load_model(args):
+    import torch
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.model == "qwen3-0.6b-shape":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(0)
+        config = Qwen3Config(**QWEN3_06B_SHAPE, bos_token_id=None, eos_token_id=2, pad_token_id=0,
+                             attn_implementation="sdpa")
+        return Qwen3ForCausalLM(config).to(dtype).to(args.device).eval(), None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pmetal.models import default_model_path
+
+    path = default_model_path() if args.model == "default" else args.model
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def truncated_copy(model, layers: int):
+    """The model's first ``layers`` decoder layers and its head: a draft that shares its embeddings' sense."""
+    draft = copy.deepcopy(model)
+    inner = draft.model
+    inner.layers = inner.layers[:layers]
+    draft.config.num_hidden_layers = layers
+    if hasattr(draft.config, "layer_types") and draft.config.layer_types:
+        draft.config.layer_types = draft.config.layer_types[:layers]
+    return draft.eval()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    import torch
+
+    fn()  # untimed: graph capture / compilation
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def prompts_for(args, tokenizer, count: int) -> list[list[int]]:
+    rng = random.Random(0)
+    if tokenizer is None:
+        return [[rng.randrange(3, 8000) for _ in range(args.prompt_len)] for _ in range(count)]
+    # a task with real agreement: the model is asked to repeat a text it was given
+    words = "the cat sat on a mat while the dog ran in the park and birds sang over green hills".split()
+    out = []
+    for _ in range(count):
+        text = " ".join(rng.choice(words) for _ in range(args.prompt_len // 2))
+        messages = [{"role": "user", "content": f"Repeat this text exactly, word for word:\n{text}"}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def rollout_table(args, model, tokenizer) -> str:
+    import torch
+
+    from pmetal.generation import SamplingConfig
+    from pmetal.generation.engine import RolloutEngine
+
+    prompts = prompts_for(args, tokenizer, args.prompts)
+    rows, new = args.prompts * args.num_generations, args.max_new_tokens
+    config = SamplingConfig(max_new_tokens=new, temperature=1.0)
+    engine = RolloutEngine(model)
+
+    def run_engine():
+        engine.generate(prompts, config, stop_ids=[], pad_token_id=0, num_return_sequences=args.num_generations)
+
+    def run_hf(cache: str | None):
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=args.device)
+        mask = (torch.arange(width, device=args.device)[None] >= torch.tensor([width - len(p) for p in prompts],
+                                                                               device=args.device)[:, None]).long()
+        kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                      num_return_sequences=args.num_generations, pad_token_id=0, eos_token_id=None)
+        if cache:
+            kwargs["cache_implementation"] = cache
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+    results = [("pmetal engine" + (f" (eager: {engine.capture_error[:100]})" if engine.capture_error else ""),
+                timed(run_engine, args.device, args.repeats))]
+    for name, cache in (("HF generate, dynamic cache", None), ("HF generate, static cache", "static")):
+        if name.split(", ")[1].split()[0] in args.skip:
+            continue
+        try:
+            results.append((name, timed(run_hf(cache), args.device, args.repeats)))
+        except Exception as exc:  # noqa: BLE001 - a contender that fails is reported, not fatal
+            results.append((f"{name} (failed: {type(exc).__name__}: {str(exc)[:80]})", float("nan")))
+    header = (f"Rollout, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} samples, "
+              f"{args.prompt_len} + {new} tokens, temperature 1, no stop tokens, best of {args.repeats}")
+    lines = ["| contender | seconds | new tokens/s | vs HF dynamic |", "|---|---:|---:|---:|"]
+    dynamic = next((s for n, s in results if n.startswith("HF generate, dynamic")), float("nan"))
+    for name, seconds in results:
+        lines.append(f"| {name} | {seconds:.3f} | {rows * new / seconds:,.0f} | {dynamic / seconds:.2f}x |")
+    return header + "\n\n" + "\n".join(lines) + "\n"
+
+
+def speculation_table(args, model, tokenizer) -> str:
+    from pmetal.generation import SamplingConfig
+    from pmetal.generation.engine import RolloutEngine
+
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    draft = None
+    if args.draft.startswith("truncate:"):
+        draft = truncated_copy(model, int(args.draft.split(":")[1]))
+    lines = ["| batch | engine new tokens/s | speculative new tokens/s | speed-up | acceptance | tokens per policy forward |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    stop = [tokenizer.eos_token_id] if tokenizer is not None else []
+    for batch in args.spec_batches:
+        prompts = prompts_for(args, tokenizer, batch)
+        plain = RolloutEngine(model)
+        spec = RolloutEngine(model, speculative=True, draft_model=draft, num_draft_tokens=args.num_draft_tokens)
+        outs = {}
+
+        def run(engine, key):
+            outs[key] = engine.generate(prompts, config, stop_ids=stop, pad_token_id=0)
+
+        t_plain = timed(lambda: run(plain, "plain"), args.device, args.repeats)
+        t_spec = timed(lambda: run(spec, "spec"), args.device, args.repeats)
+        tokens_plain, tokens_spec = int(outs["plain"].lengths.sum()), int(outs["spec"].lengths.sum())
+        same = "" if outs["plain"].completion_ids.tolist() == outs["spec"].completion_ids.tolist() else " (outputs differ)"
+        stats = spec.last_stats
+        lines.append(f"| {batch} | {tokens_plain / t_plain:,.0f} | {tokens_spec / t_spec:,.0f}{same} | "
+                     f"{t_plain / t_spec * tokens_spec / max(tokens_plain, 1):.2f}x | "
+                     f"{stats.get('speculative/acceptance_rate', float('nan')):.2f} | "
+                     f"{stats.get('speculative/tokens_per_forward', float('nan')):.2f} |")
+    header = (f"Speculation, {args.model} on {args.device}: greedy, {args.max_new_tokens} new tokens, "
+              f"draft {args.draft}, K = {args.num_draft_tokens}, best of {args.repeats}")
+    return header + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", default="qwen3-0.6b-shape", help="qwen3-0.6b-shape, default (SmolLM2-135M), or an HF directory")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip", nargs="*", default=[], help="contenders to leave out: dynamic, static")
+    p.add_argument("--no-rollout", action="store_true", help="only the speculation table")
+    p.add_argument("--speculative", action="store_true", help="add the speculation table")
+    p.add_argument("--spec-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64])
+    p.add_argument("--draft", default="ngram", help="ngram, or truncate:N (the model's first N layers)")
+    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args)
+    text = ""
+    if not args.no_rollout:
+        text += rollout_table(args, model, tokenizer)
+    if args.speculative:
+        text += "\n" + speculation_table(args, model, tokenizer)
+    versions = f"torch {torch.__version__}"
+    if args.device == "cuda":
+        versions += f", {torch.cuda.get_device_name()}"
+    text += f"\n({versions})\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

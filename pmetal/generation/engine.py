@@ -1,0 +1,381 @@
+"""The rollout engine: static-cache decoding in fixed shapes, CUDA graphs, optional speculation.
+
+What it does, and why each piece is there:
+
+- **One preallocated KV cache** per (rows, capacity) bucket: ``[rows, kv_heads, capacity, head_dim]``
+  per layer (:class:`SlotCache`), written in place at *slot* indices. The attention mask is a 4-D
+  boolean ``[rows, 1, T, capacity]`` built from a per-row ``valid`` bitmap, so a row's slots need
+  not be contiguous: left padding, rejected draft tokens and finished rows are holes in the bitmap,
+  and rotary positions are explicit per row. Nothing is ever reallocated per token.
+- **One fixed-shape round** (``_Round.__call__``): feed the last token (and ``K`` draft tokens
+  under speculation), sample, record log-probs, check stop tokens and budgets, all as tensor ops
+  on the device. On CUDA the round is captured once into a ``torch.cuda.CUDAGraph`` per bucket and
+  replayed; on CPU and MPS the same round runs eagerly over the same static buffers.
+- **No host sync per token**: the host reads ``finished`` every ``sync_every`` rounds only.
+- **Finished rows stop costing**: at those reads, when the live rows fit a smaller power-of-two
+  bucket, the rows (cache included) are gathered into it.
+- **Prompts prefilled once**: the ``P`` distinct prompts are prefilled with a ``DynamicCache``
+  (the model's own prompt path, so ``prefill_inputs`` such as ``pixel_values`` work) and their KV
+  is copied into the ``P x G`` decode rows.
+- **No recompiles per prompt length**: the capacity is rounded up to a multiple of 64 and a family
+  of buckets is reused while it is big enough, so graphs are captured once per shape family.
+- **The live policy**: the graphs read the parameters where they live; optimizers update them in
+  place, so every rollout samples the current weights (LoRA, DoRA, full, QLoRA). Nothing is merged.
+
+Sampling draws ``argmax(probs / E)`` with ``E ~ Exp(1)`` (the exponential race: exactly a draw
+from ``probs``, without a host-side ``multinomial``), over the distribution of
+:func:`pmetal.generation.sampling.process_logits`; greedy is the one-hot of the argmax. The
+recorded log-prob is the full tempered ``log_softmax(logits / T)`` of the chosen token, as training
+computes it. Speculation (``pmetal.generation.speculative``) plugs in as the draft of the round.
+
+Departures: sliding-window and hybrid-cache models fall back to the reference loop
+(``sampling.generate_reference``), as do models whose prompt cache has no per-layer tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pmetal.generation.sampling import Generation, SamplingConfig, forward_kwargs, left_pad
+from pmetal.generation.slots import SlotCache
+
+log = logging.getLogger("pmetal")
+
+CAPACITY_STEP = 64
+
+
+def _prompt_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """``(keys, values)`` per layer of a prefilled ``DynamicCache`` (None: not a plain per-layer cache)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    else:
+        return None
+    if not pairs or any(not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) for k, v in pairs):
+        return None
+    return pairs
+
+
+def engine_supports(model) -> bool:
+    """Full attention through SDPA or eager attention (the 4-D slot mask); no sliding window, no hybrid cache."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    return impl in ("sdpa", "eager") and not has_sliding_window(model)
+
+
+def has_sliding_window(model) -> bool:
+    config = getattr(model, "config", None)
+    types = getattr(config, "layer_types", None) or []
+    text = getattr(config, "text_config", None)
+    types = list(types) + list(getattr(text, "layer_types", None) or [])
+    return any("sliding" in str(t) or "linear" in str(t) for t in types) or bool(getattr(config, "use_sliding_window", False))
+
+
+@dataclass
+class DecodeSpec:
+    """What one family of captured rounds is specialised on (a new value captures anew)."""
+
+    sampling: tuple
+    stop: tuple
+    max_new_tokens: int
+    prompt_width: int
+    capacity: int
+    num_rows: int  # rows of the top bucket (P x G)
+    draft_tokens: int  # K (0 without speculation)
+    generator: int  # id of the torch.Generator the graphs draw from (0: the default one)
+
+
+class _Workspace:
+    """The static buffers of one bucket: per-row state, the caches, a graph once captured."""
+
+    def __init__(self, rows: int, spec: DecodeSpec, kv_shapes, draft_kv_shapes, device) -> None:
+        c, width = spec.capacity, spec.prompt_width + spec.max_new_tokens + spec.draft_tokens + 2
+        long = dict(dtype=torch.long, device=device)
+        self.rows = rows
+        self.state = {
+            "tok": torch.zeros(rows, **long), "pos": torch.zeros(rows, **long),
+            "gen_len": torch.zeros(rows, **long), "row_ids": torch.zeros(rows, **long),
+            "finished": torch.ones(rows, dtype=torch.bool, device=device),
+            "stopped": torch.zeros(rows, dtype=torch.bool, device=device),
+            "valid": torch.zeros(rows, c, dtype=torch.bool, device=device),
+            "seq": torch.full((rows, width), -1, **long),  # prompt + completion, for n-gram drafting
+        }
+        self.cache = self._cache(rows, c, kv_shapes, device)
+        self.draft_cache = self._cache(rows, c, draft_kv_shapes, device) if draft_kv_shapes else None
+        self.col = torch.zeros((), **long)  # the first free slot column, on the device
+        self.col_host = 0
+        self.graph = None
+
+    @staticmethod
+    def _cache(rows, capacity, shapes, device) -> SlotCache:
+        keys = [torch.zeros(rows, h, capacity, dk, dtype=dt, device=device) for h, dk, _, dt in shapes]
+        values = [torch.zeros(rows, h, capacity, dv, dtype=dt, device=device) for h, _, dv, dt in shapes]
+        return SlotCache(keys, values)
+
+    def batched(self) -> list[torch.Tensor]:
+        """Every tensor with the row dimension first (what compaction gathers)."""
+        out = list(self.state.values()) + self.cache.tensors()
+        return out + (self.draft_cache.tensors() if self.draft_cache is not None else [])
+
+
+class RolloutEngine:
+    """Samples completions from ``model`` (see the module docstring); keeps its buffers and graphs.
+
+    Args:
+        model: a Hugging Face causal LM (PEFT-wrapped or not), used as it is (call ``eval()``).
+        speculative: draft ``num_draft_tokens`` tokens per round and verify them in one forward.
+        draft_model: the drafting model (same tokenizer); None with ``speculative`` drafts from
+            n-grams of the prompt and completion (prompt lookup).
+        num_draft_tokens: K, the tokens drafted per round.
+        cuda_graphs: capture the round into CUDA graphs (None: on CUDA devices).
+        sync_every: rounds between the host's reads of the finished rows (compaction points).
+    """
+
+    def __init__(self, model, *, speculative: bool = False, draft_model=None, num_draft_tokens: int = 4,
+                 cuda_graphs: bool | None = None, sync_every: int = 8) -> None:
+        from pmetal.generation.speculative import check_draft_settings
+
+        check_draft_settings(speculative, draft_model, num_draft_tokens)
+        self.model = model
+        self.draft_model = draft_model if speculative else None
+        self.num_draft_tokens = num_draft_tokens if speculative else 0
+        self.speculative = speculative
+        self.device = next(model.parameters()).device
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.sync_every = max(1, sync_every)
+        self._family: tuple[DecodeSpec, dict[int, _Workspace], object] | None = None
+        self._pool = None
+        self.last_stats: dict[str, float] = {}
+        self.capture_error: str | None = None  # why the rounds run eagerly on CUDA, if they do
+
+    # ------------------------------------------------------------------ public entry point
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, stop_ids: Sequence[int],
+                 pad_token_id: int, num_return_sequences: int = 1, generator: torch.Generator | None = None,
+                 prefill_inputs: dict | None = None) -> Generation:
+        """Sample ``num_return_sequences`` completions per prompt (the arguments of ``sampling.generate``).
+
+        ``prefill_inputs`` (``pixel_values``, ``image_grid_thw``, ...) go to the prompt forward only;
+        a model that keeps ``rope_deltas`` after it (Qwen2-VL) continues its positions from them.
+        """
+        from pmetal.generation.sampling import generate_reference
+
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if not engine_supports(self.model) or (self.draft_model is not None and not engine_supports(self.draft_model)):
+            return self._reference(generate_reference, prompts, config, stop_ids, pad_token_id,
+                                   num_return_sequences, generator, prefill_inputs)
+        prefill = self._prefill(self.model, prompts, pad_token_id, num_return_sequences, prefill_inputs)
+        if prefill is None:
+            return self._reference(generate_reference, prompts, config, stop_ids, pad_token_id,
+                                   num_return_sequences, generator, prefill_inputs)
+        draft_prefill = None
+        if self.draft_model is not None:
+            draft_prefill = self._prefill(self.draft_model, prompts, pad_token_id, num_return_sequences, None)
+            if draft_prefill is None:
+                raise ValueError("the draft model's prompt cache has no per-layer tensors: it cannot draft")
+        return self._decode(prefill, draft_prefill, config, stop_ids, pad_token_id, num_return_sequences, generator)
+
+    def _reference(self, fn, prompts, config, stop_ids, pad_token_id, group, generator, prefill_inputs):
+        self.last_stats = {}
+        return fn(self.model, prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
+                  num_return_sequences=group, generator=generator, prefill_inputs=prefill_inputs)
+
+    # ------------------------------------------------------------------ prompt side
+    def _prefill(self, model, prompts, pad_token_id, group, prefill_inputs):
+        from transformers import DynamicCache
+
+        ids, mask, position_ids = left_pad(prompts, pad_token_id, self.device)
+        num_prompts, width = ids.shape
+        cache_kw, has_keep = forward_kwargs(model)
+        cache = DynamicCache()
+        extra = {"logits_to_keep": 1} if has_keep else {}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    **{cache_kw: cache}, **extra, **(prefill_inputs or {}))
+        layers = _prompt_layers(getattr(out, "past_key_values", None) or cache)
+        if layers is None or any(k.shape[2] != width for k, _ in layers):
+            return None
+        start = position_ids[:, -1] + 1
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        deltas = getattr(getattr(base, "model", base), "rope_deltas", None)
+        if prefill_inputs and isinstance(deltas, torch.Tensor) and deltas.shape[0] == num_prompts:
+            start = width + deltas.reshape(num_prompts, -1)[:, 0].long()
+        rep = lambda t: t.repeat_interleave(group, dim=0)  # noqa: E731
+        return {"ids": rep(ids), "mask": rep(mask), "start": rep(start), "logits": rep(out.logits[:, -1, :].float()),
+                "layers": layers, "width": width, "group": group}
+
+    # ------------------------------------------------------------------ decode side
+    def _family_for(self, spec: DecodeSpec, prefill, draft_prefill, config, generator, pad_token_id):
+        """The buckets and the round of ``spec``, kept while the shapes stay (graphs survive calls)."""
+        from pmetal.generation.speculative import Round
+
+        if self._family is not None and self._family[0] == spec:
+            return self._family[1], self._family[2]
+        self._family = None  # free the previous family's buffers before allocating
+        shapes = lambda pre: [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in pre["layers"]] if pre else None  # noqa: E731
+        self._shapes = (shapes(prefill), shapes(draft_prefill))
+        self.vocab_size = prefill["logits"].shape[-1]
+        spaces: dict[int, _Workspace] = {}
+        step = Round(self, spec, config, generator, pad_token_id)
+        self._family = (spec, spaces, step)
+        return spaces, step
+
+    def _workspace(self, spaces, spec, rows) -> _Workspace:
+        if rows not in spaces:
+            spaces[rows] = _Workspace(rows, spec, *self._shapes, self.device)
+        return spaces[rows]
+
+    def _spec(self, config, stop, max_new, width, rows, generator) -> DecodeSpec:
+        k = self.num_draft_tokens
+        # speculation leaves holes (rejected drafts): slack so the cache is defragmented rarely
+        need = width + max_new + (max(4 * (k + 1), max_new // 2) if k else 0)
+        capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
+        sampling = (config.temperature, config.top_k, config.top_p, config.min_p)
+        if self._family is not None:  # reuse a family that is big enough (no new capture per prompt width)
+            old = self._family[0]
+            same = (sampling, stop, rows, k, max_new, id(generator) if generator is not None else 0)
+            if (old.sampling, old.stop, old.num_rows, old.draft_tokens, old.max_new_tokens, old.generator) == same \
+                    and old.prompt_width >= width and old.capacity <= 2 * capacity:
+                return old
+        return DecodeSpec(sampling, stop, max_new, width, capacity, rows, k, id(generator) if generator is not None else 0)
+
+    def _decode(self, prefill, draft_prefill, config, stop_ids, pad_token_id, group, generator) -> Generation:
+        rows, width = prefill["ids"].shape[0], prefill["width"]
+        stop = tuple(sorted(set(int(s) for s in stop_ids)))
+        spec = self._spec(config, stop, config.max_new_tokens, width, rows, generator)
+        spaces, step = self._family_for(spec, prefill, draft_prefill, config, generator, pad_token_id)
+        ws = self._workspace(spaces, spec, rows)
+        tokens, logps = step.tokens, step.logps
+        offset = spec.prompt_width - width  # prompts narrower than the family's width sit right-aligned
+        self._load(ws, prefill, draft_prefill, offset, step)
+        rounds = 0
+        while rounds < spec.max_new_tokens - 1:
+            if rounds % self.sync_every == 0:
+                live = int((~ws.state["finished"]).sum())
+                if live == 0:
+                    break
+                target = 1 << max(0, (live - 1).bit_length())
+                if target <= ws.rows // 2:
+                    ws = self._compact(ws, self._workspace(spaces, spec, target))
+            if ws.col_host + spec.draft_tokens + 1 > spec.capacity:
+                self._defragment(ws)
+            self._run(ws, step)
+            rounds += 1
+        self.last_stats = step.stats(rounds)
+        lengths, stopped = step.final_lengths[:rows], step.final_stopped[:rows]
+        longest = max(1, int(lengths.max()))
+        keep = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+        return Generation(
+            prompt_ids=prefill["ids"], prompt_mask=prefill["mask"],
+            completion_ids=torch.where(keep, tokens[:rows, :longest], pad_token_id),
+            completion_mask=keep.long(), logps=torch.where(keep, logps[:rows, :longest], 0.0), stopped=stopped,
+        )
+
+    def _load(self, ws: _Workspace, prefill, draft_prefill, offset: int, step) -> None:
+        """Prompt KV into the top bucket's cache, the per-row state reset, the first token sampled."""
+        width, rows = prefill["width"], ws.rows
+        group = prefill["group"]
+        for cache, pre in ((ws.cache, prefill), (ws.draft_cache, draft_prefill)):
+            if cache is None:
+                continue
+            for (k, v), kbuf, vbuf in zip(pre["layers"], cache.keys, cache.values):
+                kbuf[:, :, offset: offset + width].copy_(k.repeat_interleave(group, dim=0))
+                vbuf[:, :, offset: offset + width].copy_(v.repeat_interleave(group, dim=0))
+        s = ws.state
+        s["valid"].zero_()
+        s["valid"][:, offset: offset + width] = prefill["mask"].bool()
+        s["seq"].fill_(-1)
+        s["seq"][:, offset: offset + width] = torch.where(prefill["mask"].bool(), prefill["ids"], -1)
+        s["pos"].copy_(prefill["start"] - 1)  # the position of the last prompt token: the first emission adds 1
+        s["gen_len"].zero_()
+        s["finished"].zero_()
+        s["stopped"].zero_()
+        s["row_ids"].copy_(torch.arange(rows, device=self.device))
+        base = offset + width
+        ws.col.fill_(base)
+        ws.col_host = base
+        ws.cache.seen = base
+        step.first_token(ws, prefill["logits"])
+
+    def _run(self, ws: _Workspace, step) -> None:
+        if self.cuda_graphs and ws.graph is None:
+            ws.graph = self._capture(ws, step)
+        if self.cuda_graphs and ws.graph is not False:
+            step.kv_limit = None
+            ws.graph.replay()
+        else:  # eager: the shapes may change, so attend to the columns written so far only
+            step.kv_limit = ws.col_host + step.width
+            step(ws)
+        ws.col_host += step.width
+        ws.cache.seen = ws.col_host
+
+    def _capture(self, ws: _Workspace, step):
+        """Capture ``step(ws)`` into a CUDA graph; False (eager from then on) if the model cannot be captured."""
+        step.kv_limit = None  # a captured round attends over the whole capacity
+        snapshot = {name: t.clone() for name, t in ws.state.items()}
+        col = ws.col.clone()
+        extra = step.snapshot()
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step(ws)  # warm-up: lazy initialisations happen outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if step.generator is not None and hasattr(graph, "register_generator_state"):
+                graph.register_generator_state(step.generator)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                step(ws)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.capture_error = f"{type(exc).__name__}: {exc}"
+            log.warning("rollout engine: CUDA graph capture failed (%s); decoding eagerly", self.capture_error)
+            graph = False
+        for name, t in ws.state.items():
+            t.copy_(snapshot[name])
+        ws.col.copy_(col)
+        step.restore(extra)
+        return graph
+
+    def _compact(self, src: _Workspace, dst: _Workspace) -> _Workspace:
+        """Gather the live rows (then finished ones, to fill the bucket) into a smaller bucket."""
+        order = torch.sort(src.state["finished"].to(torch.int8), stable=True).indices[: dst.rows]
+        for a, b in zip(src.batched(), dst.batched()):
+            b.copy_(a.index_select(0, order))
+        dst.col.copy_(src.col)
+        dst.col_host = src.col_host
+        dst.cache.seen = src.col_host
+        return dst
+
+    def _defragment(self, ws: _Workspace) -> None:
+        """Move each row's valid slots to the front (speculation leaves holes), freeing the tail."""
+        valid = ws.state["valid"]
+        order = torch.sort(valid.to(torch.int8), dim=1, descending=True, stable=True).indices  # [rows, C]
+        caches = [ws.cache] + ([ws.draft_cache] if ws.draft_cache is not None else [])
+        for t in [t for c in caches for t in c.tensors()]:
+            t.copy_(t.gather(2, order[:, None, :, None].expand_as(t)))
+        valid.copy_(valid.gather(1, order))
+        used = int(valid.sum(dim=1).max())
+        ws.col.fill_(used)
+        ws.col_host = used
+        ws.cache.seen = used
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, **options) -> RolloutEngine:
+    """The engine kept for ``model`` with these options (its buffers and graphs survive between calls)."""
+    key = tuple(sorted((k, id(v) if k == "draft_model" else v) for k, v in options.items()))
+    engines = _ENGINES.setdefault(model, {})
+    if key not in engines:
+        engines.clear()  # one engine per model: a new option set frees the old buffers
+        engines[key] = RolloutEngine(model, **options)
+    return engines[key]

@@ -1,0 +1,98 @@
+"""The engine's KV cache and attention: fixed buffers written at slot indices, read through one 4-D mask.
+
+:class:`SlotCache` holds ``[rows, kv_heads, capacity, head_dim]`` per layer and writes each forward's
+keys and values at the slots the round chose; :func:`slot_attention` is SDPA over it with the
+grouped-query heads folded into the query length (transformers repeats K and V per query head
+whenever a mask is given), swapped in for a model's SDPA layers by :class:`use_slot_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotCache:
+    """A KV cache of fixed ``[rows, heads, capacity, dim]`` buffers, written at ``write_index`` slots.
+
+    Duck-types the part of ``transformers.Cache`` a decoder layer uses (``update``); the mask is
+    always passed in 4-D, so the model never asks the cache for mask sizes.
+    """
+
+    is_compileable = True
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+        self.is_sliding = [False] * len(keys)  # transformers 5.1x reads it per layer before taking a 4-D mask
+        self.write_index: torch.Tensor | None = None  # [T] long, set before every forward
+        self.limit: int | None = None  # eager rounds attend to the written columns only
+        self.seen = 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        try:
+            k.index_copy_(2, self.write_index, key_states.to(k.dtype))
+            v.index_copy_(2, self.write_index, value_states.to(v.dtype))
+        except NotImplementedError:  # MPS without index_copy_
+            k[:, :, self.write_index] = key_states.to(k.dtype)
+            v[:, :, self.write_index] = value_states.to(v.dtype)
+        if self.limit is not None:
+            return k[:, :, : self.limit], v[:, :, : self.limit]
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values]
+
+
+SLOT_ATTENTION = "pmetal_slot_sdpa"
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA over the slot cache with grouped-query heads folded into the query length.
+
+    ``query [B, Hq, T, D]``, ``key/value [B, Hkv, C, D]``, ``attention_mask [B, 1, T, C]`` (bool).
+    transformers' SDPA path repeats K and V to ``Hq`` heads whenever a mask is given (a full copy
+    of the cache per layer and token); viewing the ``Hq / Hkv`` query heads of each KV head as
+    extra query rows reads the cache once. Returns ``[B, T, Hq, D]`` as attention functions do.
+    """
+    b, hq, t, d = query.shape
+    hkv, capacity = key.shape[1], key.shape[2]
+    group = hq // hkv
+    q = query.reshape(b, hkv, group * t, d)  # head h = kv * group + j, as transformers' repeat_kv orders them
+    mask = attention_mask[:, :, None].expand(b, 1, group, t, capacity).reshape(b, 1, group * t, capacity)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, t, d).transpose(1, 2).contiguous(), None
+
+
+def _register_slot_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+        return True
+    except Exception:  # noqa: BLE001 - an older transformers: the model's own attention is used
+        return False
+
+
+class use_slot_attention:
+    """Within the block, ``model``'s attention layers dispatch to :func:`slot_attention`."""
+
+    def __init__(self, model) -> None:
+        self.config = getattr(model, "config", None)
+        self.previous = None
+
+    def __enter__(self):
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl == "sdpa" and _register_slot_attention():
+            self.previous = impl
+            self.config._attn_implementation = SLOT_ATTENTION
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            self.config._attn_implementation = self.previous
