@@ -40,8 +40,8 @@ import torch
 
 from pmetal.generation.rollout import RolloutBatch, RolloutRow, assemble, rows_from_generation
 from pmetal.errors import PmetalError
-from pmetal.generation.engine import engine_for
-from pmetal.generation.sampling import generate, stop_token_ids
+from pmetal.generation.engine import engine_for, generate
+from pmetal.generation.sampling import stop_token_ids
 from pmetal.generation.settings import RolloutSettings
 from pmetal.losses.policy import group_advantages, zero_spread_groups
 

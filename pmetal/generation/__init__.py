@@ -1,10 +1,9 @@
 """Generation for rollouts: the rollout engine (static cache, CUDA graphs, speculation) and its sampler."""
 
-from pmetal.generation.engine import RolloutEngine
+from pmetal.generation.engine import RolloutEngine, generate
 from pmetal.generation.sampling import (
     Generation,
     SamplingConfig,
-    generate,
     generate_reference,
     process_logits,
     stop_token_ids,

@@ -159,7 +159,7 @@ class RolloutEngine:
     def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, stop_ids: Sequence[int],
                  pad_token_id: int, num_return_sequences: int = 1, generator: torch.Generator | None = None,
                  prefill_inputs: dict | None = None) -> Generation:
-        """Sample ``num_return_sequences`` completions per prompt (the arguments of ``sampling.generate``).
+        """Sample ``num_return_sequences`` completions per prompt (the arguments of :func:`generate`).
 
         ``prefill_inputs`` (``pixel_values``, ``image_grid_thw``, ...) go to the prompt forward only;
         a model that keeps ``rope_deltas`` after it (Qwen2-VL) continues its positions from them.
@@ -379,3 +379,50 @@ def engine_for(model, **options) -> RolloutEngine:
         engines.clear()  # one engine per model: a new option set frees the old buffers
         engines[key] = RolloutEngine(model, **options)
     return engines[key]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    stop_ids: Sequence[int],
+    pad_token_id: int,
+    num_return_sequences: int = 1,
+    generator: torch.Generator | None = None,
+    prefill_inputs: dict | None = None,
+    speculative: bool = False,
+    draft_model=None,
+    num_draft_tokens: int = 4,
+    engine=None,
+) -> Generation:
+    """Sample ``num_return_sequences`` completions for each prompt with the rollout engine.
+
+    The arguments of :func:`generate_reference`, plus:
+
+    Args:
+        prefill_inputs: extra inputs of the prompt forward only (``pixel_values``,
+            ``image_grid_thw``, ...: a VLM's images), never of the decode steps.
+        speculative: draft ``num_draft_tokens`` tokens per round and verify them in one policy
+            forward (exact speculative sampling; the completions' distribution is unchanged).
+        draft_model: the drafting model (same tokenizer); None drafts from prompt n-grams.
+        num_draft_tokens: K, tokens drafted per round.
+        engine: a :class:`pmetal.generation.engine.RolloutEngine` to use; by default one kept
+            per model and options (its buffers and CUDA graphs are reused between calls).
+
+    Prompts with image inputs (``prefill_inputs``) are sampled by :func:`generate_reference`,
+    whose prefill computes a VLM's multimodal positions (``pmetal.vlm.prefill_positions``) so that
+    sampling and the policy update see the same positions; the engine has no such prefill yet.
+    """
+    if prefill_inputs:
+        from pmetal.generation.sampling import generate_reference
+
+        return generate_reference(model, prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
+                                  num_return_sequences=num_return_sequences, generator=generator,
+                                  prefill_inputs=prefill_inputs)
+    if engine is None:
+        engine = engine_for(model, speculative=speculative, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
+    return engine.generate(prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
+                           num_return_sequences=num_return_sequences, generator=generator,
+                           prefill_inputs=prefill_inputs)

@@ -96,13 +96,13 @@ def test_rollout_flags_on_a_command_without_rollouts_are_refused(capsys):
 def test_grpo_command_passes_the_engine_flags():
     import argparse
 
-    from pmetal.cli.commands.grpo import add_arguments, rl_module_kwargs
+    from pmetal.cli.commands.grpo import FLAGS, add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--speculative", "--num-draft-tokens", "3", "--async-rewards",
                          "--importance-sampling-level", "sequence"])
-    kwargs = rl_module_kwargs(args)
+    kwargs = FLAGS.resolve(args, "grpo").model  # the GrpoModule keyword arguments the command builds
     assert (kwargs["speculative"], kwargs["num_draft_tokens"], kwargs["async_rewards"]) == (True, 3, True)
     assert kwargs["importance_sampling_level"] == "sequence" and kwargs["draft_model"] is None
 
