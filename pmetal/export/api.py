@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +13,6 @@ import torch
 
 from pmetal.export.common import ExportError, atomic_output, check_options, check_out
 from pmetal.export.source import FusedModel, load_fused
-
-log = logging.getLogger("pmetal")
-
 
 @dataclass
 class ExportResult:
@@ -75,8 +71,6 @@ def export_model(
     elif coreml_options:
         raise ExportError(f"{', '.join(coreml_options)}: Core ML options, not for --format {format}")
     fused = source if isinstance(source, FusedModel) else load_fused(source, base=base, trust_remote_code=trust_remote_code)
-    for note in fused.notes:
-        log.info("%s", note)
     if format == "hf":
         with atomic_output(out, directory=True) as staging:
             save_hf(fused, staging, dtype)

@@ -86,7 +86,12 @@ def load_base_for_adapter(adapter: str | Path, *, base: str | None = None, quant
             quantize_model(model, quantization, block_size=quant_block_size, double_quant=double_quant)
     dequantize_model(model, torch.float32)  # no-op without quantization
     if (adapter / "tokenizer_config.json").is_file():  # the tokenizer it was trained with (pad token, template)
-        tokenizer = load_tokenizer(adapter, trust_remote_code=trust_remote_code)
+        from transformers import AutoTokenizer
+
+        from pmetal.models import ensure_pad_token
+
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=trust_remote_code)
+        ensure_pad_token(tokenizer)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     peft_model = load_adapter(model, adapter)
@@ -136,7 +141,22 @@ def load_fused(name: str | Path = "default", *, base: str | None = None, trust_r
         dequantize_model(model, torch.float32)
     else:
         model, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return FusedModel(plain_model(model).eval(), tokenizer, str(source), notes)
+
+
+def plain_model(model):
+    """The model without its quantization record: a model loaded from GGUF (already dequantized)
+    or a dequantized QLoRA base still carries it, and transformers then refuses to cast or save."""
     config = model.config
     if getattr(config, "quantization_config", None) is not None:
-        delattr(config, "quantization_config")  # dequantized: the saved model is plain
-    return FusedModel(model.float().eval(), tokenizer, str(source), notes)
+        delattr(config, "quantization_config")
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False):
+        return model.float()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()):
+        raise PmetalError(f"could not rebuild a plain {type(model).__name__}: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    return plain
