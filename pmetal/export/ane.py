@@ -23,8 +23,9 @@ squaring (and multiplies eps back), which is the same function in exact arithmet
 float16 sums of squares from overflowing past 65504 on the ANE; attention scores use -1e4 rather
 than -inf for masked keys (float16 softmax). Both are exact to float32 rounding.
 
-`AneEmbedder` wraps an embedding model from `pmetal embed-train` with its pooling and L2
-normalization inside, so the Core ML model returns sentence embeddings directly.
+`AneEmbedder` lays out a BERT-family embedding model from `pmetal embed-train` the same way (LayerNorm
+over channels as ml-ane-transformers' LayerNormANE, eps raised to 1e-7 as it advises for float16),
+with its pooling and L2 normalization inside, so the Core ML model returns sentence embeddings.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ DECODER_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausal
 MASKED = -1e4
 
 
+def channel_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the channel axis, dividing by the column's largest magnitude
+    first so that float16 squares cannot overflow (the same function in exact arithmetic)."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1.0)  # [B,1,1,S]
+    scaled = x / scale
+    return scaled * torch.rsqrt((scaled * scaled).mean(dim=1, keepdim=True) + eps / (scale * scale))
+
+
 class AneRMSNorm(nn.Module):
     """RMSNorm over the channel axis of a `(B, C, 1, S)` tensor, overflow-safe in float16."""
 
@@ -47,10 +56,18 @@ class AneRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1.0)  # [B,1,1,S]
-        scaled = x / scale
-        variance = (scaled * scaled).mean(dim=1, keepdim=True) + self.eps / (scale * scale)
-        return scaled * torch.rsqrt(variance) * self.weight
+        return channel_normalize(x, self.eps) * self.weight
+
+
+class AneLayerNorm(AneRMSNorm):
+    """LayerNorm over the channel axis (ml-ane-transformers' LayerNormANE), overflow-safe."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__(norm.weight, max(norm.eps, 1e-7))  # 1e-12 (BERT) is 0 in float16
+        self.bias = nn.Parameter(norm.bias.detach().clone().view(1, -1, 1, 1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_normalize(x - x.mean(dim=1, keepdim=True), self.eps) * self.weight + self.bias
 
 
 def conv1x1(linear: nn.Linear) -> nn.Conv2d:
@@ -103,12 +120,8 @@ class AneDecoderLayer(nn.Module):
         keys = key_cache.split(self.head_dim, dim=1)
         values = value_cache.split(self.head_dim, dim=1)
         group = self.heads // self.kv_heads
-        outputs = []
-        for head, q in enumerate(queries):
-            k, v = keys[head // group], values[head // group]
-            scores = torch.einsum("bciq,bcik->bkiq", q, k) * self.scale + mask  # [1,T,1,S]
-            weights = scores.softmax(dim=1)
-            outputs.append(torch.einsum("bkiq,bcik->bciq", weights, v))  # [1,D,1,S]
+        outputs = [attend(q, keys[head // group], values[head // group], self.scale, mask)
+                   for head, q in enumerate(queries)]  # fmt: skip
         x = x + self.o_proj(torch.cat(outputs, dim=1))
         h = self.post_attention_norm(x)
         x = x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -180,19 +193,68 @@ class AneDecoder(nn.Module):
         return logits.squeeze(2).transpose(1, 2)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
+    """One head: q [1,D,1,S], k/v [1,D,1,T], additive mask [1,T,1,S] or [1,T,1,1] -> [1,D,1,S]."""
+    weights = (torch.einsum("bciq,bcik->bkiq", q, k) * scale + mask).softmax(dim=1)  # [1,T,1,S]
+    return torch.einsum("bkiq,bcik->bciq", weights, v)
+
+
+class AneBertLayer(nn.Module):
+    def __init__(self, layer, config):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        attn = layer.attention
+        self.q_proj, self.k_proj, self.v_proj = (conv1x1(attn.self.query), conv1x1(attn.self.key),
+                                                 conv1x1(attn.self.value))  # fmt: skip
+        self.o_proj, self.attention_norm = conv1x1(attn.output.dense), AneLayerNorm(attn.output.LayerNorm)
+        self.up_proj, self.down_proj = conv1x1(layer.intermediate.dense), conv1x1(layer.output.dense)
+        self.output_norm = AneLayerNorm(layer.output.LayerNorm)
+        if config.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise ExportError(f"the Core ML export does not know the activation {config.hidden_act!r}")
+        self.act = nn.ReLU() if config.hidden_act == "relu" else nn.GELU("none" if config.hidden_act == "gelu" else "tanh")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        parts = [p.split(self.head_dim, dim=1) for p in (self.q_proj(x), self.k_proj(x), self.v_proj(x))]
+        heads = [attend(q, k, v, self.head_dim**-0.5, mask) for q, k, v in zip(*parts)]
+        x = self.attention_norm(x + self.o_proj(torch.cat(heads, dim=1)))
+        return self.output_norm(x + self.down_proj(self.act(self.up_proj(x))))
+
+
 class AneEmbedder(nn.Module):
-    """An embedding model with its pooling and L2 normalization inside: (input_ids, attention_mask)
-    `[1, S]` -> embedding `[1, H]`."""
+    """A BERT-family sentence-embedding model (all-MiniLM, `pmetal embed-train`'s default) in the
+    same channels-first layout, with its pooling and L2 normalization inside:
+    (input_ids, attention_mask) `[1, S]` -> embedding `[1, H]`."""
 
     def __init__(self, model, pooling: str = "mean", normalize: bool = True):
         super().__init__()
-        self.model, self.pooling, self.normalize = model.eval(), pooling, normalize
+        if type(model).__name__ != "BertModel":
+            raise ExportError(f"the Core ML export of embedding models knows BertModel (all-MiniLM and other "
+                              f"sentence-transformers encoders), not {type(model).__name__!r}")  # fmt: skip
+        if pooling not in ("cls", "mean"):
+            raise ExportError(f"the Core ML export of an encoder pools with cls or mean, not {pooling!r}")
+        emb = model.embeddings
+        self.word = nn.Embedding.from_pretrained(emb.word_embeddings.weight.detach().clone())
+        self.register_buffer("position", emb.position_embeddings.weight.detach().clone().T.contiguous(), persistent=False)
+        self.register_buffer("token_type", emb.token_type_embeddings.weight[0].detach().clone().view(1, -1, 1, 1),
+                             persistent=False)  # fmt: skip
+        self.embedding_norm = AneLayerNorm(emb.LayerNorm)
+        self.layers = nn.ModuleList(AneBertLayer(layer, model.config) for layer in model.encoder.layer)
+        self.pooling, self.normalize = pooling, normalize
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from pmetal.embedding import pool
-
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.pooling)
+        length = input_ids.shape[1]
+        x = self.word(input_ids).transpose(1, 2).unsqueeze(2)  # [1,C,1,S]
+        x = self.embedding_norm(x + self.position[:, :length].unsqueeze(0).unsqueeze(2) + self.token_type)
+        keep = attention_mask.to(x.dtype)  # [1,S]
+        mask = ((1.0 - keep) * MASKED).reshape(1, length, 1, 1)  # [1,T,1,1]: padded keys masked for every query
+        for layer in self.layers:
+            x = layer(x, mask)
+        if self.pooling == "cls":
+            pooled = x[:, :, 0, 0]
+        else:
+            weights = keep.unsqueeze(1).unsqueeze(2)  # [1,1,1,S]
+            pooled = (x * weights).sum(dim=3)[:, :, 0] / weights.sum(dim=3)[:, :, 0].clamp(min=1.0)
         if self.normalize:
-            pooled = pooled * torch.rsqrt((pooled * pooled).sum(dim=-1, keepdim=True).clamp(min=1e-12))
-        return pooled
+            pooled = pooled * torch.rsqrt((pooled * pooled).sum(dim=1, keepdim=True).clamp(min=1e-12))
+        return pooled  # [1,H]
