@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--accelerator", choices=["auto", "mps", "cuda", "cpu"], default="auto")
     r.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, 16-mixed")
     r.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+    from pmetal.cli.commands.export import ANE_HELP
+
+    r.add_argument("--ane", action="store_true", help=ANE_HELP)
 
 
 def build(args):
@@ -102,6 +105,10 @@ def run(args) -> int:
     from pmetal.cli.commands.train import launch
     from pmetal.data.embedding import check_loss_layout
 
+    if getattr(args, "ane", False):
+        from pmetal.cli.commands.export import check_ane_export
+
+        check_ane_export()
     L.seed_everything(args.seed, workers=True, verbose=False)
     module, datamodule = build(args)
     datamodule.setup("fit")  # read and check the data before the trainer starts
@@ -111,4 +118,8 @@ def run(args) -> int:
     metrics = Path(result["run_dir"]) / "eval_metrics.json"
     if metrics.is_file():
         print(f"  held-out metrics: {metrics} (every evaluation in eval_metrics.jsonl)", flush=True)
+    if getattr(args, "ane", False):
+        from pmetal.cli.commands.export import export_for_neural_engine
+
+        export_for_neural_engine(result, args.accelerator, "embedding")
     return 0

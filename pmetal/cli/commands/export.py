@@ -58,3 +58,35 @@ def run(args) -> int:
     what = result.quantize or result.dtype
     print(f"exported {args.source} -> {result.path} ({result.format}, {what})", flush=True)
     return 0
+
+
+ANE_HELP = ("after training, export the model for the Apple Neural Engine (Core ML .mlpackage in the run "
+            "directory); training itself runs on MPS, CUDA or the CPU: PyTorch has no Neural Engine backend")  # fmt: skip
+
+
+def check_ane_export() -> None:
+    """Fail before training when the Core ML export could not run afterwards."""
+    from pmetal.export.coreml import check_coreml_available
+
+    check_coreml_available()
+
+
+def export_for_neural_engine(result: dict, accelerator: str, name: str = "model") -> None:
+    """`--ane`: export a finished run's model to `<run_dir>/<name>.mlpackage` and say plainly where
+    training ran."""
+    from pathlib import Path
+
+    from pmetal.device import choose_device
+    from pmetal.export import export_model
+
+    device = choose_device(accelerator).accelerator.upper().replace("MPS", "MPS (the Apple GPU)")
+    if not result.get("export_dir"):
+        print("--ane: the run saved no model, so nothing was exported", flush=True)
+        return
+    out = Path(result["run_dir"]) / f"{name}.mlpackage"
+    exported = export_model(result["export_dir"], "coreml", out, force=True)
+    print(f"  training ran on {device}: PyTorch has no Neural Engine backend, so pmetal trains there and "
+          "exports the result for the Neural Engine", flush=True)
+    for note in exported.notes:
+        print(f"  {note}", flush=True)
+    print(f"  Core ML model for the Neural Engine (CPU_AND_NE, macOS 15 / iOS 18): {exported.path}", flush=True)

@@ -130,6 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--no-packing", dest="packing", action="store_false",
                    help="pad each batch to its longest row instead of padding-free packing")
     add_model_arguments(p, learning_rate=None)
+    from pmetal.cli.commands.export import ANE_HELP
+
+    p.add_argument("--ane", action="store_true", help=ANE_HELP)
 
 
 def run(args) -> int:
@@ -138,6 +141,10 @@ def run(args) -> int:
     from pmetal.data.datamodule import SftDataModule
     from pmetal.modules.sft import SftModule
 
+    if getattr(args, "ane", False):
+        from pmetal.cli.commands.export import check_ane_export
+
+        check_ane_export()
     L.seed_everything(args.seed, workers=True, verbose=False)
     if args.learning_rate is None:
         args.learning_rate = EXAMPLE_LEARNING_RATE if args.dataset is None else DEFAULT_LEARNING_RATE
@@ -148,5 +155,9 @@ def run(args) -> int:
         response_column=args.response_column, chat_template=args.chat_template, packing=args.packing,
         seed=args.seed,
     )
-    launch(args, "sft", module, datamodule)
+    result = launch(args, "sft", module, datamodule)
+    if getattr(args, "ane", False):
+        from pmetal.cli.commands.export import export_for_neural_engine
+
+        export_for_neural_engine(result, args.accelerator)
     return 0
