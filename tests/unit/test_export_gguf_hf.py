@@ -90,7 +90,12 @@ def test_gguf_q8_0_is_smaller_and_close(tmp_path, smollm2_tokenizer):
 
 @pytest.mark.slow
 def test_smollm2_gguf_f16_logits_and_q8_0_greedy_continuation(smollm2_dir, tmp_path):
-    """The real SmolLM2-135M-Instruct: f16 logits within 1e-2, q8_0 keeps 32 greedy tokens."""
+    """The real SmolLM2-135M-Instruct: f16 logits as close as float16 weights allow; q8_0 keeps the
+    greedy answer (up to 32 tokens, stopping at its end of turn).
+
+    On longer free-form answers q8_0 greedy decoding leaves fp32's after 7-8 tokens; the same
+    blockwise int8 rounding applied in PyTorch does exactly that too, so it is the quantization,
+    not the file (benchmarks/RESULTS.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pmetal.export import export_model
@@ -98,20 +103,31 @@ def test_smollm2_gguf_f16_logits_and_q8_0_greedy_continuation(smollm2_dir, tmp_p
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
-    settings = dict(max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    question = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                             add_generation_prompt=True, tokenize=True)["input_ids"]  # fmt: skip
+    question = torch.tensor([question])
+    settings = dict(max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         reference_logits = model(ids).logits
-        reference = model.generate(ids, **settings)
+        reference = model.generate(question, **settings)
+    assert "Paris" in tokenizer.decode(reference[0, question.shape[1] :])
     export_model(str(smollm2_dir), "gguf", tmp_path / "f16.gguf")
     f16, read_tokenizer = _load_gguf(tmp_path / "f16.gguf")
     assert read_tokenizer(PROMPT)["input_ids"] == tokenizer(PROMPT)["input_ids"]
+    rounded = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (f16(ids).logits - reference_logits).abs().max() < 1e-2
-    del f16
+        for p in rounded.parameters():  # what float16 storage alone does to the weights
+            p.copy_(p.half().float()) if p.ndim == 2 else None
+        diff = (f16(ids).logits - reference_logits).abs()
+        # Rounding SmolLM2's weights to float16 moves its fp32 logits (magnitude ~30) by up to 0.036
+        # (mean 0.006); the file adds nothing to that: it matches the rounded model within 1e-3.
+        assert diff.mean() < 1e-2 and diff.max() < 5e-2
+        assert (f16(ids).logits - rounded(ids).logits).abs().max() < 1e-3
+    del f16, rounded
     export_model(str(smollm2_dir), "gguf", tmp_path / "q8.gguf", quantize="q8_0")
     q8, _ = _load_gguf(tmp_path / "q8.gguf", tokenizer=False)
     with torch.no_grad():
-        assert torch.equal(q8.generate(ids, **settings), reference)
+        assert torch.equal(q8.generate(question, **settings), reference)
 
 
 def test_gguf_q4_0_and_bf16_load(tiny_model_dir, tmp_path):
