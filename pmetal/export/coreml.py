@@ -81,6 +81,25 @@ def _trace(module, example):
         return torch.jit.trace(module, example, check_trace=False)
 
 
+def _convert(ct, traced, input_names: tuple[str, str], seq_lens, output, compute_units: str, states=None):
+    """ct.convert with the settings every pmetal Core ML model shares: int32 token inputs of the
+    fixed or enumerated lengths, an ML Program, float16 compute, the iOS 18 / macOS 15 target."""
+    import numpy as np
+
+    shape = _shape(ct, seq_lens)
+    return ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=name, shape=shape, dtype=np.int32) for name in input_names],
+        outputs=[output],
+        states=states,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+        compute_units=getattr(ct.ComputeUnit, compute_units),
+        skip_model_load=True,  # loading compiles the model, which needs macOS
+    )
+
+
 def convert_decoder(model, *, seq_lens=DEFAULT_SEQ_LENS, max_context: int = DEFAULT_MAX_CONTEXT,
                     compute_units: str = "CPU_AND_NE"):
     """The stateful Core ML model (not saved) of a HF causal LM, through its ANE layout."""
@@ -97,19 +116,8 @@ def convert_decoder(model, *, seq_lens=DEFAULT_SEQ_LENS, max_context: int = DEFA
     cache_shape = tuple(module.key_cache.shape)
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=cache_shape, dtype=np.float16), name=name)
               for name in ("key_cache", "value_cache")]  # fmt: skip
-    shape = _shape(ct, seq_lens)
-    return ct.convert(
-        traced,
-        inputs=[ct.TensorType(name="input_ids", shape=shape, dtype=np.int32),
-                ct.TensorType(name="position_ids", shape=shape, dtype=np.int32)],  # fmt: skip
-        outputs=[ct.TensorType(name="logits", dtype=np.float16)],
-        states=states,
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
-        compute_units=getattr(ct.ComputeUnit, compute_units),
-        skip_model_load=True,  # loading compiles the model, which needs macOS
-    )
+    return _convert(ct, traced, ("input_ids", "position_ids"), seq_lens,
+                    ct.TensorType(name="logits", dtype=np.float16), compute_units, states)
 
 
 def convert_embedder(model, *, pooling: str, normalize: bool, seq_lens=(128,), compute_units: str = "CPU_AND_NE"):
@@ -122,18 +130,8 @@ def convert_embedder(model, *, pooling: str, normalize: bool, seq_lens=(128,), c
     length = seq_lens[0]
     example = (torch.ones(1, length, dtype=torch.int32), torch.ones(1, length, dtype=torch.int32))
     traced = _trace(module, example)
-    shape = _shape(ct, seq_lens)
-    return ct.convert(
-        traced,
-        inputs=[ct.TensorType(name="input_ids", shape=shape, dtype=np.int32),
-                ct.TensorType(name="attention_mask", shape=shape, dtype=np.int32)],  # fmt: skip
-        outputs=[ct.TensorType(name="embedding", dtype=np.float32)],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
-        compute_units=getattr(ct.ComputeUnit, compute_units),
-        skip_model_load=True,
-    )
+    return _convert(ct, traced, ("input_ids", "attention_mask"), seq_lens,
+                    ct.TensorType(name="embedding", dtype=np.float32), compute_units)
 
 
 def convert_to_coreml(fused, path: str | Path, *, quantize: str | None = None, seq_lens=None,

@@ -184,13 +184,10 @@ def test_hf_export_of_a_qlora_adapter_is_dequantized_fused_and_loadable(tiny_mod
     from pmetal.cli import main
     from pmetal.modules import SftModule
     from pmetal.quant import QuantLinear
+    from tests.tiny import randomize_lora_b
 
     module = SftModule(model=str(tiny_model_dir), quantization="nf4")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a non-trivial adapter without a training run
-        for name, p in module.policy.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    randomize_lora_b(module)  # a non-trivial adapter without a training run
     adapter = module.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "fused"
     assert main(["export", str(adapter), "--format", "hf", "--out", str(out)]) == 0
