@@ -3,7 +3,7 @@
 - `export_model(source, format, out, dtype=, quantize=, force=)`: the `pmetal export` command.
 - `load_fused(name)`: a model, adapter (fused into its dequantized base) or run as a plain model.
 - `write_gguf(model, tokenizer, path, file_type=)`: GGUF with tokenizer and chat template.
-- `convert_to_coreml(fused, path, ...)`, `AneDecoder`, `AneEmbedder`: the Core ML path.
+- `convert_to_coreml(fused, path, ...)`, `AneDecoder`, `AneEmbedder`, `AneDecoderEmbedder`: the Core ML path.
 
 Core layer: nothing here imports `pmetal.cli`, `pmetal.modules` or `pmetal.callbacks`. Names
 resolve lazily so that importing the package costs nothing.
@@ -25,6 +25,7 @@ _EXPORTS = {
     "check_coreml_available": "pmetal.export.coreml",
     "AneDecoder": "pmetal.export.ane",
     "AneEmbedder": "pmetal.export.ane",
+    "AneDecoderEmbedder": "pmetal.export.ane",
     "ExportError": "pmetal.export.common",
     "FORMATS": "pmetal.export.common",
     "QUANTIZATIONS": "pmetal.export.common",

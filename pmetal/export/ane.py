@@ -128,9 +128,15 @@ class AneDecoderLayer(nn.Module):
         return x, key_cache, value_cache
 
 
+def decoder_stack(model):
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a causal LM or a bare decoder."""
+    inner = getattr(model, "model", model)
+    return inner if hasattr(inner, "layers") else model
+
+
 def rope_tables(model, head_dim: int, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin `[head_dim, max_context]` from the HF model's own rotary embedding."""
-    rotary = model.model.rotary_emb
+    rotary = decoder_stack(model).rotary_emb
     positions = torch.arange(max_context)[None, :]
     probe = torch.zeros(1, max_context, head_dim, dtype=torch.float32)
     with torch.no_grad():
@@ -158,8 +164,8 @@ class AneDecoder(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.max_context = max_context
         self.embed_tokens = nn.Embedding.from_pretrained(model.get_input_embeddings().weight.detach().clone())
-        self.layers = nn.ModuleList(AneDecoderLayer(layer, config, self.head_dim) for layer in model.model.layers)
-        self.norm = AneRMSNorm(model.model.norm.weight, config.rms_norm_eps)
+        self.layers = nn.ModuleList(AneDecoderLayer(layer, config, self.head_dim) for layer in decoder_stack(model).layers)
+        self.norm = AneRMSNorm(decoder_stack(model).norm.weight, config.rms_norm_eps)
         self.lm_head = conv1x1(model.get_output_embeddings())
         cos, sin = rope_tables(model, self.head_dim, max_context)
         self.register_buffer("cos_table", cos, persistent=False)
@@ -191,6 +197,24 @@ class AneDecoder(nn.Module):
             self.value_cache[i : i + 1] = value_cache
         logits = self.lm_head(self.norm(x))  # [1,V,1,S]
         return logits.squeeze(2).transpose(1, 2)
+
+
+def pool_channels(x: torch.Tensor, keep: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
+    """`pmetal.embedding.pool` for channels-first `x` [1,C,1,S] and mask `keep` [1,S] (float), as
+    masked sums (no gathers): cls = the first position, mean, lasttoken = the last real token
+    (the last 1 of the mask, so right and left padding both work) -> [1,C], L2-normalized if asked."""
+    if mode == "cls":
+        pooled = x[:, :, 0, 0]
+    elif mode == "mean":
+        weights = keep.unsqueeze(1).unsqueeze(2)  # [1,1,1,S]
+        pooled = (x * weights).sum(dim=3)[:, :, 0] / weights.sum(dim=3)[:, :, 0].clamp(min=1.0)
+    else:
+        following = torch.cat([keep[:, 1:], keep[:, :1] * 0.0], dim=1)  # the mask shifted left, 0 at the end
+        last = (keep * (1.0 - following)).unsqueeze(1).unsqueeze(2)  # [1,1,1,S] one-hot of the last real token
+        pooled = (x * last).sum(dim=3)[:, :, 0]
+    if normalize:
+        pooled = pooled * torch.rsqrt((pooled * pooled).sum(dim=1, keepdim=True).clamp(min=1e-12))
+    return pooled
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
@@ -230,9 +254,8 @@ class AneEmbedder(nn.Module):
         super().__init__()
         if type(model).__name__ != "BertModel":
             raise ExportError(f"the Core ML export of embedding models knows BertModel (all-MiniLM and other "
-                              f"sentence-transformers encoders), not {type(model).__name__!r}")  # fmt: skip
-        if pooling not in ("cls", "mean"):
-            raise ExportError(f"the Core ML export of an encoder pools with cls or mean, not {pooling!r}")
+                              f"sentence-transformers encoders) and {', '.join(DECODER_EMBEDDERS)}, "
+                              f"not {type(model).__name__!r}")  # fmt: skip
         emb = model.embeddings
         self.word = nn.Embedding.from_pretrained(emb.word_embeddings.weight.detach().clone())
         self.register_buffer("position", emb.position_embeddings.weight.detach().clone().T.contiguous(), persistent=False)
@@ -250,11 +273,53 @@ class AneEmbedder(nn.Module):
         mask = ((1.0 - keep) * MASKED).reshape(1, length, 1, 1)  # [1,T,1,1]: padded keys masked for every query
         for layer in self.layers:
             x = layer(x, mask)
-        if self.pooling == "cls":
-            pooled = x[:, :, 0, 0]
-        else:
-            weights = keep.unsqueeze(1).unsqueeze(2)  # [1,1,1,S]
-            pooled = (x * weights).sum(dim=3)[:, :, 0] / weights.sum(dim=3)[:, :, 0].clamp(min=1.0)
-        if self.normalize:
-            pooled = pooled * torch.rsqrt((pooled * pooled).sum(dim=1, keepdim=True).clamp(min=1e-12))
-        return pooled  # [1,H]
+        return pool_channels(x, keep, self.pooling, self.normalize)  # [1,H]
+
+
+DECODER_EMBEDDERS = ("LlamaModel", "Qwen2Model", "Qwen3Model") + DECODER_ARCHITECTURES
+
+
+class AneDecoderEmbedder(nn.Module):
+    """A decoder used as a sentence-embedding model (`pmetal embed-train --pooling lasttoken` on a
+    Llama/Qwen): the decoder layers of `AneDecoder` over the whole text at once (causal mask plus
+    padded keys masked, positions 0..S-1 as Hugging Face uses), then pooling and normalization.
+    (input_ids, attention_mask) `[1, S]` -> embedding `[1, H]`."""
+
+    def __init__(self, model, pooling: str = "lasttoken", normalize: bool = True, max_length: int = 512):
+        super().__init__()
+        config = model.config
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        stack = decoder_stack(model)
+        self.embed_tokens = nn.Embedding.from_pretrained(stack.embed_tokens.weight.detach().clone())
+        self.layers = nn.ModuleList(AneDecoderLayer(layer, config, self.head_dim) for layer in stack.layers)
+        self.norm = AneRMSNorm(stack.norm.weight, config.rms_norm_eps)
+        cos, sin = rope_tables(model, self.head_dim, max_length)
+        self.register_buffer("cos_table", cos, persistent=False)
+        self.register_buffer("sin_table", sin, persistent=False)
+        # the layers' cache update with an empty cache and the identity as the write: keys = this text's
+        self.register_buffer("identity", torch.eye(max_length), persistent=False)
+        self.register_buffer("empty", torch.zeros(1, config.num_key_value_heads * self.head_dim, 1, max_length),
+                             persistent=False)  # fmt: skip
+        self.pooling, self.normalize = pooling, normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        keep = attention_mask.to(self.identity.dtype)  # [1,S]
+        slots = torch.arange(length, device=input_ids.device)
+        blocked = (slots[:, None] > slots[None, :]).to(keep.dtype) + (1.0 - keep).reshape(length, 1)  # [T,S]
+        mask = (blocked.clamp(max=1.0) * MASKED).unsqueeze(0).unsqueeze(2)  # [1,T,1,S]
+        cos = self.cos_table[:, :length].unsqueeze(0).unsqueeze(2)
+        sin = self.sin_table[:, :length].unsqueeze(0).unsqueeze(2)
+        write, empty = self.identity[:length, :length], self.empty[..., :length]
+        no_keep = self.identity[0, :length] * 0.0
+        x = self.embed_tokens(input_ids).transpose(1, 2).unsqueeze(2)  # [1,C,1,S]
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, mask, write, no_keep, empty, empty)
+        return pool_channels(self.norm(x), keep, self.pooling, self.normalize)
+
+
+def embedder_for(model, pooling: str, normalize: bool) -> nn.Module:
+    """The channels-first embedding module for a BERT-family encoder or a Llama/Qwen decoder."""
+    if type(model).__name__ in DECODER_EMBEDDERS:
+        return AneDecoderEmbedder(model, pooling, normalize)
+    return AneEmbedder(model, pooling, normalize)

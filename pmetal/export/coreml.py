@@ -123,10 +123,10 @@ def convert_decoder(model, *, seq_lens=DEFAULT_SEQ_LENS, max_context: int = DEFA
 def convert_embedder(model, *, pooling: str, normalize: bool, seq_lens=(128,), compute_units: str = "CPU_AND_NE"):
     import numpy as np
 
-    from pmetal.export.ane import AneEmbedder
+    from pmetal.export.ane import embedder_for
 
     ct = check_coreml_available()
-    module = AneEmbedder(model, pooling, normalize).eval()
+    module = embedder_for(model, pooling, normalize).eval()
     length = seq_lens[0]
     example = (torch.ones(1, length, dtype=torch.int32), torch.ones(1, length, dtype=torch.int32))
     traced = _trace(module, example)

@@ -147,6 +147,34 @@ def test_coreml_embedding_model_has_pooling_and_normalization_inside(tiny_bert_d
     assert [o.name for o in spec.description.output] == ["embedding"]
 
 
+def test_coreml_decoder_embedding_model_last_token_pooling(tiny_model_dir, tmp_path):
+    """A decoder trained as an embedding model (lasttoken pooling) in the channels-first layout
+    equals sentence-transformers on right-padded text, and converts."""
+    import coremltools as ct
+    from sentence_transformers import SentenceTransformer
+
+    from pmetal.embedding import load_sentence_transformer, save_sentence_transformer
+    from pmetal.export import AneDecoderEmbedder, export_model
+    from pmetal.export.source import load_fused
+
+    st_dir = save_sentence_transformer(load_sentence_transformer(str(tiny_model_dir)), tmp_path / "st")
+    fused = load_fused(st_dir)
+    assert fused.embedding == {"pooling": "lasttoken", "normalize": True}
+    texts = ["a short sentence", "a somewhat longer sentence with more words in it"]
+    st = SentenceTransformer(str(st_dir), device="cpu")
+    expected = torch.as_tensor(st.encode(texts))
+    module = AneDecoderEmbedder(fused.model, "lasttoken", True, max_length=64).eval()
+    for text, row in zip(texts, expected):
+        ids = st.preprocess([text])["input_ids"]  # what sentence-transformers feeds (its template included)
+        pad = torch.full((1, 48 - ids.shape[1]), fused.tokenizer.pad_token_id)
+        mask = torch.cat([torch.ones_like(ids), torch.zeros_like(pad)], dim=1)
+        with torch.no_grad():  # right-padded to a fixed length, as the Core ML model is fed
+            assert torch.allclose(module(torch.cat([ids, pad], dim=1), mask)[0], row, atol=1e-5)
+    export_model(fused, "coreml", tmp_path / "E.mlpackage", seq_lens=(48,))
+    spec = ct.models.MLModel(str(tmp_path / "E.mlpackage"), skip_model_load=True).get_spec()
+    assert [o.name for o in spec.description.output] == ["embedding"]
+
+
 def test_coreml_errors(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from pmetal.cli import main
     from pmetal.export import ExportError, check_coreml_available
