@@ -130,14 +130,22 @@ def test_smollm2_gguf_f16_logits_and_q8_0_greedy_continuation(smollm2_dir, tmp_p
         assert torch.equal(q8.generate(question, **settings), reference)
 
 
-def test_gguf_q4_0_and_bf16_load(tiny_model_dir, tmp_path):
+def test_gguf_q4_0_loads_and_bf16_holds_the_weights(tiny_model_dir, tmp_path):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
     from pmetal.export import export_model
 
-    for kind, kwargs in (("q4_0", {"quantize": "q4_0"}), ("bf16", {"dtype": "bf16"})):
-        out = tmp_path / f"{kind}.gguf"
-        export_model(str(tiny_model_dir), "gguf", out, **kwargs)
-        loaded, _ = _load_gguf(out)
-        assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
+    export_model(str(tiny_model_dir), "gguf", tmp_path / "q4.gguf", quantize="q4_0")
+    loaded, _ = _load_gguf(tmp_path / "q4.gguf", tokenizer=False)
+    assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
+    export_model(str(tiny_model_dir), "gguf", tmp_path / "bf16.gguf", dtype="bf16")
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    tensor = next(t for t in GGUFReader(str(tmp_path / "bf16.gguf")).tensors if t.name == "blk.1.ffn_down.weight")
+    assert tensor.tensor_type.name == "BF16"
+    values = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+    assert torch.equal(values, weights["model.layers.1.mlp.down_proj.weight"].bfloat16().float())
 
 
 def _chat_data(path, rows=8):
