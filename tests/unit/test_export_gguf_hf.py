@@ -240,3 +240,22 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(tiny_model_dir, tmp_path
         assert "does not know the architecture 'GPT2LMHeadModel'" in message and "supported" in message
         assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_export_of_a_bnb_4bit_checkpoint_is_dequantized_and_says_so(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from pmetal.cli import main
+    from tests.tiny import save_bnb_4bit_copy
+
+    from pmetal.quant import load_quantized_model
+
+    save_bnb_4bit_copy(tiny_model_dir, tmp_path / "bnb")
+    out = tmp_path / "plain"
+    assert main(["export", str(tmp_path / "bnb"), "--format", "hf", "--out", str(out)]) == 0
+    assert "bitsandbytes nf4 checkpoint: dequantized to float32" in capsys.readouterr().out
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 20, 300, 4000, 5, 6]])
+    packed = load_quantized_model(tmp_path / "bnb").eval()  # the 4-bit checkpoint as pmetal trains on it
+    with torch.no_grad():  # the same function, now in plain float32 weights
+        assert torch.allclose(plain(ids).logits, packed(ids).logits.float(), atol=1e-4)
