@@ -30,3 +30,13 @@ def save_bnb_4bit_copy(model_dir, target, quant_type: str = "nf4", double_quant:
         if (Path(model_dir) / name).exists():
             shutil.copy(Path(model_dir) / name, Path(target) / name)
     return model
+
+
+def randomize_lora_b(module, scale: float = 0.05, seed: int = 0) -> None:
+    """Give a freshly built module's LoRA B matrices random values: a non-trivial adapter without a
+    training run (B starts at zero, so an untrained adapter changes nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)

@@ -4,6 +4,8 @@
     pmetal grpo | rlkd | embed-train ...           the other PMetal commands
     pmetal fit --method dpo --model M --data.path D [--config configs/dpo.yaml] [--print_config]
     pmetal dataset validate|preview FILE           what pmetal would see in a data file
+    pmetal export MODEL_OR_ADAPTER --format coreml|gguf|hf --out PATH
+    pmetal chat --model RUN_OR_MODEL               interactive chat (generate: one-shot)
 
 `fit`/`validate` are LightningCLI: `--method` picks the LightningModule class from the method
 table and `--model M` names the model to fine-tune (it becomes `--model.model M`). Heavy libraries
@@ -31,6 +33,8 @@ COMMANDS = {
     "merge": "pmetal.cli.commands.merge",
     "bench": "pmetal.cli.commands.bench",
     "generate": "pmetal.cli.commands.generate",
+    "export": "pmetal.cli.commands.export",
+    "chat": "pmetal.cli.commands.chat",
 }
 LIGHTNING_COMMANDS = ("fit", "validate")
 

@@ -71,16 +71,12 @@ def test_merge_onto_a_bitsandbytes_checkpoint(tiny_model_dir, tmp_path):
 
     from pmetal.cli import main
     from pmetal.modules import SftModule
-    from tests.tiny import save_bnb_4bit_copy
+    from tests.tiny import randomize_lora_b, save_bnb_4bit_copy
 
     base = tmp_path / "bnb"
     save_bnb_4bit_copy(tiny_model_dir, base)
     module = SftModule(model=str(base))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a non-trivial adapter without a training run
-        for name, p in module.policy.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    randomize_lora_b(module)  # a non-trivial adapter without a training run
     adapter = module.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "merged"
     assert main(["merge", "--adapter", str(adapter), "--base", str(base), "--out", str(out)]) == 0

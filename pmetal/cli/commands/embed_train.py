@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     FLAGS.add_to(p)
     add_resume_argument(p)
     add_overwrite_argument(p)
+    from pmetal.cli.commands.export import ANE_HELP
+
+    p.add_argument("--ane", action="store_true", help=ANE_HELP)
 
 
 def run(args) -> int:
@@ -51,6 +54,11 @@ def run(args) -> int:
         check_command(args, settings, "embed", flag_names=FLAGS.flag_names, ranges=EMBED_RANGES,
                       models={"--model": None if model in DEFAULT_EMBEDDING_MODEL_NAMES else model})
 
+    if getattr(args, "ane", False):
+        from pmetal.cli.commands.export import check_ane_export
+
+        check_ane_export()  # before training: a missing coremltools is found now, not after the fit
+
     def data_checks(settings, datamodule) -> None:
         datamodule.setup("fit")  # read and check the data before the model loads
         check_loss_layout(settings.model["loss"], datamodule.kind, datamodule.path)
@@ -63,4 +71,8 @@ def run(args) -> int:
     metrics = Path(result["run_dir"]) / "eval_metrics.json"
     if metrics.is_file():
         print(f"  held-out metrics: {metrics} (every evaluation in eval_metrics.jsonl)", flush=True)
+    if getattr(args, "ane", False):
+        from pmetal.cli.commands.export import export_for_neural_engine
+
+        export_for_neural_engine(result, settings.trainer.get("accelerator", "auto"), "embedding")
     return 0

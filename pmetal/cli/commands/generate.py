@@ -1,4 +1,4 @@
-"""Chat with a model or a trained adapter: pmetal generate --model runs/x/final --prompt "..."
+"""One-shot answers from a model or a trained adapter: pmetal generate --model runs/x/final --prompt "..."
 
 `--model` takes a Hugging Face directory, hub id, .gguf file, "default", or the output directory of
 a pmetal run (a PEFT adapter: its base model is loaded and the adapter applied).
@@ -31,7 +31,11 @@ def load_for_inference(name: str, *, trust_remote_code: bool = False, dtype=None
         return load_model_and_tokenizer(name, dtype=dtype, trust_remote_code=trust_remote_code)
     from peft import PeftModel
 
-    base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or "default"
+    from pmetal.export.source import adapter_settings
+
+    # the model pmetal trained on (a .gguf file stays one), else PEFT's record of the base
+    base_name = (adapter_settings(Path(name)).get("model")
+                 or json.loads(adapter_config.read_text()).get("base_model_name_or_path") or "default")  # fmt: skip
     model, _ = load_model_and_tokenizer(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, name)
     # the adapter directory carries the tokenizer it was trained with (pad token and template included)
@@ -45,24 +49,19 @@ def load_for_inference(name: str, *, trust_remote_code: bool = False, dtype=None
 
 
 def generate(model, tokenizer, prompts: list[str], *, system=None, max_new_tokens=128, temperature=0.0, top_p=1.0):
-    import torch
-
+    """One answer per prompt, batched through pmetal.generation (KV cache, stop at end of turn)."""
     from pmetal.data.render import render_prompt
+    from pmetal.generation import SamplingConfig, stop_token_ids
+    from pmetal.generation import generate as sample
 
-    tokenizer.padding_side = "left"
     rows = []
     for prompt in prompts:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         rows.append(render_prompt(tokenizer, messages))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, **sampling)
-    return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    out = sample(model, rows, config, stop_ids=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
+            for ids, mask in zip(out.completion_ids, out.completion_mask)]  # fmt: skip
 
 
 def run(args) -> int:

@@ -2,6 +2,9 @@
 
     pmetal merge --adapter runs/x/final --out merged/ [--base M] [--quantization nf4]
 
+The same as `pmetal export ADAPTER --format hf --out DIR`, plus a merge-error report; `export`
+also writes GGUF and Core ML.
+
 With --quantization (the adapter was trained with QLoRA), the base is quantized exactly as in
 training and then dequantized, so the adapter is merged into the weights it was trained against;
 nothing is requantized. The merge error is reported against that reference: max / mean absolute
@@ -38,14 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
 
 
-def _is_bnb_checkpoint(base: str) -> bool:
-    from pmetal.quant.bnb_compat import bitsandbytes_bits
-
-    config = Path(base) / "config.json"
-    # 8-bit too: pmetal's loader then says it reads bitsandbytes 4-bit only
-    return config.is_file() and bitsandbytes_bits(json.loads(config.read_text())) is not None
-
-
 def _logits(model, batch):
     import torch
 
@@ -68,32 +63,11 @@ def merge_adapter(
     """Merge `adapter` into its (dequantized) base and save it to `out`; returns the error report."""
     import torch
 
-    from pmetal.errors import PmetalError
-    from pmetal.models import load_model_and_tokenizer, load_tokenizer
-    from pmetal.quant import dequantize_model, load_adapter, load_quantized_model, quantize_model
+    from pmetal.export.source import load_base_for_adapter
 
-    adapter = Path(adapter)
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise PmetalError(f"{adapter}: no adapter_config.json; expected a PEFT adapter directory (e.g. runs/x/final)")
-    base = base or json.loads(config_file.read_text()).get("base_model_name_or_path") or "default"
-    settings_file = adapter / "pmetal_config.json"  # written by pmetal's modules: the training settings
-    if quantization is None and settings_file.is_file():
-        settings = json.loads(settings_file.read_text())
-        quantization = settings.get("quantization")
-        quant_block_size = settings.get("quant_block_size", quant_block_size)
-        double_quant = settings.get("double_quant", double_quant)
-    if _is_bnb_checkpoint(base):
-        model = load_quantized_model(base, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
-        quantization = quantization or model.pmetal_quantization["quant_type"]
-    else:
-        model, tokenizer = load_model_and_tokenizer(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        if quantization:
-            quantize_model(model, quantization, block_size=quant_block_size, double_quant=double_quant)
-    dequantize_model(model, torch.float32)  # no-op without quantization
-    peft_model = load_adapter(model, adapter)
-    peft_model.eval()
+    peft_model, tokenizer, base, quantization = load_base_for_adapter(
+        adapter, base=base, quantization=quantization, quant_block_size=quant_block_size,
+        double_quant=double_quant, trust_remote_code=trust_remote_code)
 
     tokenizer.padding_side = "right"
     batch = dict(tokenizer(list(prompts), return_tensors="pt", padding=True))
@@ -112,11 +86,12 @@ def merge_adapter(
         "logits_mean_abs_diff": diff.mean().item(),
         "reference": "unmerged adapter on the dequantized base, float32",
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    from pmetal.export.common import atomic_output
+
+    with atomic_output(Path(out), directory=True) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     FLAGS.add_to(p)
     add_resume_argument(p)
     add_overwrite_argument(p)
+    from pmetal.cli.commands.export import ANE_HELP
+
+    p.add_argument("--ane", action="store_true", help=ANE_HELP)
 
 
 def build(flags: CommandFlags, args, method: str | None = None, learning_rate_rule=None, *,
@@ -62,8 +65,16 @@ def run(args) -> int:
     from pmetal.cli.preflight import check_command
     from pmetal.cli.runner import launch
 
+    if getattr(args, "ane", False):
+        from pmetal.cli.commands.export import check_ane_export
+
+        check_ane_export()  # before training: a missing coremltools is found now, not after the fit
     example = lambda settings: EXAMPLE_LEARNING_RATE if settings.data.get("path") is None else None  # noqa: E731
     checks = lambda settings: check_command(args, settings, "sft", flag_names=FLAGS.flag_names)  # noqa: E731
     settings, module, datamodule = build(FLAGS, args, learning_rate_rule=example, checks=checks)
-    launch(args, settings, "sft", module, datamodule)
+    result = launch(args, settings, "sft", module, datamodule)
+    if getattr(args, "ane", False):
+        from pmetal.cli.commands.export import export_for_neural_engine
+
+        export_for_neural_engine(result, settings.trainer.get("accelerator", "auto"))
     return 0

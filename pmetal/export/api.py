@@ -1,0 +1,94 @@
+"""`export_model`: one entry point for every format, used by `pmetal export` and from Python.
+
+    from pmetal.export import export_model
+    export_model("runs/sft-x", "gguf", "model.gguf", quantize="q8_0")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pmetal.export.common import ExportError, atomic_output, check_options, check_out
+from pmetal.export.source import FusedModel, load_fused
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    dtype: str
+    quantize: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def save_hf(fused: FusedModel, path: Path, dtype: str = "float32") -> Path:
+    """Fused safetensors and the tokenizer: `AutoModelForCausalLM.from_pretrained(path)` loads it
+    (`AutoModel` for an embedding model)."""
+    model = fused.model.to(getattr(torch, dtype))
+    model.save_pretrained(path, safe_serialization=True)
+    fused.tokenizer.save_pretrained(path)
+    return path
+
+
+def tokenizer_path(mlpackage: Path) -> Path:
+    """Where a Core ML export's tokenizer goes: `<name>-tokenizer/` beside `<name>.mlpackage`."""
+    return mlpackage.with_name(mlpackage.stem + "-tokenizer")
+
+
+def export_model(
+    source: str | Path | FusedModel,
+    format: str,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    force: bool = False,
+    base: str | None = None,
+    trust_remote_code: bool = False,
+    **coreml_options,
+) -> ExportResult:
+    """Export a model, adapter or run directory (or an already loaded `FusedModel`).
+
+    Args:
+        source: anything `load_fused` takes (model, adapter, run directory, sentence-transformers dir).
+        format: "coreml", "gguf" or "hf".
+        out: the output path (`.mlpackage`, `.gguf`, or a directory); written atomically.
+        dtype: weights: hf float32/bfloat16/float16; gguf f16/f32/bf16; coreml float16.
+        quantize: gguf q8_0/q4_0; coreml int8/int4/palettize4/palettize8 (coremltools.optimize).
+        force: replace an existing `out`.
+        base: the adapter's base model when it is not the one it records.
+        trust_remote_code: allow the model repository's own code.
+        coreml_options: `seq_lens`, `max_context`, `compute_units`, for `pmetal.export.coreml`.
+    """
+    dtype = check_options(format, dtype, quantize)
+    out = check_out(out, force)
+    if format == "coreml":
+        from pmetal.export.coreml import check_coreml_available
+
+        check_coreml_available()  # before minutes of loading
+    elif coreml_options:
+        raise ExportError(f"{', '.join(coreml_options)}: Core ML options, not for --format {format}")
+    fused = source if isinstance(source, FusedModel) else load_fused(source, base=base, trust_remote_code=trust_remote_code)
+    if format == "hf":
+        with atomic_output(out, directory=True) as staging:
+            save_hf(fused, staging, dtype)
+    elif format == "gguf":
+        from pmetal.export.gguf import write_gguf
+
+        if fused.embedding is not None:
+            raise ExportError("GGUF export writes causal language models; this is a sentence-embedding model "
+                              "(export it with --format coreml or hf)")  # fmt: skip
+        with atomic_output(out, directory=False) as staging:
+            write_gguf(fused.model, fused.tokenizer, staging, file_type=quantize or dtype)
+    else:
+        from pmetal.export.coreml import convert_to_coreml
+
+        with atomic_output(out, directory=False) as staging:
+            convert_to_coreml(fused, staging, quantize=quantize, **coreml_options)
+        tokenizer_dir = tokenizer_path(out)  # the app needs the tokenizer; a package holds only the model
+        with atomic_output(tokenizer_dir, directory=True) as staging:
+            fused.tokenizer.save_pretrained(staging)
+        fused.notes.append(f"tokenizer saved beside the model: {tokenizer_dir}")
+    return ExportResult(out, format, dtype, quantize, list(fused.notes))
