@@ -118,8 +118,9 @@ def run_pmetal(args, work: Path) -> dict:
     grpo = GrpoModule(reward_fns=["bench_vlm:length_reward"], num_generations=args.num_generations,
                       max_completion_length=args.max_completion_length, micro_batch_size=args.prompts * args.num_generations,
                       **common).to(args.device)
+    # no prompt is cut (TRL keeps a VLM's prompt whole): a 512-pixel image alone is ~1000 tokens
     data = PromptDataModule(path=str(work / "prompts.jsonl"), batch_size=args.prompts, tokenizer=grpo.tokenizer,
-                            processor=grpo.processor)
+                            processor=grpo.processor, max_prompt_length=8192)
     data.setup()
 
     def grpo_step(batch):
@@ -134,7 +135,7 @@ def run_pmetal(args, work: Path) -> dict:
     del grpo
     sft = SftModule(**common).to(args.device)
     dm = SftDataModule(path=str(work / "sft.jsonl"), batch_size=args.batch_size, val_fraction=0.0,
-                       tokenizer=sft.tokenizer, processor=sft.processor)
+                       tokenizer=sft.tokenizer, processor=sft.processor, max_seq_len=8192)  # rows are not cut (TRL: max_length=None)
     dm.setup()
 
     def sft_step(batch):
