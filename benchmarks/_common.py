@@ -92,3 +92,11 @@ class Profile:
                              + "\n\nBy CPU time (inclusive): where the host spends the step\n\n"
                              + events.table(sort_by="cpu_time_total", row_limit=60, max_name_column_width=80))
         self.profiler = None
+
+
+def report(text: str, markdown: str | None) -> None:
+    """Print a result table and, with `--markdown FILE`, append it to that file."""
+    print(text)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write("\n" + text)

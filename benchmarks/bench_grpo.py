@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import WORDS, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import WORDS, report, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 
@@ -225,10 +225,7 @@ def main(argv=None) -> int:
             table.append(f"| {r['name']} | {r['step_s']:.2f} | {r['rollout_tok_s']:.1f} | {r['update_tok_s']:.1f} | "
                          f"{r['generated_per_step']:.0f} | {r['peak_gib']:.2f} |")
     text = header + "\n\n" + "\n".join(table) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    report(text, args.markdown)
     return 0
 
 

@@ -28,7 +28,7 @@ import random
 import sys
 import time
 
-from _common import QWEN3_06B_SHAPE  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import QWEN3_06B_SHAPE, report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def load_model(args):
@@ -202,10 +202,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         versions += f", {torch.cuda.get_device_name()}"
     text += f"\n({versions})\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    report(text, args.markdown)
     return 0
 
 
