@@ -237,7 +237,10 @@ class RolloutEngine:
         need = width + max_new + (max(4 * (k + 1), max_new // 2) if k else 0)
         capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
         sampling = (config.temperature, config.top_k, config.top_p, config.min_p)
-        if self._family is not None:  # reuse a family that is big enough (no new capture per prompt width)
+        # Reuse a family that is big enough, so no new graph is captured per prompt width. Only where
+        # graphs are captured: eagerly the shapes then follow each call alone, so a call's numbers do
+        # not depend on the calls before it (a resumed run samples bit for bit what the first did).
+        if self._family is not None and self.cuda_graphs:
             old = self._family[0]
             same = (sampling, stop, rows, k, max_new, id(generator) if generator is not None else 0)
             if (old.sampling, old.stop, old.num_rows, old.draft_tokens, old.max_new_tokens, old.generator) == same \

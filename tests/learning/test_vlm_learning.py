@@ -78,7 +78,7 @@ def test_grpo_learns_the_colour_of_the_square(tmp_path):
                       num_generations=8, max_completion_length=3, micro_batch_size=24, learning_rate=4e-3,
                       gradient_checkpointing=False, lora_r=8)
     data = PromptDataModule(path=str(tmp_path / "prompts.jsonl"), batch_size=3, tokenizer=grpo.tokenizer,
-                            processor=grpo.processor)
+                            processor=grpo.processor, seed=0)  # the prompt order this test was tuned with
     data.setup()
     before = sampled_accuracy(grpo, data)
     assert before < 0.55, f"the pretrained policy already knows the colours ({before:.2f}): the test proves nothing"

@@ -59,6 +59,9 @@ def _fit(spec: tuple, run_dir: Path, *, kill: bool = False, resume: bool = False
 
     from pmetal.cli.runner import build_trainer, fit, resolve_resume
 
+    # one thread in every run, the spawned one too: the same reduction order, so bit-equal losses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     module, datamodule = _build(*spec)
     extra = []
@@ -72,7 +75,10 @@ def _fit(spec: tuple, run_dir: Path, *, kill: bool = False, resume: bool = False
     trainer = build_trainer(run_dir, accelerator="cpu", precision="32-true", max_epochs=None, max_steps=STEPS,
                             checkpoint_every_n_steps=2,
                             enable_progress_bar=False, callbacks=extra)
-    fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, "last") if resume else None)
+    try:
+        fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, "last") if resume else None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

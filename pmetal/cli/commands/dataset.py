@@ -47,12 +47,6 @@ def run(args: argparse.Namespace) -> int:
     check_ranges(args)
     check_data_path(args.file, None)
     check_model_name(args.model)
-    tokenizer = load_tokenizer(args.model)
-    report = inspect_sft_file(
-        args.file, tokenizer, max_seq_len=args.max_seq_len, prompt_column=args.prompt_column,
-        response_column=args.response_column, system_prompt=args.system_prompt, chat_template=args.chat_template,
-        train_on_prompt=args.train_on_prompt,
-    )
     from pmetal.vlm import is_vlm
 
     image_lines: list[str] = []
