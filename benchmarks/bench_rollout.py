@@ -42,13 +42,10 @@ def load_model(args):
         config = Qwen3Config(**QWEN3_06B_SHAPE, bos_token_id=None, eos_token_id=2, pad_token_id=0,
                              attn_implementation="sdpa")
         return Qwen3ForCausalLM(config).to(dtype).to(args.device).eval(), None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pmetal.models import load_model_and_tokenizer
 
-    from pmetal.models import default_model_path
-
-    path = default_model_path() if args.model == "default" else args.model
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, attn_implementation="sdpa")  # also a .gguf
+    return model.to(dtype).to(args.device).eval(), tokenizer
 
 
 def truncated_copy(model, layers: int):
@@ -102,10 +99,13 @@ def rollout_table(args, model, tokenizer) -> str:
     prompts = prompts_for(args, tokenizer, args.prompts)
     rows, new = args.prompts * args.num_generations, args.max_new_tokens
     config = SamplingConfig(max_new_tokens=new, temperature=1.0)
-    engine = RolloutEngine(model)
+    engines = [("pmetal engine", RolloutEngine(model, compile_decode=False))]
+    if "compiled" not in args.skip:
+        engines.append(("pmetal engine, compiled decode", RolloutEngine(model, compile_decode=True)))
 
-    def run_engine():
-        engine.generate(prompts, config, stop_ids=[], pad_token_id=0, num_return_sequences=args.num_generations)
+    def run_engine(engine):
+        return lambda: engine.generate(prompts, config, stop_ids=[], pad_token_id=0,
+                                       num_return_sequences=args.num_generations)
 
     def run_hf(cache: str | None):
         width = max(len(p) for p in prompts)
@@ -118,8 +118,12 @@ def rollout_table(args, model, tokenizer) -> str:
             kwargs["cache_implementation"] = cache
         return lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
-    results = [("pmetal engine" + (f" (eager: {engine.capture_error[:100]})" if engine.capture_error else ""),
-                timed(run_engine, args.device, args.repeats))]
+    results = []
+    for name, engine in engines:
+        seconds = timed(run_engine(engine), args.device, args.repeats)
+        for why in (engine.capture_error, engine.compile_error):
+            name += f" (fell back: {why[:100]})" if why else ""
+        results.append((name, seconds))
     for name, cache in (("HF generate, dynamic cache", None), ("HF generate, static cache", "static")):
         if name.split(", ")[1].split()[0] in args.skip:
             continue
@@ -127,6 +131,8 @@ def rollout_table(args, model, tokenizer) -> str:
             results.append((name, timed(run_hf(cache), args.device, args.repeats)))
         except Exception as exc:  # noqa: BLE001 - a contender that fails is reported, not fatal
             results.append((f"{name} (failed: {type(exc).__name__}: {str(exc)[:80]})", float("nan")))
+    if args.floor:
+        results.append(("floor: the weight matmuls alone, once per new token", new * weight_floor(model, rows, args)))
     header = (f"Rollout, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} samples, "
               f"{args.prompt_len} + {new} tokens, temperature 1, no stop tokens, best of {args.repeats}")
     lines = ["| contender | seconds | new tokens/s | vs HF dynamic |", "|---|---:|---:|---:|"]
@@ -134,6 +140,24 @@ def rollout_table(args, model, tokenizer) -> str:
     for name, seconds in results:
         lines.append(f"| {name} | {seconds:.3f} | {rows * new / seconds:,.0f} | {dynamic / seconds:.2f}x |")
     return header + "\n\n" + "\n".join(lines) + "\n"
+
+
+def weight_floor(model, rows: int, args) -> float:
+    """Seconds of one decode step's weight matmuls alone (``[rows, in] @ W.T`` for every 2-D weight).
+
+    Any decoder reads every weight once per step; where that read bounds the step (a CPU at small
+    batch), no engine can beat HF's step by more than HF's step over this floor."""
+    import torch
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+
+    def step():
+        with torch.no_grad():
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    return timed(lambda: [step() for _ in range(8)], args.device, args.repeats) / 8
 
 
 def speculation_table(args, model, tokenizer) -> str:
@@ -180,8 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--skip", nargs="*", default=[], help="contenders to leave out: dynamic, static")
+    p.add_argument("--skip", nargs="*", default=[], help="contenders to leave out: dynamic, static, compiled")
     p.add_argument("--no-rollout", action="store_true", help="only the speculation table")
+    p.add_argument("--floor", action="store_true", help="add the weight-read floor row (the matmuls alone)")
     p.add_argument("--speculative", action="store_true", help="add the speculation table")
     p.add_argument("--spec-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64])
     p.add_argument("--draft", default="ngram", help="ngram, or truncate:N (the model's first N layers)")

@@ -90,7 +90,7 @@ def _generate(module, part: dict[str, Any], settings: RolloutSettings, stop_ids:
                            prefill_inputs=collate_pixel_inputs(pixel_inputs))
             return gen, {}
         engine = engine_for(policy, speculative=settings.speculative, draft_model=settings.draft,
-                            num_draft_tokens=settings.num_draft_tokens)
+                            num_draft_tokens=settings.num_draft_tokens, compile_decode=settings.compile_decode)
         gen = engine.generate(part["prompt_ids"], settings.sampling, stop_ids=stop_ids,
                               pad_token_id=module.tokenizer.pad_token_id, num_return_sequences=settings.num_generations)
         return gen, dict(engine.last_stats)

@@ -77,6 +77,8 @@ class GrpoModule(PmetalModule):
         draft_model: the draft model (same tokenizer) for speculative rollouts; None drafts from
             n-grams of the prompt and completion.
         num_draft_tokens: tokens drafted per speculative round.
+        compile_rollouts: compile the rollout engine's decode round with torch.compile before it is
+            captured in CUDA graphs (the first rollout pays the compilation); None = on CUDA only.
         async_rewards: score rewards in a background worker while the next chunk of prompts is
             generated (the same rewards, advantages and losses as scoring in line).
         rollout_chunks: prompt chunks per rollout, generated one after another; None = 2 with
@@ -115,6 +117,7 @@ class GrpoModule(PmetalModule):
         speculative: bool = False,
         draft_model: Optional[str] = None,
         num_draft_tokens: int = 4,
+        compile_rollouts: Optional[bool] = None,
         async_rewards: bool = False,
         rollout_chunks: Optional[int] = None,
         learning_rate: float = 5e-6,
@@ -174,7 +177,8 @@ class GrpoModule(PmetalModule):
                                   top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p)
         return RolloutSettings(sampling, hp.num_generations, hp.scale_rewards, hp.dynamic_sampling,
                                hp.max_sampling_rounds, speculative=hp.speculative, draft=self.draft,
-                               num_draft_tokens=hp.num_draft_tokens, async_rewards=hp.async_rewards,
+                               num_draft_tokens=hp.num_draft_tokens, compile_decode=hp.compile_rollouts,
+                               async_rewards=hp.async_rewards,
                                chunks=hp.rollout_chunks or (2 if hp.async_rewards else 1))
 
     def configure_callbacks(self):

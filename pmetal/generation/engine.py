@@ -11,6 +11,10 @@ What it does, and why each piece is there:
   under speculation), sample, record log-probs, check stop tokens and budgets, all as tensor ops
   on the device. On CUDA the round is captured once into a ``torch.cuda.CUDAGraph`` per bucket and
   replayed; on CPU and MPS the same round runs eagerly over the same static buffers.
+- **A compiled round** (``compile_decode``, on by default where graphs are captured): the model
+  forward, the sampling distribution and the recorded log-prob go through ``torch.compile``
+  before the capture, so the graph replays inductor's fused kernels rather than the eager modules'
+  many small ones (rounding between ops as eager does: ``emulate_precision_casts``).
 - **No host sync per token**: the host reads ``finished`` every ``sync_every`` rounds only.
 - **Finished rows stop costing**: at those reads, when the live rows fit a smaller power-of-two
   bucket, the rows (cache included) are gathered into it.
@@ -134,11 +138,15 @@ class RolloutEngine:
             n-grams of the prompt and completion (prompt lookup).
         num_draft_tokens: K, the tokens drafted per round.
         cuda_graphs: capture the round into CUDA graphs (None: on CUDA devices).
+        compile_decode: compile the round's model forward with ``torch.compile`` before it is
+            captured (None: wherever CUDA graphs are captured). Inductor fuses the eager modules'
+            small kernels, which the graph would otherwise replay one by one. Compilation happens
+            at the first call per shape family; a failure falls back to the eager forward.
         sync_every: rounds between the host's reads of the finished rows (compaction points).
     """
 
     def __init__(self, model, *, speculative: bool = False, draft_model=None, num_draft_tokens: int = 4,
-                 cuda_graphs: bool | None = None, sync_every: int = 8) -> None:
+                 cuda_graphs: bool | None = None, compile_decode: bool | None = None, sync_every: int = 8) -> None:
         from pmetal.generation.speculative import check_draft_settings
 
         check_draft_settings(speculative, draft_model, num_draft_tokens)
@@ -148,6 +156,9 @@ class RolloutEngine:
         self.speculative = speculative
         self.device = next(model.parameters()).device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.compile_decode = self.cuda_graphs if compile_decode is None else compile_decode
+        self._compiled: dict[int, object] = {}
+        self.compile_error: str | None = None  # why the rounds run uncompiled, if they do
         self.sync_every = max(1, sync_every)
         self._family: tuple[DecodeSpec, dict[int, _Workspace], object] | None = None
         self._pool = None
@@ -181,6 +192,35 @@ class RolloutEngine:
             if draft_prefill is None:
                 raise ValueError("the draft model's prompt cache has no per-layer tensors: it cannot draft")
         return self._decode(prefill, draft_prefill, config, stop_ids, pad_token_id, num_return_sequences, generator)
+
+    def compiled_forward(self, model):
+        """The compiled decode forward for ``model`` (None: run it uncompiled)."""
+        from pmetal.generation.speculative import model_logits
+
+        return self.compiled(model_logits, key=id(model))
+
+    def compiled(self, fn, key=None):
+        """``fn`` through ``torch.compile`` (None where the engine does not compile, or compiling failed)."""
+        if not self.compile_decode or self.compile_error is not None:
+            return None
+        key = (fn, key)
+        if key not in self._compiled:
+            # rounding as the eager kernels round (bf16 between ops), so sampling sees the training numerics
+            compiled = torch.compile(fn, options={"emulate_precision_casts": True})
+
+            def guarded(*args):
+                try:
+                    return compiled(*args)
+                except Exception as exc:  # noqa: BLE001 - any compile failure means: run it uncompiled
+                    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                        raise  # a capture in progress cannot be resumed eagerly; _capture falls back
+                    self.compile_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("rollout engine: torch.compile of the decode round failed (%s); "
+                                "running it uncompiled", self.compile_error.splitlines()[0][:300])
+                    return fn(*args)
+
+            self._compiled[key] = guarded
+        return self._compiled[key]
 
     def _reference(self, fn, prompts, config, stop_ids, pad_token_id, group, generator, prefill_inputs):
         self.last_stats = {}
@@ -312,8 +352,8 @@ class RolloutEngine:
         if self.cuda_graphs and ws.graph is not False:
             step.kv_limit = None
             ws.graph.replay()
-        else:  # eager: the shapes may change, so attend to the columns written so far only
-            step.kv_limit = ws.col_host + step.width
+        else:  # eager: attend to the columns written so far only (compiled: the whole capacity, one shape)
+            step.kv_limit = None if self.compiled_forward(self.model) else ws.col_host + step.width
             step(ws)
         ws.col_host += step.width
         ws.cache.seen = ws.col_host

@@ -22,5 +22,6 @@ class RolloutSettings:
     speculative: bool = False
     draft: Any = None  # the draft model (None: prompt lookup under speculative)
     num_draft_tokens: int = 4
+    compile_decode: bool | None = None  # the engine's torch.compile of its round (None: where graphs are captured)
     async_rewards: bool = False
     chunks: int = 1

@@ -50,6 +50,7 @@ class SlotCache:
 
 
 SLOT_ATTENTION = "pmetal_slot_sdpa"
+SMALL_QUERY = 16  # query rows per KV head up to which CUDA rounds attend through plain matmuls
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -65,7 +66,15 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     group = hq // hkv
     q = query.reshape(b, hkv, group * t, d)  # head h = kv * group + j, as transformers' repeat_kv orders them
     mask = attention_mask[:, :, None].expand(b, 1, group, t, capacity).reshape(b, 1, group * t, capacity)
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    if query.is_cuda and group * t <= SMALL_QUERY:
+        # A decode or verify round: a few query rows against the whole cache. Fused SDPA kernels tile
+        # over the query and leave most of each tile empty; two batched matmuls read the cache once
+        # at full bandwidth. The scores are softmaxed in float32, as the fused kernels do.
+        scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else d ** -0.5)
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, t, d).transpose(1, 2).contiguous(), None
 
 

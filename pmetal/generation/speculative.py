@@ -48,6 +48,18 @@ def check_draft_tokenizer(tokenizer, draft_tokenizer, draft_name: str) -> None:
                          "or the same size with other ids): speculative decoding needs the same vocabulary")
 
 
+def model_logits(model, cache_kw: str, has_keep: bool, ids, mask, positions, cache) -> torch.Tensor:
+    """The float32 logits ``[rows, T, V]`` of one decode forward over the slot cache (what the engine compiles)."""
+    extra = {"logits_to_keep": ids.shape[1]} if has_keep else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}, **extra)
+    return out.logits[:, -ids.shape[1]:, :].float()
+
+
+def chosen_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / T)`` of ``tokens`` (``[rows, T, V]``, ``[rows, T]``): the log-prob training computes."""
+    return torch.log_softmax(logits / temperature, dim=-1).gather(2, tokens[..., None]).squeeze(2)
+
+
 class Round:
     """One decode round over a workspace's static buffers (see the module docstring).
 
@@ -96,7 +108,7 @@ class Round:
             drafts = self._draft_from_ngrams(ws)
         ids = s["tok"][:, None] if drafts is None else torch.cat([s["tok"][:, None], drafts], dim=1)
         logits = self._forward(self.engine.model, ws.cache, ids, s["pos"][:, None] + self.arange[None, : k + 1], slots, ws)
-        p = _probs(logits, self.config)  # [rows, T, V]
+        p = self._sampling_probs(logits)  # [rows, T, V]
         if k:
             accepted, emitted = self._verify(p, drafts, q)
             keep = (self.arange[None, :k] < accepted[:, None]) & live[:, None]
@@ -110,7 +122,7 @@ class Round:
     def first_token(self, ws, logits: torch.Tensor) -> None:
         """The token sampled from the prompt forward's logits (``[rows, V]``)."""
         self.counters.zero_()
-        emitted = _race(_probs(logits, self.config), self.generator)[:, None]
+        emitted = _race(self._sampling_probs(logits), self.generator)[:, None]
         live = ~ws.state["finished"]
         self._emit(ws, emitted, logits[:, None, :], torch.zeros_like(emitted[:, 0]), live, count=False)
 
@@ -138,7 +150,7 @@ class Round:
         """Record the emitted tokens up to a stop token or the budget; update the row state."""
         s, width = ws.state, emitted.shape[1]
         i = self.arange[None, :width]
-        logp = torch.log_softmax(logits / self.temperature, dim=-1).gather(2, emitted[..., None]).squeeze(2)
+        logp = (self.engine.compiled(chosen_logps) or chosen_logps)(logits, emitted, self.temperature)
         is_stop = torch.isin(emitted, self.stop) & (i <= accepted[:, None])
         first_stop = torch.where(is_stop.any(dim=1), is_stop.to(torch.int8).argmax(dim=1), width)
         m = torch.minimum(torch.minimum(accepted + 1, first_stop + 1), self.max_new - s["gen_len"])
@@ -162,6 +174,9 @@ class Round:
         if count:
             self.counters.add_(torch.stack([torch.where(live, accepted, 0).sum(), live.sum(), m.sum()]))
 
+    def _sampling_probs(self, logits):
+        return (self.engine.compiled(_probs) or _probs)(logits, self.config)
+
     # ------------------------------------------------------------------ forwards and drafts
     def _forward(self, model, cache, ids, positions, slots, ws) -> torch.Tensor:  # [rows, T, V] float32
         cache_kw, has_keep, additive = self._kwargs[id(model)]
@@ -172,11 +187,9 @@ class Round:
         if additive:  # eager attention adds the mask to the scores
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        extra = {"logits_to_keep": ids.shape[1]} if has_keep else {}
+        forward = self.engine.compiled_forward(model) or model_logits
         with use_slot_attention(model):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache},
-                        **extra)
-        return out.logits[:, -ids.shape[1]:, :].float()
+            return forward(model, cache_kw, has_keep, ids, mask, positions, cache)
 
     def _draft_with_model(self, ws, slots):
         s, draft = ws.state, self.engine.draft_model
@@ -185,7 +198,7 @@ class Round:
             logits = self._forward(draft, ws.draft_cache, current[:, None], (s["pos"] + j)[:, None], slots[j: j + 1], ws)
             if j == self.k:
                 break
-            q = _probs(logits[:, 0], self.config)
+            q = self._sampling_probs(logits[:, 0])
             current = _race(q, self.generator)
             drafts.append(current)
             qs.append(q)

@@ -156,19 +156,49 @@ def test_engine_samples_the_weights_after_an_optimizer_step(device, kind, reques
             torch.testing.assert_close(after.logps[row], _training_logps(model, prompt, completion, 1.0), **tol)
 
 
+def test_compiled_decode_changes_nothing_and_follows_the_live_weights(request):
+    """torch.compile of the decode forward: the same greedy tokens and log-probs as the uncompiled
+    rounds and the training forward, before and after an optimizer step on the adapter."""
+    model = _trainable("lora", "cpu", request)
+    config = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    compiled = RolloutEngine(model, compile_decode=True)
+    for step in range(2):
+        a = compiled.generate(PROMPTS, config, stop_ids=[], pad_token_id=PAD, num_return_sequences=2)
+        b = RolloutEngine(model, compile_decode=False).generate(PROMPTS, config, stop_ids=[], pad_token_id=PAD,
+                                                                num_return_sequences=2)
+        assert compiled.compile_error is None
+        assert a.completion_ids.tolist() == b.completion_ids.tolist()
+        torch.testing.assert_close(a.logps, b.logps, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            for row, prompt in enumerate(PROMPTS):
+                completion = a.completion_ids[2 * row].tolist()
+                torch.testing.assert_close(a.logps[2 * row], _training_logps(model, prompt, completion, 1.0),
+                                           atol=1e-4, rtol=1e-4)
+        if step == 0:
+            before = a.logps.clone()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)
+            ids = torch.tensor([PROMPTS[2]])
+            for _ in range(2):
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    assert not torch.equal(a.logps, before)  # the compiled rounds read the updated adapter
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_rounds_equal_eager_rounds():
     model = _tiny(device="cuda", dtype=torch.bfloat16)
     config = SamplingConfig(max_new_tokens=24, temperature=0.0)
     for options in (dict(), dict(speculative=True, num_draft_tokens=3)):
-        graphed = RolloutEngine(model, cuda_graphs=True, **options)
-        eager = RolloutEngine(model, cuda_graphs=False, **options)
+        graphed = RolloutEngine(model, cuda_graphs=True, compile_decode=True, **options)
+        eager = RolloutEngine(model, cuda_graphs=False, compile_decode=False, **options)
         for _ in range(2):  # the second call replays the captured graphs
             a = graphed.generate(PROMPTS, config, stop_ids=[EOS], pad_token_id=PAD, num_return_sequences=3)
             b = eager.generate(PROMPTS, config, stop_ids=[EOS], pad_token_id=PAD, num_return_sequences=3)
             assert a.completion_ids.tolist() == b.completion_ids.tolist()
             torch.testing.assert_close(a.logps, b.logps)
         assert all(ws.graph not in (None, False) for ws in graphed._family[1].values())
+        assert graphed.compile_error is None and graphed.capture_error is None
 
 
 def test_bad_speculation_options_are_refused(tiny_lm):

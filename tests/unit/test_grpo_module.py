@@ -188,3 +188,24 @@ def test_rlkd_teacher_can_be_quantized(tiny_model_dir):
                                             rollout.num_completion_tokens)
     # the NF4 teacher is close to, but not exactly, the full-precision student it was copied from
     assert 0.0 < metrics["distill_loss"].item() < 1.0 and torch.isfinite(loss)
+
+
+def test_compile_rollouts_reaches_the_engine(tiny_model_dir, monkeypatch):
+    from pmetal.callbacks import rollout as installed
+    from pmetal.modules.grpo import GrpoModule
+
+    module = GrpoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=2,
+                        gradient_checkpointing=False, compile_rollouts=False)
+    settings = module.rollout_settings()
+    assert settings.compile_decode is False
+    seen = {}
+
+    def fake_engine_for(policy, **options):
+        seen.update(options)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(installed, "engine_for", fake_engine_for)
+    module.setup("fit")
+    with pytest.raises(RuntimeError, match="stop here"):
+        installed._generate(module, {"prompt_ids": [[5, 6]]}, settings, stop_ids=[])
+    assert seen["compile_decode"] is False
