@@ -49,7 +49,9 @@ def load_for_inference(name: str, *, trust_remote_code: bool = False, dtype=None
 
 
 def generate(model, tokenizer, prompts: list[str], *, system=None, max_new_tokens=128, temperature=0.0, top_p=1.0):
-    """One answer per prompt, batched through pmetal.generation (KV cache, stop at end of turn)."""
+    """One answer per prompt, batched through the rollout engine (`pmetal.generation.generate`: static
+    KV cache, CUDA graphs on CUDA, the reference loop where the engine cannot serve the model), stopping
+    at the end of each turn."""
     from pmetal.data.render import render_prompt
     from pmetal.generation import SamplingConfig, stop_token_ids
     from pmetal.generation import generate as sample
