@@ -83,5 +83,7 @@ def test_greedy_chat_equals_one_shot_generate(tiny_model_dir, monkeypatch, capsy
     expected = generate(model.eval(), tokenizer, ["Name three colours."], system="Be brief.", max_new_tokens=16)[0]
     assert replies == [expected] and len(expected) > 10
     assert printed.strip() == expected  # what was streamed is the whole reply, once
-    assert main(["generate", *args, "--prompt", "Name three colours."]) == 0
+    assert main(["generate", *args, "--prompt", "Name three colours."]) == 0  # one prompt: streamed
     assert capsys.readouterr().out == f">>> Name three colours.\n{expected}\n\n"
+    assert main(["generate", *args, "--prompt", "Name three colours.", "--prompt", "Hi"]) == 0  # batched
+    assert capsys.readouterr().out.startswith(f">>> Name three colours.\n{expected}\n\n>>> Hi\n")

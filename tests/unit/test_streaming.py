@@ -102,7 +102,7 @@ def test_the_engine_fallback_streams_through_the_reference_loop(lm):
 def test_text_stream_writes_whole_characters(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from pmetal.cli.commands.chat import TextStream
+    from pmetal.cli.commands.generate import TextStream
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = "Café au lait 🙂 — naïve ✓ done"

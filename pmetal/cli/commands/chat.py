@@ -48,37 +48,10 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": text})
 
 
-class TextStream:
-    """Writes a reply's text as token ids arrive: the whole completion is decoded each time and the
-    new tail written, held back while it ends inside a multi-byte character (decoding a token alone
-    would split those and lose the spaces some tokenizers attach to the next token)."""
-
-    def __init__(self, tokenizer, out) -> None:
-        self.tokenizer, self.out, self.ids, self.written = tokenizer, out, [], 0
-
-    def __call__(self, rows: list[list[int]]) -> None:
-        self.ids += rows[0]
-        text = self.text()
-        if text.endswith("\ufffd") or len(text) <= self.written:
-            return
-        self.out.write(text[self.written :])
-        self.out.flush()
-        self.written = len(text)
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-
-    def close(self) -> str:
-        """Write what is left and end the line; returns the whole reply."""
-        text = self.text()
-        self.out.write(text[self.written :] + "\n")
-        self.out.flush()
-        return text.strip()
-
-
 def stream_reply(model, tokenizer, prompt_ids: list[int], config, out=None) -> str:
     """Generate one reply through the rollout engine (the reference loop where the engine cannot
     serve the model), writing the text to `out` as tokens arrive; returns the whole reply."""
+    from pmetal.cli.commands.generate import TextStream
     from pmetal.generation import generate, stop_token_ids
 
     stream = TextStream(tokenizer, out or sys.stdout)
