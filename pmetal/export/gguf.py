@@ -3,7 +3,9 @@
 Architectures: the llama-family decoders transformers' own GGUF reader knows: Llama (SmolLM
 included), Qwen2 and Qwen3. Weights in f32, f16, bf16, q8_0 or q4_0 (2-D weights whose rows are
 a whole number of 32-value blocks; norms and any other tensor stay f32, as llama.cpp's converter
-keeps them). The byte-level BPE tokenizer, its special tokens and the chat template go into the
+keeps them). The token embedding (and a tied output) is stored at the file's type too, as that
+converter stores it: keeping it f32 was measured not to close the gap to fp32
+(benchmarks/bench_gguf_precision.py, RESULTS.md). The byte-level BPE tokenizer, its special tokens and the chat template go into the
 metadata, so the file is self-contained.
 
 Departures from llama.cpp's `convert_hf_to_gguf.py`: the pre-tokenizer name is read from the

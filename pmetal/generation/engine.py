@@ -169,7 +169,7 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, stop_ids: Sequence[int],
                  pad_token_id: int, num_return_sequences: int = 1, generator: torch.Generator | None = None,
-                 prefill_inputs: dict | None = None) -> Generation:
+                 prefill_inputs: dict | None = None, on_tokens=None) -> Generation:
         """Sample ``num_return_sequences`` completions per prompt (the arguments of :func:`generate`).
 
         ``prefill_inputs`` (``pixel_values``, ``image_grid_thw``, ...) go to the prompt forward only;
@@ -181,17 +181,18 @@ class RolloutEngine:
             raise ValueError("every prompt needs at least one token")
         if not engine_supports(self.model) or (self.draft_model is not None and not engine_supports(self.draft_model)):
             return self._reference(generate_reference, prompts, config, stop_ids, pad_token_id,
-                                   num_return_sequences, generator, prefill_inputs)
+                                   num_return_sequences, generator, prefill_inputs, on_tokens)
         prefill = self._prefill(self.model, prompts, pad_token_id, num_return_sequences, prefill_inputs)
         if prefill is None:
             return self._reference(generate_reference, prompts, config, stop_ids, pad_token_id,
-                                   num_return_sequences, generator, prefill_inputs)
+                                   num_return_sequences, generator, prefill_inputs, on_tokens)
         draft_prefill = None
         if self.draft_model is not None:
             draft_prefill = self._prefill(self.draft_model, prompts, pad_token_id, num_return_sequences, None)
             if draft_prefill is None:
                 raise ValueError("the draft model's prompt cache has no per-layer tensors: it cannot draft")
-        return self._decode(prefill, draft_prefill, config, stop_ids, pad_token_id, num_return_sequences, generator)
+        return self._decode(prefill, draft_prefill, config, stop_ids, pad_token_id, num_return_sequences, generator,
+                            on_tokens)
 
     def compiled_forward(self, model):
         """The compiled decode forward for ``model`` (None: run it uncompiled)."""
@@ -222,10 +223,10 @@ class RolloutEngine:
             self._compiled[key] = guarded
         return self._compiled[key]
 
-    def _reference(self, fn, prompts, config, stop_ids, pad_token_id, group, generator, prefill_inputs):
+    def _reference(self, fn, prompts, config, stop_ids, pad_token_id, group, generator, prefill_inputs, on_tokens):
         self.last_stats = {}
         return fn(self.model, prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
-                  num_return_sequences=group, generator=generator, prefill_inputs=prefill_inputs)
+                  num_return_sequences=group, generator=generator, prefill_inputs=prefill_inputs, on_tokens=on_tokens)
 
     # ------------------------------------------------------------------ prompt side
     def _prefill(self, model, prompts, pad_token_id, group, prefill_inputs):
@@ -288,7 +289,8 @@ class RolloutEngine:
                 return old
         return DecodeSpec(sampling, stop, max_new, width, capacity, rows, k, id(generator) if generator is not None else 0)
 
-    def _decode(self, prefill, draft_prefill, config, stop_ids, pad_token_id, group, generator) -> Generation:
+    def _decode(self, prefill, draft_prefill, config, stop_ids, pad_token_id, group, generator,
+                on_tokens=None) -> Generation:
         rows, width = prefill["ids"].shape[0], prefill["width"]
         stop = tuple(sorted(set(int(s) for s in stop_ids)))
         spec = self._spec(config, stop, config.max_new_tokens, width, rows, generator)
@@ -298,8 +300,12 @@ class RolloutEngine:
         offset = spec.prompt_width - width  # prompts narrower than the family's width sit right-aligned
         self._load(ws, prefill, draft_prefill, offset, step)
         rounds = 0
+        # a streaming caller reads every round, so its tokens arrive one round at a time
+        sync_every, streamed = (1 if on_tokens is not None else self.sync_every), [0] * rows
         while rounds < spec.max_new_tokens - 1:
-            if rounds % self.sync_every == 0:
+            if rounds % sync_every == 0:
+                if on_tokens is not None:
+                    streamed = _stream(on_tokens, tokens, step.final_lengths[:rows], streamed)
                 live = int((~ws.state["finished"]).sum())
                 if live == 0:
                     break
@@ -310,6 +316,8 @@ class RolloutEngine:
                 self._defragment(ws)
             self._run(ws, step)
             rounds += 1
+        if on_tokens is not None:
+            _stream(on_tokens, tokens, step.final_lengths[:rows], streamed)
         self.last_stats = step.stats(rounds)
         lengths, stopped = step.final_lengths[:rows], step.final_stopped[:rows]
         longest = max(1, int(lengths.max()))
@@ -411,6 +419,15 @@ class RolloutEngine:
         ws.cache.seen = used
 
 
+def _stream(on_tokens, tokens: torch.Tensor, lengths: torch.Tensor, streamed: list[int]) -> list[int]:
+    """Hand ``on_tokens`` each row's tokens written since the last call; returns the lengths handed so far."""
+    now = lengths.tolist()
+    if now != streamed:
+        block = tokens[: len(now), min(streamed): max(now)].tolist()
+        on_tokens([row[a - min(streamed): b - min(streamed)] for row, a, b in zip(block, streamed, now)])
+    return now
+
+
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -439,6 +456,7 @@ def generate(
     draft_model=None,
     num_draft_tokens: int = 4,
     engine=None,
+    on_tokens=None,
 ) -> Generation:
     """Sample ``num_return_sequences`` completions for each prompt with the rollout engine.
 
@@ -453,6 +471,10 @@ def generate(
         num_draft_tokens: K, tokens drafted per round.
         engine: a :class:`pmetal.generation.engine.RolloutEngine` to use; by default one kept
             per model and options (its buffers and CUDA graphs are reused between calls).
+        on_tokens: streaming: called on the host with one list per completion row (prompt-major),
+            the token ids that row emitted since the previous call (stop token included, empty for
+            a row with none new); the lists concatenate to the rows' completions. With it the
+            engine reads the device every round, so a single row streams token by token.
 
     Prompts with image inputs (``prefill_inputs``) are sampled by :func:`generate_reference`,
     whose prefill computes a VLM's multimodal positions (``pmetal.vlm.prefill_positions``) so that
@@ -463,9 +485,9 @@ def generate(
 
         return generate_reference(model, prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
                                   num_return_sequences=num_return_sequences, generator=generator,
-                                  prefill_inputs=prefill_inputs)
+                                  prefill_inputs=prefill_inputs, on_tokens=on_tokens)
     if engine is None:
         engine = engine_for(model, speculative=speculative, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
     return engine.generate(prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
                            num_return_sequences=num_return_sequences, generator=generator,
-                           prefill_inputs=prefill_inputs)
+                           prefill_inputs=prefill_inputs, on_tokens=on_tokens)

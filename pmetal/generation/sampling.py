@@ -158,6 +158,7 @@ def generate_reference(
     num_return_sequences: int = 1,
     generator: torch.Generator | None = None,
     prefill_inputs: dict | None = None,
+    on_tokens=None,
 ) -> Generation:
     """Sample ``num_return_sequences`` completions for each prompt, batched, with a KV cache.
 
@@ -175,6 +176,8 @@ def generate_reference(
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
         prefill_inputs: extra inputs of the prefill forward only, one batch row per prompt: a VLM's
             image tensors (``pmetal.vlm``); the KV cache then carries them to the decoding steps.
+        on_tokens: streaming: called after every step with one list per completion row, the
+            token that row emitted (``[]`` for a finished row); they concatenate to the completions.
     """
     from transformers import DynamicCache
 
@@ -224,6 +227,8 @@ def generate_reference(
         tokens.append(token)
         masks.append(active.long())
         logps.append(torch.where(active, full_logp.gather(1, token[:, None]).squeeze(1), torch.zeros_like(token, dtype=full_logp.dtype)))
+        if on_tokens is not None:
+            on_tokens([[t] if a else [] for t, a in zip(token.tolist(), active.tolist())])
         hit_stop = active & torch.isin(token, stop)
         stopped |= hit_stop
         finished |= hit_stop

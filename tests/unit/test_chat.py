@@ -62,3 +62,28 @@ def test_chat_accepts_an_adapter_directory(tiny_model_dir, tmp_path, monkeypatch
     assert main(["chat", "--model", str(tmp_path / "adapter"), "--temperature", "0", "--max-new-tokens", "3",
                  "--accelerator", "cpu"]) == 0  # fmt: skip
     assert capsys.readouterr().out.strip()
+
+
+def test_greedy_chat_equals_one_shot_generate(tiny_model_dir, monkeypatch, capsys):
+    """The streamed reply (engine + on_tokens) is the non-streamed engine's answer, token for token, and
+    `pmetal generate` prints the same answer for the same conversation."""
+    from pmetal.cli import main
+    from pmetal.cli.commands import chat
+    from pmetal.cli.commands.generate import generate, load_for_inference
+
+    replies = []
+    original = chat.Conversation.add_reply
+    monkeypatch.setattr(chat.Conversation, "add_reply", lambda self, text: (replies.append(text), original(self, text)))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name three colours.\n"))
+    args = ["--model", str(tiny_model_dir), "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "16",
+            "--accelerator", "cpu"]
+    assert main(["chat", *args]) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    expected = generate(model.eval(), tokenizer, ["Name three colours."], system="Be brief.", max_new_tokens=16)[0]
+    assert replies == [expected] and len(expected) > 10
+    assert printed.strip() == expected  # what was streamed is the whole reply, once
+    assert main(["generate", *args, "--prompt", "Name three colours."]) == 0  # one prompt: streamed
+    assert capsys.readouterr().out == f">>> Name three colours.\n{expected}\n\n"
+    assert main(["generate", *args, "--prompt", "Name three colours.", "--prompt", "Hi"]) == 0  # batched
+    assert capsys.readouterr().out.startswith(f">>> Name three colours.\n{expected}\n\n>>> Hi\n")

@@ -1,7 +1,8 @@
 """Chat with a model, adapter or run, streaming the reply: pmetal chat --model runs/sft-x
 
 Each line you type is a user turn; the model's chat template renders the whole conversation
-(history kept, `--system` first) and the reply streams as it is generated. `/reset` starts a new
+(history kept, `--system` first) and the reply streams token by token from the rollout engine
+(`pmetal.generation.generate` with `on_tokens`; it stops at the end of the turn). `/reset` starts a new
 conversation, `/exit` (or end of input) quits. Input may be piped: `printf 'Hi\\n' | pmetal chat`.
 `pmetal generate` is the one-shot form.
 
@@ -48,27 +49,15 @@ class Conversation:
 
 
 def stream_reply(model, tokenizer, prompt_ids: list[int], config, out=None) -> str:
-    """Generate one reply, writing the text to `out` as tokens arrive; returns the whole reply."""
-    import torch
-    from transformers import TextStreamer
+    """Generate one reply through the rollout engine (the reference loop where the engine cannot
+    serve the model), writing the text to `out` as tokens arrive; returns the whole reply."""
+    from pmetal.cli.commands.generate import TextStream
+    from pmetal.generation import generate, stop_token_ids
 
-    from pmetal.generation import stop_token_ids
-
-    out = out or sys.stdout
-    class Printer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            out.write(text + ("\n" if stream_end else ""))
-            out.flush()
-
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)
-    sampling = ({"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
-                if config.temperature > 0 else {"do_sample": False})  # fmt: skip
-    with torch.no_grad():
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
-                                eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id,
-                                streamer=Printer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling)  # fmt: skip
-    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    stream = TextStream(tokenizer, out or sys.stdout)
+    generate(model, [prompt_ids], config, stop_ids=stop_token_ids(tokenizer, model),
+             pad_token_id=tokenizer.pad_token_id, on_tokens=stream)  # fmt: skip
+    return stream.close()
 
 
 def run(args) -> int:
