@@ -15,9 +15,14 @@ the rounds and dropped groups are logged. If the rounds run out, the update uses
 
 Speculative rollouts (``speculative``, a draft model or prompt lookup) are an option of the engine
 (``pmetal.generation``). With ``chunks > 1`` the prompts are generated chunk after chunk; with
-``async_rewards`` each chunk is scored in a background worker while the next one is generated, so
-a slow reward overlaps generation. The chunks, not the worker, decide what is sampled: the same
-seed gives the same rewards and advantages with and without ``async_rewards``.
+``async_rewards`` each chunk is scored in a background worker (``RewardScoring``) while the next
+one is generated, and the rollout is handed to the module before the last chunks are scored: its
+reference forward (which needs no rewards) and the update of the micro-batches whose groups are
+scored run while the worker finishes (``RolloutBatch.wait_for_rewards``). Dynamic sampling needs
+every reward to choose its groups, so there the worker overlaps generation only. The chunks, not
+the worker, decide what is sampled and how advantages are computed (per chunk of whole groups;
+over the batch for ``scale_rewards="batch"``): the same seed gives the same rewards, advantages,
+losses and weights with and without ``async_rewards``.
 
 The module supplies the settings (``rollout_settings()``), the reward set (``rewards``), the
 policy and the tokenizer; the callback keeps only a cache of the tokenizer's stop ids, so it can

@@ -79,7 +79,8 @@ class GrpoModule(PmetalModule):
             n-grams of the prompt and completion.
         num_draft_tokens: tokens drafted per speculative round.
         async_rewards: score rewards in a background worker while the next chunk of prompts is
-            generated (the same rewards, advantages and losses as scoring in line).
+            generated, the reference forward runs and the micro-batches already scored are updated
+            (the same rewards, advantages, losses and weights as scoring in line).
         rollout_chunks: prompt chunks per rollout, generated one after another; None = 2 with
             async_rewards, else 1 (results depend on the chunks, not on async_rewards).
         learning_rate: peak learning rate of AdamW.
