@@ -1,5 +1,6 @@
 """Async rewards: the same rollout as scoring in line; async def rewards; a failing reward is named
-with its prompt and leaves no worker behind; GRPO's new rollout settings are checked up front."""
+with its prompt and leaves no worker behind; GRPO's new rollout settings are checked up front; whole
+steps whose reference forward and update overlap the scoring give bit-identical results."""
 
 from __future__ import annotations
 
@@ -127,10 +128,8 @@ def test_grpo_speculative_rollout_with_a_draft_model(tiny_model_dir):
 # ---------------------------------------------------------------------------------------------
 
 EVENTS: list[tuple[str, float]] = []  # (what, time.perf_counter()) of the run in progress
-
-
 CALLS: list[list[str]] = []  # the prompts of each scoring call of the run in progress
-FAILING: set[str] = set()  # prompts the reward raises on (the run's second chunk, when asked to fail)
+FAILING: set[str] = set()  # the second chunk's prompts, once it holds a "fail..." prompt: the reward raises on them
 
 
 def slow_second_chunk(prompts, completions, **kwargs):
@@ -175,7 +174,8 @@ def _fit_grpo(tiny_model_dir, tmp_path, prompts: list[str], *, async_rewards: bo
     from pmetal.data.prompts import PromptDataModule
 
     class Record(L.Callback):
-        rollouts: list = []
+        def __init__(self):
+            self.rollouts = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             r = batch["rollout"]
@@ -185,13 +185,13 @@ def _fit_grpo(tiny_model_dir, tmp_path, prompts: list[str], *, async_rewards: bo
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     run = tmp_path / ("async" if async_rewards else "inline")
     L.seed_everything(0, verbose=False)
-    EVENTS.clear(), CALLS.clear(), FAILING.clear()
+    for log in (EVENTS, CALLS, FAILING):
+        log.clear()
     module = _timed_grpo()(str(tiny_model_dir), reward_fns=[slow_second_chunk], num_generations=2,
                            max_completion_length=4, micro_batch_size=2, rollout_chunks=2, beta=0.1,
                            num_iterations=2, learning_rate=1e-2, lora_dropout=0.1, gradient_checkpointing=False,
                            async_rewards=async_rewards)
     record = Record()
-    record.rollouts = []
     trainer = build_trainer(run, accelerator="cpu", precision="32-true", max_steps=4, max_epochs=None,
                             enable_progress_bar=False, logger=False, callbacks=[record])
     fit(trainer, module, PromptDataModule(str(data), batch_size=4))
