@@ -2,13 +2,18 @@
 
 Lightning's CSVLogger deletes an existing metrics.csv when it starts, writes several rows for
 one step (training, validation and learning-rate metrics each get their own), numbers steps from
-0 while `loss_history.json` and the checkpoint names count optimizer steps from 1, and a resumed
-run with a validation split could crash on the header. `RunCSVLogger` fixes all four:
+0 while `loss_history.json` and the checkpoint names count optimizer steps from 1 (Lightning's
+logging step counts batches, which is not the optimizer-step count where a method steps its
+optimizer several times a batch: GRPO's `num_iterations`), and a resumed run with a validation
+split could crash on the header. `RunCSVLogger` and `OptimizerStepAxis` fix all four:
 
 - the existing file is read back; the first step the resumed run logs replaces that step and
   every later one (those ran after the checkpoint and are run again), earlier rows stay;
 - the metrics of one step are merged into one row;
-- `step` is the number of optimizer steps done (1 for the first), as in `loss_history.json`;
+- `step` is the number of optimizer steps done (`trainer.global_step`: 1 after the first), as in
+  `loss_history.json`, the checkpoint names and the final summary, for every method:
+  `OptimizerStepAxis` logs it as Lightning's `step` metric, which Lightning hands every logger
+  (CSV, TensorBoard, wandb) as the step of the record;
 - the header is the union of every metric seen, and the file is rewritten atomically, at least
   whenever a checkpoint is written, so a kill loses no row a resume would not write again.
 """
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 
@@ -44,7 +50,7 @@ class _StepRowsWriter:
                         self.rows[int(float(values.pop("step")))] = values
 
     def log_metrics(self, metrics_dict: dict[str, Any], step: Optional[int] = None) -> None:
-        step = (max(self.rows) if self.rows else 0) if step is None else int(step) + 1
+        step = (max(self.rows) if self.rows else 0) if step is None else int(step)
         if not self._resumed:
             self.rows = {s: row for s, row in self.rows.items() if s < step}
             self._resumed = True
@@ -98,3 +104,20 @@ class RunCSVLogger(CSVLogger):
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         """Every row up to a checkpoint is on disk, so a kill after it loses none of them."""
         self.save()
+
+
+class OptimizerStepAxis(Callback):
+    """Logs `step` = `trainer.global_step` with the training and the validation metrics.
+
+    Lightning numbers a record by the `step` metric when one is logged, else by the batches done.
+    Logged at the end of each training batch (after the optimizer steps of the batch; before
+    `ModelCheckpoint`, which Lightning runs last and which names checkpoints by the same value)
+    and of each validation run, so every logger and `metrics.csv` count optimizer steps.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.log("step", float(trainer.global_step), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log("step", float(trainer.global_step), on_step=False, on_epoch=True, batch_size=1)

@@ -15,9 +15,14 @@ the rounds and dropped groups are logged. If the rounds run out, the update uses
 
 Speculative rollouts (``speculative``, a draft model or prompt lookup) are an option of the engine
 (``pmetal.generation``). With ``chunks > 1`` the prompts are generated chunk after chunk; with
-``async_rewards`` each chunk is scored in a background worker while the next one is generated, so
-a slow reward overlaps generation. The chunks, not the worker, decide what is sampled: the same
-seed gives the same rewards and advantages with and without ``async_rewards``.
+``async_rewards`` each chunk is scored in a background worker (``RewardScoring``) while the next
+one is generated, and the rollout is handed to the module before the last chunks are scored: its
+reference forward (which needs no rewards) and the update of the micro-batches whose groups are
+scored run while the worker finishes (``RolloutBatch.wait_for_rewards``). Dynamic sampling needs
+every reward to choose its groups, so there the worker overlaps generation only. The chunks, not
+the worker, decide what is sampled and how advantages are computed (per chunk of whole groups;
+over the batch for ``scale_rewards="batch"``): the same seed gives the same rewards, advantages,
+losses and weights with and without ``async_rewards``.
 
 The module supplies the settings (``rollout_settings()``), the reward set (``rewards``), the
 policy and the tokenizer; the callback keeps only a cache of the tokenizer's stop ids, so it can
@@ -53,6 +58,7 @@ class RolloutCallback(L.Callback):
 
     def __init__(self) -> None:
         self._stop_ids: tuple[object, list[int]] | None = None  # (tokenizer, its stop ids)
+        self._rollout: RolloutBatch | None = None  # the current step's, while its rewards may be scored
 
     def stop_ids(self, module) -> list[int]:
         # reading the vocabulary costs ~0.1 s on a 50k-word tokenizer: once per tokenizer
@@ -67,7 +73,17 @@ class RolloutCallback(L.Callback):
                 f"(a dict with 'prompt_ids'), got {type(batch).__name__}"
             )
         source = getattr(trainer, "datamodule", None)
-        batch["rollout"] = make_rollout(pl_module, batch, source=source, stop_ids=self.stop_ids(pl_module))
+        # with async rewards the module's reference forward and update overlap the scoring's tail
+        self._rollout = make_rollout(pl_module, batch, source=source, stop_ids=self.stop_ids(pl_module),
+                                     defer_rewards=True)
+        batch["rollout"] = self._rollout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._rollout = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._rollout is not None:  # a step that failed before or inside the update leaves no worker
+            self._rollout.stop_scoring()
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for fn in getattr(getattr(pl_module, "rewards", None), "functions", []):
@@ -128,50 +144,139 @@ def _reward_error(rewards, prompts, completions, columns, extra, first_prompt, g
     return PmetalError(f"the rewards raised {type(exc).__name__}: {exc}")
 
 
-def _generate_and_score(module, batch, settings: RolloutSettings, first_group: int, stop_ids: list[int]):
-    """Generate chunk after chunk; score each in line or, with async_rewards, in a background worker."""
-    group, chunks = settings.num_generations, max(1, min(settings.chunks, len(batch["prompt_ids"])))
-    size = -(-len(batch["prompt_ids"]) // chunks)
-    parts = [_chunk(batch, start, size) for start in range(0, len(batch["prompt_ids"]), size)]
-    timing = {"generation": 0.0, "rewards": 0.0, "reward_wait": 0.0}
-    engine_stats: dict[str, list[float]] = {}
+class RewardScoring:
+    """The rewards of one round of prompt chunks, scored chunk after chunk, in order.
 
-    def timed_score(part, gen, first):
+    In line, a chunk is scored as soon as it is generated. With ``async_rewards`` one background
+    worker scores it while the main thread generates the next chunk and then, once the rollout is
+    handed to the module, runs the reference forward and the update. ``wait(rows)`` resolves chunks
+    in order until the first ``rows`` rows have their rewards (all rows under
+    ``scale_rewards="batch"``, whose std spans the batch). With a rollout attached, a resolved
+    chunk's rewards and group advantages are written into it, and its metrics once every chunk is
+    in. Both modes resolve through the same code, so the worker changes when rewards arrive, never
+    what they are.
+    """
+
+    def __init__(self, module, settings: RolloutSettings) -> None:
+        self.module, self.settings = module, settings
+        self.background = settings.async_rewards
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmetal-rewards") if self.background else None
+        self.rows: list[RolloutRow] = []
+        self.completions: list[str] = []
+        self.per_function: dict[str, list[float]] = {}
+        self.timing = {"generation": 0.0, "rewards": 0.0, "reward_wait": 0.0}
+        self.engine_stats: dict[str, list[float]] = {}
+        self.started = time.perf_counter()
+        self.seconds: float | None = None  # from the start until the last reward was in
+        self._chunks: list[tuple[int, int, Any]] = []  # (first row, end row, the scores or their future)
+        self._resolved = 0
+        self._rollout: RolloutBatch | None = None
+
+    def add(self, part: dict[str, Any], gen, first_prompt: int, first_group: int) -> None:
+        """Queue a generated chunk for scoring (or score it now, in line)."""
+        rows = rows_from_generation(gen, [0.0] * gen.completion_ids.shape[0], self.settings.num_generations,
+                                    first_group=first_group)
+        for row in rows if part.get("pixel_inputs") else ():  # the update sees the images sampling saw
+            row.pixel_inputs = part["pixel_inputs"][row.group - first_group]
+        start = len(self.rows)
+        self.rows += rows
+        args = (part, gen, first_prompt)
+        self._chunks.append((start, len(self.rows), self.pool.submit(self._score, *args) if self.background
+                             else self._score(*args)))
+
+    def _score(self, part, gen, first_prompt):
         t0 = time.perf_counter()
-        out = _score(module, part, gen, settings, first)
-        timing["rewards"] += time.perf_counter() - t0
-        return out
+        try:
+            return _score(self.module, part, gen, self.settings, first_prompt)
+        finally:
+            self.timing["rewards"] += time.perf_counter() - t0
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmetal-rewards") if settings.async_rewards else None
-    pending = []
+    def attach(self, rollout: RolloutBatch) -> None:
+        self._rollout = rollout
+        rollout.scoring = self
+
+    def wait(self, rows: int | None = None) -> float:
+        """Resolve chunks until the first `rows` rows (None: all) have rewards; the seconds waited.
+
+        A reward that raised is raised here (naming the function and the prompt), after the
+        worker is shut down.
+        """
+        t0 = time.perf_counter()
+        if rows is None or self.settings.scale_rewards == "batch":
+            rows = len(self.rows)
+        try:
+            while self._resolved < len(self._chunks) and self._chunks[self._resolved][0] < rows:
+                self._resolve(*self._chunks[self._resolved])
+                self._resolved += 1
+        except BaseException:
+            self.close()
+            raise
+        waited = time.perf_counter() - t0
+        self.timing["reward_wait"] += waited
+        if self._resolved == len(self._chunks) and self.seconds is None:
+            self._finish()
+        return waited
+
+    def _resolve(self, start: int, end: int, result) -> None:
+        texts, total, scores = result.result() if self.background else result
+        for row, value in zip(self.rows[start:end], total):
+            row.reward = float(value)
+        self.completions += texts
+        for name, values in scores.items():
+            self.per_function.setdefault(name, []).extend(values)
+        if self._rollout is not None and self.settings.scale_rewards != "batch":
+            self._write(start, end)
+
+    def _write(self, start: int, end: int) -> None:
+        """Rewards and group advantages of rows [start, end) (whole groups) into the rollout."""
+        rewards = torch.tensor([r.reward for r in self.rows[start:end]], dtype=torch.float32)
+        advantages = group_advantages(rewards, self.settings.num_generations, scale=self.settings.scale_rewards)
+        rollout = self._rollout
+        rollout.rewards[start:end] = rewards.to(rollout.rewards.device)
+        rollout.advantages[start:end] = advantages.to(rollout.advantages.device)
+
+    def _finish(self) -> None:
+        self.seconds = time.perf_counter() - self.started
+        self.close()
+        rollout = self._rollout
+        if rollout is None:
+            return
+        if self.settings.scale_rewards == "batch":
+            self._write(0, len(self.rows))
+        rollout.completions = self.completions
+        rollout.metrics.update(_metrics(self.rows, self.per_function, self.settings.num_generations, self.seconds))
+        rollout.metrics.update(self.metrics())
+
+    def metrics(self) -> dict[str, float]:
+        """The pipeline's timing (rollout/<side>_seconds) and the engine's statistics (means over chunks)."""
+        metrics = {f"rollout/{name}_seconds": value for name, value in self.timing.items()}
+        metrics.update({name: sum(v) / len(v) for name, v in self.engine_stats.items()})
+        return metrics
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)  # no worker outlives the step, even on an error
+            self.pool = None
+
+
+def _generate_chunks(module, batch, settings: RolloutSettings, first_group: int, stop_ids: list[int]) -> RewardScoring:
+    """Generate chunk after chunk, each queued for scoring as soon as it is generated."""
+    chunks = max(1, min(settings.chunks, len(batch["prompt_ids"])))
+    size = -(-len(batch["prompt_ids"]) // chunks)
+    scoring = RewardScoring(module, settings)
     try:
-        for k, part in enumerate(parts):
+        for start in range(0, len(batch["prompt_ids"]), size):
+            part = _chunk(batch, start, size)
             t0 = time.perf_counter()
             gen, stats = _generate(module, part, settings, stop_ids)
-            timing["generation"] += time.perf_counter() - t0
+            scoring.timing["generation"] += time.perf_counter() - t0
             for name, value in stats.items():
-                engine_stats.setdefault(name, []).append(value)
-            args = (part, gen, k * size)
-            pending.append((part, gen, pool.submit(timed_score, *args) if pool else timed_score(*args)))
-        rows, completions, per_function = [], [], {}
-        for k, (part, gen, result) in enumerate(pending):
-            t0 = time.perf_counter()
-            texts, total, scores = result.result() if pool else result
-            timing["reward_wait"] += time.perf_counter() - t0
-            first = first_group + k * size
-            chunk_rows = rows_from_generation(gen, total, group, first_group=first)
-            for row in chunk_rows if part.get("pixel_inputs") else ():  # the update sees the images sampling saw
-                row.pixel_inputs = part["pixel_inputs"][row.group - first]
-            rows += chunk_rows
-            completions += texts
-            for name, values in scores.items():
-                per_function.setdefault(name, []).extend(values)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # no worker outlives the step, even on an error
-    metrics = {f"rollout/{name}_seconds": value for name, value in timing.items()}
-    metrics.update({name: sum(v) / len(v) for name, v in engine_stats.items()})
-    return rows, completions, per_function, metrics
+                scoring.engine_stats.setdefault(name, []).append(value)
+            scoring.add(part, gen, start, first_group + start)
+    except BaseException:
+        scoring.close()
+        raise
+    return scoring
 
 
 def _chunk(batch: dict[str, Any], start: int, size: int) -> dict[str, Any]:
@@ -183,10 +288,15 @@ def _chunk(batch: dict[str, Any], start: int, size: int) -> dict[str, Any]:
     return part
 
 
-def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[int] | None = None) -> RolloutBatch:
+def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[int] | None = None,
+                 defer_rewards: bool = False) -> RolloutBatch:
     """Generate, score and assemble the rollout of one prompt batch (the callback's work).
 
     `stop_ids`: the tokens that end a completion; None reads them from the module's tokenizer.
+    `defer_rewards`: with async rewards (and no dynamic sampling, which needs every reward to choose
+    its groups), return once the completions are generated, while the worker still scores them:
+    the module's reference forward and update overlap the scoring, waiting for each micro-batch's
+    groups (``RolloutBatch.wait_for_rewards``). Otherwise every reward is in on return.
     """
     settings: RolloutSettings = module.rollout_settings()
     if stop_ids is None:
@@ -194,6 +304,16 @@ def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[i
     group = settings.num_generations
     num_prompts = len(batch["prompt_ids"])
     start = time.perf_counter()
+    if not settings.dynamic_sampling:
+        scoring = _generate_chunks(module, batch, settings, first_group=0, stop_ids=stop_ids)
+        rollout = assemble(scoring.rows, torch.zeros(len(scoring.rows)), pad_token_id=module.tokenizer.pad_token_id,
+                           group_size=group, device=module.device)
+        rollout.started_at = start
+        scoring.attach(rollout)
+        if not (defer_rewards and settings.async_rewards):
+            rollout.wait_for_rewards()
+        return rollout
+
     kept: list[RolloutRow] = []
     kept_text: list[str] = []
     all_rows: list[RolloutRow] = []
@@ -202,18 +322,15 @@ def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[i
     prompt_batch = batch
     step_metrics: dict[str, float] = {}
     while True:
-        rows, completions, per_function, timing = _generate_and_score(module, prompt_batch, settings,
-                                                                      first_group=rounds * num_prompts,
-                                                                      stop_ids=stop_ids)
-        for name, value in timing.items():
+        scoring = _generate_chunks(module, prompt_batch, settings, first_group=rounds * num_prompts, stop_ids=stop_ids)
+        scoring.wait()
+        rows, completions = scoring.rows, scoring.completions
+        for name, value in scoring.metrics().items():
             step_metrics[name] = step_metrics.get(name, 0.0) + value
         rounds += 1
         all_rows += rows
-        for name, scores in per_function.items():
+        for name, scores in scoring.per_function.items():
             per_function_all.setdefault(name, []).extend(scores)
-        if not settings.dynamic_sampling:
-            kept, kept_text = rows, completions
-            break
         flat = zero_spread_groups(torch.tensor([r.reward for r in rows], dtype=torch.float32), group).tolist()
         for g, flat_group in enumerate(flat):
             if flat_group:
@@ -233,17 +350,17 @@ def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[i
     advantages = group_advantages(rewards, group, scale=settings.scale_rewards) if kept else rewards
     rollout = assemble(kept, advantages, pad_token_id=module.tokenizer.pad_token_id, group_size=group,
                        device=module.device)
+    rollout.started_at = start
     rollout.completions = kept_text
-    rollout.metrics = _metrics(all_rows, per_function_all, group, settings, time.perf_counter() - start)
+    rollout.metrics = _metrics(all_rows, per_function_all, group, time.perf_counter() - start)
     rollout.metrics.update(step_metrics)
-    if settings.dynamic_sampling:
-        rollout.metrics["dynamic_sampling/rounds"] = float(rounds)
-        rollout.metrics["dynamic_sampling/dropped_groups"] = float(dropped)
-        rollout.metrics["dynamic_sampling/kept_groups"] = float(len(kept) // group)
+    rollout.metrics["dynamic_sampling/rounds"] = float(rounds)
+    rollout.metrics["dynamic_sampling/dropped_groups"] = float(dropped)
+    rollout.metrics["dynamic_sampling/kept_groups"] = float(len(kept) // group)
     return rollout
 
 
-def _metrics(rows: list[RolloutRow], per_function: dict[str, list[float]], group: int, settings: RolloutSettings,
+def _metrics(rows: list[RolloutRow], per_function: dict[str, list[float]], group: int,
              seconds: float) -> dict[str, float]:
     """Reward and completion statistics over every completion sampled this step."""
     rewards = torch.tensor([r.reward for r in rows], dtype=torch.float32)

@@ -90,8 +90,17 @@ class TrainableModule(L.LightningModule):
 
     def write_settings(self, out: Path) -> None:
         """pmetal_config.json in `out`: the method's class name and its plain-valued settings."""
-        settings = {k: v for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
+        settings = {k: _plain(v) for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
         (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON: a Python callable in a list (a reward function object) by its import path."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', type(value).__name__)}"
+    return value
 
 
 class PmetalModule(TrainableModule):

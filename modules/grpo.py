@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import defaultdict
 from typing import Any, Literal, Optional
 
@@ -80,7 +81,8 @@ class GrpoModule(PmetalModule):
         compile_rollouts: compile the rollout engine's decode round with torch.compile before it is
             captured in CUDA graphs (the first rollout pays the compilation); None = on CUDA only.
         async_rewards: score rewards in a background worker while the next chunk of prompts is
-            generated (the same rewards, advantages and losses as scoring in line).
+            generated, the reference forward runs and the micro-batches already scored are updated
+            (the same rewards, advantages, losses and weights as scoring in line).
         rollout_chunks: prompt chunks per rollout, generated one after another; None = 2 with
             async_rewards, else 1 (results depend on the chunks, not on async_rewards).
         learning_rate: peak learning rate of AdamW.
@@ -259,27 +261,54 @@ class GrpoModule(PmetalModule):
                               "(it is added by configure_callbacks; check that no callback removed it)")
         num_prompts = len(batch["prompt_ids"])
         sync = sync_metrics(self)
+        try:
+            last_metrics = self._update(rollout)
+            rollout.wait_for_rewards()  # the rollout's metrics need every reward
+        finally:
+            rollout.stop_scoring()  # a step that failed (a reward raised, NaN) leaves no worker behind
         for name, value in rollout.metrics.items():
             self.log(f"train/{name}", value, batch_size=num_prompts, prog_bar=name == "reward", sync_dist=sync)
+        if last_metrics is None:  # dynamic sampling found no group with a reward spread on any rank
+            self.log("train/skipped_steps", 1.0, batch_size=num_prompts, sync_dist=sync)
+            return None
+        self.log("train/loss", last_metrics.pop("loss", 0.0), prog_bar=True, batch_size=num_prompts, sync_dist=sync)
+        for name, value in last_metrics.items():
+            self.log(f"train/{name}", value, batch_size=num_prompts, sync_dist=sync)
+        return None
+
+    def _update(self, rollout) -> dict[str, float] | None:
+        """`num_iterations` optimizer steps on the rollout; the last step's metrics (None: no update).
+
+        With async rewards the rollout arrives while its later chunks are still scored. The
+        reference forward needs no rewards, so it runs first; each micro-batch of the first pass
+        then waits only for its own groups' rewards, so the update of the first chunks overlaps
+        the scoring of the last. The operations and their order are those of in-line scoring.
+        """
+        from pmetal.callbacks.throughput import synchronize
+
         # Several processes: each rank's rollout holds whole groups (its own prompts); the loss is
         # normalized by the counts of the whole world's rollout, summed by the strategy's all-reduce.
         world = world_size(self)
         num_sequences = int(global_sum(self, rollout.num_sequences))
         num_tokens = int(global_sum(self, rollout.num_completion_tokens))
-        if num_sequences == 0:  # dynamic sampling found no group with a reward spread on any rank
-            self.log("train/skipped_steps", 1.0, batch_size=num_prompts, sync_dist=sync)
+        if num_sequences == 0:
             return None
+        t0 = time.perf_counter()
         if self.hparams.beta and rollout.num_sequences:
             rollout.ref_logps = self._reference_token_logps(rollout)
+            synchronize(self.device)
+        reference_seconds = time.perf_counter() - t0
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        parts = rollout.micro_batches(self.hparams.micro_batch_size) if rollout.num_sequences else []
+        size = self.hparams.micro_batch_size
+        parts = rollout.micro_batches(size) if rollout.num_sequences else []
         # every rank runs as many backward passes (the strategy's gradient sync is a collective)
         num_parts = len(parts) if world == 1 else int(self.trainer.strategy.reduce(
             torch.tensor(float(len(parts)), device=self.device), reduce_op=torch.distributed.ReduceOp.MAX))
         scale = world if self.hparams.loss_type != "bnpo" else 1  # DDP averages the ranks' gradients
         self.iteration_metrics = []
-        for _ in range(self.hparams.num_iterations):
+        t0, waited = time.perf_counter(), 0.0
+        for iteration in range(self.hparams.num_iterations):
             totals: dict[str, float] = defaultdict(float)
             for k in range(num_parts):
                 last = k == num_parts - 1
@@ -289,6 +318,10 @@ class GrpoModule(PmetalModule):
                         self.manual_backward(self._idle_loss())
                         continue
                     part = parts[k]
+                    if iteration == 0:  # the first pass may reach a micro-batch before its groups are scored
+                        rows = slice(k * size, k * size + part["input_ids"].shape[0])
+                        waited += rollout.wait_for_rewards(rows.stop)
+                        part["advantages"] = rollout.advantages[rows]
                     loss, metrics = self.micro_batch_loss(part, num_sequences, num_tokens)
                     if self.hparams.loss_type == "bnpo":
                         loss = loss / len(parts)  # bnpo normalizes per micro-batch: average them
@@ -306,11 +339,13 @@ class GrpoModule(PmetalModule):
             if scheduler is not None:
                 scheduler.step()
             self.iteration_metrics.append(dict(totals))
-        last_metrics = dict(self.iteration_metrics[-1])
-        self.log("train/loss", last_metrics.pop("loss", 0.0), prog_bar=True, batch_size=num_prompts, sync_dist=sync)
-        for name, value in last_metrics.items():
-            self.log(f"train/{name}", value, batch_size=num_prompts, sync_dist=sync)
-        return None
+        synchronize(self.device)
+        # the device side of the step (generation is timed by the rollout); docs/metrics.md
+        rollout.metrics["rollout/reference_seconds"] = reference_seconds
+        rollout.metrics["rollout/update_seconds"] = time.perf_counter() - t0 - waited
+        if rollout.started_at is not None:
+            rollout.metrics["rollout/step_seconds"] = time.perf_counter() - rollout.started_at
+        return dict(self.iteration_metrics[-1])
 
     def _idle_loss(self) -> torch.Tensor:
         """A zero loss through a real forward (one pad token), for a rank without completions this step."""

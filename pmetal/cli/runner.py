@@ -82,6 +82,7 @@ def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "
 
     from pmetal.callbacks.checkpoint import ExportOnTrainEnd, RngCheckpoint
     from pmetal.callbacks.guards import NanGuard
+    from pmetal.callbacks.metrics_csv import OptimizerStepAxis
     from pmetal.callbacks.plots import LossHistory
 
     callbacks = [
@@ -96,6 +97,7 @@ def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "
             auto_insert_metric_name=False,
         ),
         NanGuard(),
+        OptimizerStepAxis(),  # every record of the run numbered by optimizer steps
         RngCheckpoint(),
         LossHistory(),
         ExportOnTrainEnd(export_subdir),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,6 +61,10 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)
     ref_logps: torch.Tensor | None = None  # [N, T] filled in by the module when beta > 0
     pixel_inputs: list[dict | None] | None = None  # a VLM: each row's image tensors (its prompt's)
+    # Rewards still being scored (``pmetal.callbacks.rollout.RewardScoring``): with async rewards the
+    # update starts before the last chunk is scored; ``wait_for_rewards`` fills rewards and advantages.
+    scoring: Any = None
+    started_at: float | None = None  # time.perf_counter() when sampling began (the step's timing)
 
     @property
     def num_sequences(self) -> int:
@@ -72,6 +77,15 @@ class RolloutBatch:
     @property
     def num_completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    def wait_for_rewards(self, rows: int | None = None) -> float:
+        """Block until the first ``rows`` rows (None: all) have rewards and advantages; the seconds waited."""
+        return self.scoring.wait(rows) if self.scoring is not None else 0.0
+
+    def stop_scoring(self) -> None:
+        """Cancel the scoring still queued and wait for the running one (a failed step leaves no worker)."""
+        if self.scoring is not None:
+            self.scoring.close()
 
     def micro_batches(self, size: int) -> list[dict[str, torch.Tensor]]:
         """Consecutive slices of at most ``size`` rows, each trimmed of all-padding columns."""

@@ -109,6 +109,21 @@ def test_one_training_step_is_mps_ready(method, qlora, tiny_model_dir, tiny_bert
         assert all("lora_" in n for n in changed), "only adapters train on a quantized base"
 
 
+def _length_parity(prompts, completions, **kwargs):  # a reward whose groups spread (the chunks sample other text)
+    return [float(len(c) % 2) for c in completions]
+
+
+def test_grpo_async_rewards_overlapping_the_reference_and_update_is_mps_ready(tiny_model_dir, tiny_bert_dir, tmp_path):
+    """GRPO with async rewards: chunked rollouts, the KL reference forward and the update started
+    while the worker scores (the rewards resolve into the rollout on the main thread, under the guard)."""
+    import lightning as L
+
+    L.seed_everything(0)
+    module, datamodule = _build("grpo", tiny_model_dir, tiny_bert_dir, tmp_path, async_rewards=True,
+                                rollout_chunks=2, beta=0.04, reward_fns=[_length_parity])
+    assert _guarded_step(module, datamodule, tmp_path), "the async-rewards step changed no parameter"
+
+
 def test_orpo_full_nll_on_raw_text_is_mps_ready(tiny_model_dir, tmp_path):
     """The modes this issue added: ORPO's full-sequence NLL, raw-text (no chat template) preference rows."""
     import lightning as L

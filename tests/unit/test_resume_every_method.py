@@ -1,7 +1,9 @@
 """Kill-and-resume for DPO, KTO, GRPO (with DAPO's dynamic sampling) and embeddings.
 
 Each method trains 6 steps straight; then the same run is SIGKILLed when step 5 starts (a forked
-child: no second import of the libraries), after the step-4 checkpoint, and resumed from it. The
+child: no second import of the libraries), after the step-4 checkpoint, and resumed from it
+(GRPO with ``num_iterations=2`` steps twice a batch: 8 steps, checkpoints every 4, killed when
+step 6 is reached, after its metrics.csv row was written, which the resumed run writes again). The
 resumed run must reproduce the straight run's loss at every step and its final weights bit for
 bit: the loaders resume mid-epoch, and `RngCheckpoint` restores the random state that dropout
 (DPO's LoRA dropout, BERT's dropout), GRPO's sampled rollouts and DAPO's extra prompt draws use.
@@ -19,6 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, KILL_AT = 6, 5
+# (optimizer steps per batch, steps, checkpoint every, kill when this step is reached) where not (1, 6, 2, 5)
+SCHEDULES = {"grpo_mu2": (2, 8, 4, 6)}
 
 
 def _head(name: str, tmp: Path, rows: int) -> str:
@@ -48,6 +52,9 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
         "grpo": lambda: (GrpoModule(num_generations=2, max_completion_length=4, reward_fns=["length"],
                                     dynamic_sampling=True, max_sampling_rounds=2, micro_batch_size=2, **lm),
                          PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
+        "grpo_mu2": lambda: (GrpoModule(num_generations=2, max_completion_length=4, reward_fns=["length"],
+                                        num_iterations=2, micro_batch_size=2, **lm),
+                             PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
         "embed": lambda: (EmbedModule(model=str(tiny_bert_dir), learning_rate=1e-3, evaluate_before_training=False),
                           EmbeddingDataModule(_head("embed", tmp, 12), batch_size=4, val_fraction=0, seed=1)),
     }
@@ -64,6 +71,7 @@ def _fit(spec: tuple, run_dir: Path, *, kill: bool = False, resume: bool = False
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     module, datamodule = _build(*spec)
+    _, steps, every, kill_at = SCHEDULES.get(spec[0], (1, STEPS, 2, KILL_AT))
     extra = []
     if kill:
         import sys
@@ -71,9 +79,9 @@ def _fit(spec: tuple, run_dir: Path, *, kill: bool = False, resume: bool = False
         sys.path.insert(0, str(ROOT / "tests" / "support"))
         from killer import KillAtStep
 
-        extra.append(KillAtStep(KILL_AT))
-    trainer = build_trainer(run_dir, accelerator="cpu", precision="32-true", max_epochs=None, max_steps=STEPS,
-                            checkpoint_every_n_steps=2,
+        extra.append(KillAtStep(kill_at))
+    trainer = build_trainer(run_dir, accelerator="cpu", precision="32-true", max_epochs=None, max_steps=steps,
+                            checkpoint_every_n_steps=every,
                             enable_progress_bar=False, callbacks=extra)
     try:
         fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, "last") if resume else None)
@@ -85,7 +93,14 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "embed"])
+def _csv_steps(run_dir: Path) -> list[int]:
+    import csv
+
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "embed"])
 def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_dir, tiny_bert_dir, tmp_path):
     spec = (method, str(tiny_model_dir), str(tiny_bert_dir), tmp_path)
     _fit(spec, tmp_path / "straight")
@@ -96,10 +111,16 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_di
     child.join(timeout=600)
     assert child.exitcode == -9
     assert not (tmp_path / "killed" / "final").exists()
+    at_kill = _csv_steps(tmp_path / "killed")  # rows up to the kill, past the last checkpoint
     _fit(spec, tmp_path / "killed", resume=True)
 
     curves = [json.loads((tmp_path / run / "loss_history.json").read_text())["train"] for run in ("straight", "killed")]
-    assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == list(range(1, STEPS + 1))
+    per_batch, last, _, _ = SCHEDULES.get(method, (1, STEPS, 2, KILL_AT))
+    steps = list(range(per_batch, last + 1, per_batch))
+    assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == steps
+    # metrics.csv: appended across the resume, one row per optimizer step, numbered as the curve
+    assert _csv_steps(tmp_path / "straight") == _csv_steps(tmp_path / "killed") == steps
+    assert at_kill == [s for s in steps if s <= SCHEDULES.get(method, (1, STEPS, 2, KILL_AT))[3]]
     assert [v for _, v in curves[0]] == [v for _, v in curves[1]]  # bit-exact on CPU
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     assert a.keys() == b.keys() and a

@@ -151,24 +151,31 @@ def test_nanguard_stops_a_manual_optimization_method_before_backward(tiny_model_
             assert torch.equal(param.detach(), before[name]), name
 
 
-def test_manual_optimization_methods_get_a_loss_curve(tiny_model_dir, tmp_path):
-    from pmetal.cli.runner import build_trainer
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_manual_optimization_methods_get_a_loss_curve(tiny_model_dir, tmp_path, num_iterations):
+    """GRPO with num_iterations optimizer steps a batch: every record counts optimizer steps."""
+    from pmetal.cli.runner import build_trainer, fit, report_outputs
     from pmetal.data.prompts import PromptDataModule
     from pmetal.modules.grpo import GrpoModule
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
     module = GrpoModule(str(tiny_model_dir), reward_fns=[lambda p, c, **k: [float(len(x) % 2) for x in c]],
-                        num_generations=2, max_completion_length=4, gradient_checkpointing=False)
+                        num_generations=2, max_completion_length=4, gradient_checkpointing=False,
+                        num_iterations=num_iterations)
     run = tmp_path / "run"
-    trainer = build_trainer(run, max_steps=2, max_epochs=None, enable_progress_bar=False)
-    trainer.fit(module, PromptDataModule(str(prompts), batch_size=2))
+    trainer = build_trainer(run, max_steps=2 * num_iterations, max_epochs=None, enable_progress_bar=False,
+                            checkpoint_every_n_steps=num_iterations, logger="csv")
+    result = fit(trainer, module, PromptDataModule(str(prompts), batch_size=2))
+    steps = [num_iterations, 2 * num_iterations]  # optimizer steps after each of the 2 rollout batches
     history = json.loads((run / "loss_history.json").read_text())["train"]
-    assert [s for s, _ in history] == [1, 2] and (run / "loss.png").is_file()
+    assert [s for s, _ in history] == steps and (run / "loss.png").is_file()
     with (run / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [1, 2]
-    assert [v for _, v in history] == pytest.approx([float(r["train/loss"]) for r in rows if r.get("train/loss")])
+    assert [int(r["step"]) for r in rows] == steps  # one row per logged step, numbered as the history
+    assert [v for _, v in history] == pytest.approx([float(r["train/loss"]) for r in rows])
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*.ckpt")) == [f"step-{steps[-1]}.ckpt"]
+    assert result["steps"] == trainer.global_step == steps[-1]
 
 
 def test_the_finite_loss_check_lives_in_nanguard_only():
