@@ -249,7 +249,7 @@ class RolloutEngine:
         # speculation leaves holes (rejected drafts): slack so the cache is defragmented rarely
         need = width + max_new + (max(4 * (k + 1), max_new // 2) if k else 0)
         capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
-        sampling = (config.temperature, config.top_k, config.top_p, config.min_p)
+        sampling = (config.temperature, config.top_k, config.top_p, config.min_p, tuple(config.suppress_ids))
         # Reuse a family that is big enough, so no new graph is captured per prompt width. Only where
         # graphs are captured: eagerly the shapes then follow each call alone, so a call's numbers do
         # not depend on the calls before it (a resumed run samples bit for bit what the first did).

@@ -189,6 +189,35 @@ def test_engine_rollout_logps_with_images_equal_the_update_forward(family, specu
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_policy_that_favours_an_image_placeholder_never_samples_it(family, tiny_vlm_dirs, colour_images):
+    """A sampled placeholder would give the update one more image token than the images have features."""
+    from pmetal.callbacks.rollout import make_rollout
+    from pmetal.modules.grpo import GrpoModule
+    from pmetal.vlm import placeholder_token_ids
+
+    torch.manual_seed(0)
+    module = GrpoModule(model=str(tiny_vlm_dirs[family]), reward_fns=["tests.unit.test_vlm:capture_reward"],
+                        num_generations=2, max_completion_length=6, micro_batch_size=6)
+    placeholders = placeholder_token_ids(module.policy)
+    config = module.policy.get_base_model().config
+    assert placeholders == tuple(sorted({config.image_token_id, getattr(config, "video_token_id", None) or
+                                         config.image_token_id}))
+
+    head = module.policy.get_base_model().get_output_embeddings()  # sampling's head and the update's
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features), requires_grad=False)
+    with torch.no_grad():
+        head.bias[list(placeholders)] = 20.0  # the placeholders are the policy's favourites
+    rollout = make_rollout(module, _prompt_batch(module.tokenizer, module.processor, colour_images))
+    completions = rollout.labels[rollout.labels != -100]
+    assert completions.numel() and not torch.isin(completions, torch.tensor(placeholders)).any()
+    module.policy.eval()
+    with torch.no_grad():
+        part = next(iter(rollout.micro_batches(6)))
+        mask = part["labels"] != -100
+        torch.testing.assert_close(module.token_logps(part)[mask], part["old_logps"][mask], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_grpo_step_through_lightning(family, tiny_vlm_dirs, colour_images, tmp_path):
     from pmetal.data.prompts import PromptDataModule
     from pmetal.modules.grpo import GrpoModule
