@@ -12,7 +12,7 @@ prompt shuffled into batches of three, a batch could miss a colour for several s
 prompt orders (PromptDataModule seeds 7, and 42 before the rollouts ran on the engine) stopped at
 two colours out of three (0.65).
 
-Measured on 2 cores (2026-12-01, rollouts through the engine): about 20-30 s, sampled accuracy
+Measured on 2 cores (2026-12-01, rollouts through the engine): 20-30 s (40-50 s at load 5), accuracy
 0.33 -> 1.00 for PromptDataModule seeds 0, 1, 2, 5, 7, 42 and for global seeds 0-5. The same run
 with the pixel inputs withheld from every forward (`pmetal.vlm.forward_inputs` returning nothing)
 stays at 0.33 -> 0.33 and fails, so the test measures the use of the image.
