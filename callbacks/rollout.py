@@ -34,6 +34,7 @@ the update and the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -45,10 +46,11 @@ import torch
 
 from pmetal.generation.rollout import RolloutBatch, RolloutRow, assemble, rows_from_generation
 from pmetal.errors import PmetalError
-from pmetal.generation.engine import engine_for, generate
+from pmetal.generation.engine import engine_for
 from pmetal.generation.sampling import stop_token_ids
 from pmetal.generation.settings import RolloutSettings
 from pmetal.losses.policy import group_advantages, zero_spread_groups
+from pmetal.vlm import collate_pixel_inputs, placeholder_token_ids
 
 log = logging.getLogger("pmetal")
 
@@ -98,17 +100,16 @@ def _generate(module, part: dict[str, Any], settings: RolloutSettings, stop_ids:
     was_training = policy.training
     policy.eval()
     try:
-        if pixel_inputs:
-            from pmetal.vlm import collate_pixel_inputs
-
-            gen = generate(policy, part["prompt_ids"], settings.sampling, stop_ids=stop_ids,
-                           pad_token_id=module.tokenizer.pad_token_id, num_return_sequences=settings.num_generations,
-                           prefill_inputs=collate_pixel_inputs(pixel_inputs))
-            return gen, {}
         engine = engine_for(policy, speculative=settings.speculative, draft_model=settings.draft,
                             num_draft_tokens=settings.num_draft_tokens, compile_decode=settings.compile_decode)
-        gen = engine.generate(part["prompt_ids"], settings.sampling, stop_ids=stop_ids,
-                              pad_token_id=module.tokenizer.pad_token_id, num_return_sequences=settings.num_generations)
+        prefill_inputs = collate_pixel_inputs(pixel_inputs) if pixel_inputs else None
+        sampling = settings.sampling
+        placeholders = placeholder_token_ids(policy)  # a sampled image placeholder would break the update
+        if placeholders:
+            sampling = dataclasses.replace(sampling, suppress_ids=tuple(sorted({*sampling.suppress_ids, *placeholders})))
+        gen = engine.generate(part["prompt_ids"], sampling, stop_ids=stop_ids,
+                              pad_token_id=module.tokenizer.pad_token_id, num_return_sequences=settings.num_generations,
+                              prefill_inputs=prefill_inputs)
         return gen, dict(engine.last_stats)
     finally:
         policy.train(was_training)

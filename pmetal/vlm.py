@@ -295,6 +295,20 @@ def forward_inputs(model: nn.Module, input_ids: torch.Tensor, pixel_inputs: dict
     return inputs
 
 
+def placeholder_token_ids(model: nn.Module) -> tuple[int, ...]:
+    """The ids that stand for image or video features (none for a text model).
+
+    A completion must never contain one: the update's forward would find one more placeholder
+    than the images have features and fail, so rollouts suppress them (`SamplingConfig.suppress_ids`).
+    """
+    inner = multimodal_model(model)
+    if inner is None:
+        return ()
+    config = inner.config
+    names = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
+    return tuple(sorted({int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int) and v >= 0}))
+
+
 def prefill_positions(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor, pixel_inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions for the prefill forward, the last position of each row) of a left-padded prompt batch.

@@ -19,8 +19,12 @@ What it does, and why each piece is there:
 - **Finished rows stop costing**: at those reads, when the live rows fit a smaller power-of-two
   bucket, the rows (cache included) are gathered into it.
 - **Prompts prefilled once**: the ``P`` distinct prompts are prefilled with a ``DynamicCache``
-  (the model's own prompt path, so ``prefill_inputs`` such as ``pixel_values`` work) and their KV
-  is copied into the ``P x G`` decode rows.
+  (the model's own prompt path) and their KV is copied into the ``P x G`` decode rows.
+- **VLM prompts**: ``prefill_inputs`` (``pixel_values``, ``image_grid_thw``, ...) go to that
+  prefill with the positions of ``pmetal.vlm.prefill_positions`` (Qwen-VL's 3-D M-RoPE ids;
+  Idefics3/SmolVLM and LLaVA-style models splice image features into plain 1-D positions). The
+  decode rounds feed 1-D positions from each prompt's largest position + 1, which Qwen-VL repeats
+  on its three axes: the positions the update's forward gives the completion (equal log-probs).
 - **No recompiles per prompt length**: the capacity is rounded up to a multiple of 64 and a family
   of buckets is reused while it is big enough, so graphs are captured once per shape family.
 - **The live policy**: the graphs read the parameters where they live; optimizers update them in
@@ -33,7 +37,8 @@ recorded log-prob is the full tempered ``log_softmax(logits / T)`` of the chosen
 computes it. Speculation (``pmetal.generation.speculative``) plugs in as the draft of the round.
 
 Departures: sliding-window and hybrid-cache models fall back to the reference loop
-(``sampling.generate_reference``), as do models whose prompt cache has no per-layer tensors.
+(``sampling.generate_reference``), as do models whose prompt cache has no per-layer tensors,
+VLMs included. A draft model's prefill gets the token ids only, never the images.
 """
 
 from __future__ import annotations
@@ -172,8 +177,8 @@ class RolloutEngine:
                  prefill_inputs: dict | None = None, on_tokens=None) -> Generation:
         """Sample ``num_return_sequences`` completions per prompt (the arguments of :func:`generate`).
 
-        ``prefill_inputs`` (``pixel_values``, ``image_grid_thw``, ...) go to the prompt forward only;
-        a model that keeps ``rope_deltas`` after it (Qwen2-VL) continues its positions from them.
+        ``prefill_inputs`` (``pixel_values``, ``image_grid_thw``, ...) go to the prompt forward only,
+        with a VLM's multimodal positions (see :meth:`_prefill`); decoding continues after them.
         """
         from pmetal.generation.sampling import generate_reference
 
@@ -230,25 +235,33 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ prompt side
     def _prefill(self, model, prompts, pad_token_id, group, prefill_inputs):
+        """The prompts' forward (images included) and what decoding starts from; None: not a plain cache.
+
+        With ``prefill_inputs`` the positions are :func:`pmetal.vlm.prefill_positions`' (Qwen-VL's
+        3-D M-RoPE ids, else plain ones), the ones ``generate_reference`` and the update use, and
+        decoding continues at each prompt's largest position + 1: the rounds' 1-D positions, which
+        Qwen-VL repeats on every M-RoPE axis, as its update forward places text after an image.
+        """
         from transformers import DynamicCache
 
         ids, mask, position_ids = left_pad(prompts, pad_token_id, self.device)
-        num_prompts, width = ids.shape
+        width = ids.shape[1]
         cache_kw, has_keep = forward_kwargs(model)
         cache = DynamicCache()
         extra = {"logits_to_keep": 1} if has_keep else {}
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                    **{cache_kw: cache}, **extra, **(prefill_inputs or {}))
+        positions, last = position_ids, position_ids[:, -1]
+        if prefill_inputs:
+            from pmetal.vlm import forward_inputs, prefill_positions
+
+            positions, last = prefill_positions(model, ids, mask, position_ids, prefill_inputs)
+            extra = {**extra, **forward_inputs(model, ids, prefill_inputs)}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache_kw: cache}, **extra)
         layers = _prompt_layers(getattr(out, "past_key_values", None) or cache)
         if layers is None or any(k.shape[2] != width for k, _ in layers):
             return None
-        start = position_ids[:, -1] + 1
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        deltas = getattr(getattr(base, "model", base), "rope_deltas", None)
-        if prefill_inputs and isinstance(deltas, torch.Tensor) and deltas.shape[0] == num_prompts:
-            start = width + deltas.reshape(num_prompts, -1)[:, 0].long()
         rep = lambda t: t.repeat_interleave(group, dim=0)  # noqa: E731
-        return {"ids": rep(ids), "mask": rep(mask), "start": rep(start), "logits": rep(out.logits[:, -1, :].float()),
+        return {"ids": rep(ids), "mask": rep(mask), "start": rep(last + 1), "logits": rep(out.logits[:, -1, :].float()),
                 "layers": layers, "width": width, "group": group}
 
     # ------------------------------------------------------------------ decode side
@@ -277,7 +290,7 @@ class RolloutEngine:
         # speculation leaves holes (rejected drafts): slack so the cache is defragmented rarely
         need = width + max_new + (max(4 * (k + 1), max_new // 2) if k else 0)
         capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
-        sampling = (config.temperature, config.top_k, config.top_p, config.min_p)
+        sampling = (config.temperature, config.top_k, config.top_p, config.min_p, tuple(config.suppress_ids))
         # Reuse a family that is big enough, so no new graph is captured per prompt width. Only where
         # graphs are captured: eagerly the shapes then follow each call alone, so a call's numbers do
         # not depend on the calls before it (a resumed run samples bit for bit what the first did).
@@ -476,16 +489,12 @@ def generate(
             a row with none new); the lists concatenate to the rows' completions. With it the
             engine reads the device every round, so a single row streams token by token.
 
-    Prompts with image inputs (``prefill_inputs``) are sampled by :func:`generate_reference`,
-    whose prefill computes a VLM's multimodal positions (``pmetal.vlm.prefill_positions``) so that
-    sampling and the policy update see the same positions; the engine has no such prefill yet.
+    A VLM's prompts (``prefill_inputs``) go through the engine like text: its prefill carries the
+    images and computes the multimodal positions (``pmetal.vlm.prefill_positions``, Qwen-VL's
+    M-RoPE) that :func:`generate_reference` and the policy update use, and decoding continues from
+    them. Only models the engine cannot serve (sliding-window or hybrid caches, a prompt cache
+    without per-layer tensors) are sampled by :func:`generate_reference`, images included.
     """
-    if prefill_inputs:
-        from pmetal.generation.sampling import generate_reference
-
-        return generate_reference(model, prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
-                                  num_return_sequences=num_return_sequences, generator=generator,
-                                  prefill_inputs=prefill_inputs, on_tokens=on_tokens)
     if engine is None:
         engine = engine_for(model, speculative=speculative, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
     return engine.generate(prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,

@@ -9,7 +9,8 @@ training will compute for it, ``log_softmax(logits / temperature)[token]``, and 
 stopping with the stop token kept in the completion mask.
 
 Departures from ``transformers.generate``: none in the distribution sampled from (temperature,
-then top-k, top-p, min-p, as HF orders its warpers). The *recorded* log-prob is taken before the
+then top-k, top-p, min-p, as HF orders its warpers), except ``suppress_ids``, never sampled (a
+VLM's image placeholders). The *recorded* log-prob is taken before the suppression and the
 top-k/top-p/min-p truncation, i.e. under the full tempered distribution, because that is the
 policy the loss differentiates (TRL records the same). Each prompt is prefilled once and its
 KV cache repeated for its ``num_return_sequences`` samples.
@@ -40,6 +41,8 @@ class SamplingConfig:
         top_p: nucleus sampling, keep the smallest set of tokens whose probability reaches top_p (1 = off).
         top_k: keep only the k most likely tokens (0 = off).
         min_p: drop tokens less likely than ``min_p`` times the most likely one (0 = off).
+        suppress_ids: token ids never sampled (greedy included), such as a VLM's image placeholders,
+            which a completion must not contain; like top-k, it does not change the recorded log-probs.
     """
 
     max_new_tokens: int = 512
@@ -47,6 +50,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    suppress_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -57,6 +61,7 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"top_k must be >= 0 and min_p in [0, 1), got {self.top_k}, {self.min_p}")
+        self.suppress_ids = tuple(int(i) for i in self.suppress_ids)
 
 
 @dataclass
@@ -90,9 +95,23 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return sorted(ids)
 
 
+def suppressed(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """``[..., V]`` logits with ``config.suppress_ids`` set to ``-inf`` (a copy; the input as it is without any).
+
+    One id at a time by plain indexing: no index tensor is copied to the device, so a CUDA graph
+    can capture it. Ids beyond the vocabulary (a draft model's smaller head) are skipped."""
+    ids = [i for i in config.suppress_ids if i < logits.shape[-1]]
+    if not ids:
+        return logits
+    logits = logits.clone()
+    for i in ids:
+        logits[..., i] = float("-inf")
+    return logits
+
+
 def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """``[N, V]`` float logits -> tempered logits with truncated tokens set to ``-inf``."""
-    logits = logits / config.temperature
+    logits = suppressed(logits, config) / config.temperature
     if config.top_k and config.top_k < logits.shape[-1]:
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]  # [N, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -133,7 +152,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tup
 def sampling_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """``[..., V]`` float logits -> the sampling distribution (one-hot of the argmax when greedy)."""
     if config.temperature == 0.0:
-        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+        return torch.nn.functional.one_hot(suppressed(logits, config).argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
     shape = logits.shape
     return process_logits(logits.reshape(-1, shape[-1]), config).softmax(dim=-1).view(shape)
 
@@ -218,7 +237,7 @@ def generate_reference(
     for step in range(config.max_new_tokens):
         full_logp = torch.log_softmax(last_logits / (1.0 if greedy else config.temperature), dim=-1)  # [N, V]
         if greedy:
-            token = last_logits.argmax(dim=-1)  # [N]
+            token = suppressed(last_logits, config).argmax(dim=-1)  # [N]
         else:
             probs = process_logits(last_logits, config).softmax(dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [N]

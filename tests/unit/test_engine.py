@@ -248,3 +248,22 @@ def test_prefill_inputs_reach_the_prompt_forward_only(tiny_lm):
     assert gen.completion_ids.tolist() == ref.completion_ids.tolist()
     plain = generate_reference(tiny_lm, PROMPTS, config, stop_ids=[], pad_token_id=PAD, num_return_sequences=2)
     assert gen.completion_ids.tolist() != plain.completion_ids.tolist()  # the images changed the output
+
+
+def test_suppressed_ids_are_never_sampled_and_the_recorded_log_probs_stay_full(tiny_lm):
+    config = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    free = generate_reference(tiny_lm, PROMPTS, config, stop_ids=[], pad_token_id=PAD)
+    banned = tuple(sorted(set(free.completion_ids[:, :4].flatten().tolist())))  # the greedy favourites
+    for temperature in (0.0, 1.0):
+        config = SamplingConfig(max_new_tokens=12, temperature=temperature, suppress_ids=banned)
+        ref = generate_reference(tiny_lm, PROMPTS, config, stop_ids=[], pad_token_id=PAD,
+                                 generator=torch.Generator().manual_seed(0))
+        gen = RolloutEngine(tiny_lm, speculative=True).generate(PROMPTS, config, stop_ids=[], pad_token_id=PAD,
+                                                               generator=torch.Generator().manual_seed(0))
+        for out in (ref, gen):
+            assert not torch.isin(out.completion_ids, torch.tensor(banned)).any()
+            for row in range(len(PROMPTS)):  # the full tempered distribution's log-prob, as training computes it
+                expected = _training_logps(tiny_lm, PROMPTS[row], out.completion_ids[row].tolist(), temperature or 1.0)
+                torch.testing.assert_close(out.logps[row], expected, atol=1e-5, rtol=1e-5)
+        if temperature == 0.0:
+            assert gen.completion_ids.tolist() == ref.completion_ids.tolist()

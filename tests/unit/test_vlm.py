@@ -130,6 +130,93 @@ def test_rollout_logps_with_images_equal_the_update_and_rewards_see_images(famil
                 assert not torch.allclose(without.token_logps[mask], part["old_logps"][mask], atol=1e-3)
 
 
+def _prompt_batch(tokenizer, processor, folder, colours=("red", "green", "blue")):
+    from pmetal.data.prompts import PromptDataModule
+
+    dm = PromptDataModule(path=_prompts(folder, colours), batch_size=len(colours), tokenizer=tokenizer,
+                          processor=processor)
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_engine_with_images_gives_the_reference_loops_greedy_tokens(family, tiny_vlm_dirs, colour_images):
+    """The engine's VLM prefill (pixel inputs, M-RoPE positions) and decode equal `generate_reference`."""
+    from pmetal.generation import SamplingConfig, generate_reference
+    from pmetal.generation.engine import RolloutEngine
+    from pmetal.vlm import collate_pixel_inputs, load_vlm_and_processor
+
+    model, processor = load_vlm_and_processor(tiny_vlm_dirs[family])
+    model.eval()
+    batch = _prompt_batch(processor.tokenizer, processor, colour_images)
+    assert len({len(p) for p in batch["prompt_ids"]}) > 1  # left padding
+    images = collate_pixel_inputs(batch["pixel_inputs"])
+    config = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    common = dict(pad_token_id=processor.tokenizer.pad_token_id, num_return_sequences=2, prefill_inputs=images)
+    free = generate_reference(model, batch["prompt_ids"], config, stop_ids=[], **common)
+    stop = int(free.completion_ids[0, 3])  # rows stop at different steps: compaction moves the rest
+    ref = generate_reference(model, batch["prompt_ids"], config, stop_ids=[stop], **common)
+    assert len(set(ref.lengths.tolist())) > 1
+    for options in (dict(sync_every=1), dict(speculative=True, num_draft_tokens=2)):
+        engine = RolloutEngine(model, **options)
+        gen = engine.generate(batch["prompt_ids"], config, stop_ids=[stop], **common)
+        assert "rollout/decode_rounds" in engine.last_stats, "the engine fell back to the reference loop"
+        assert gen.completion_ids.tolist() == ref.completion_ids.tolist(), options
+        assert gen.lengths.tolist() == ref.lengths.tolist() and gen.stopped.tolist() == ref.stopped.tolist()
+        torch.testing.assert_close(gen.logps, ref.logps, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family,speculative", [(f, False) for f in ALL_FAMILIES] + [("qwen2_vl", True)])
+def test_engine_rollout_logps_with_images_equal_the_update_forward(family, speculative, tiny_vlm_dirs,
+                                                                    colour_images):
+    """Sampled through the engine, the recorded log-probs give the update's ratio 1 (fp32, CPU)."""
+    from pmetal.callbacks.rollout import make_rollout
+    from pmetal.modules.grpo import GrpoModule
+
+    torch.manual_seed(0)
+    module = GrpoModule(model=str(tiny_vlm_dirs[family]), reward_fns=["tests.unit.test_vlm:capture_reward"],
+                        num_generations=2, max_completion_length=8, temperature=0.8, top_k=50,
+                        speculative=speculative, micro_batch_size=6)
+    batch = _prompt_batch(module.tokenizer, module.processor, colour_images)
+    rollout = make_rollout(module, batch)
+    assert "rollout/decode_rounds" in rollout.metrics  # the engine sampled, not the reference loop
+    module.policy.eval()
+    with torch.no_grad():
+        for part in rollout.micro_batches(6):
+            mask = part["labels"] != -100
+            ratio = (module.token_logps(part) - part["old_logps"])[mask].exp()
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_policy_that_favours_an_image_placeholder_never_samples_it(family, tiny_vlm_dirs, colour_images):
+    """A sampled placeholder would give the update one more image token than the images have features."""
+    from pmetal.callbacks.rollout import make_rollout
+    from pmetal.modules.grpo import GrpoModule
+    from pmetal.vlm import placeholder_token_ids
+
+    torch.manual_seed(0)
+    module = GrpoModule(model=str(tiny_vlm_dirs[family]), reward_fns=["tests.unit.test_vlm:capture_reward"],
+                        num_generations=2, max_completion_length=6, micro_batch_size=6)
+    placeholders = placeholder_token_ids(module.policy)
+    config = module.policy.get_base_model().config
+    assert placeholders == tuple(sorted({config.image_token_id, getattr(config, "video_token_id", None) or
+                                         config.image_token_id}))
+
+    head = module.policy.get_base_model().get_output_embeddings()  # sampling's head and the update's
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features), requires_grad=False)
+    with torch.no_grad():
+        head.bias[list(placeholders)] = 20.0  # the placeholders are the policy's favourites
+    rollout = make_rollout(module, _prompt_batch(module.tokenizer, module.processor, colour_images))
+    completions = rollout.labels[rollout.labels != -100]
+    assert completions.numel() and not torch.isin(completions, torch.tensor(placeholders)).any()
+    module.policy.eval()
+    with torch.no_grad():
+        part = next(iter(rollout.micro_batches(6)))
+        mask = part["labels"] != -100
+        torch.testing.assert_close(module.token_logps(part)[mask], part["old_logps"][mask], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grpo_step_through_lightning(family, tiny_vlm_dirs, colour_images, tmp_path):
     from pmetal.data.prompts import PromptDataModule
