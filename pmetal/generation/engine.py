@@ -155,7 +155,8 @@ class RolloutEngine:
         from pmetal.generation.speculative import check_draft_settings
 
         check_draft_settings(speculative, draft_model, num_draft_tokens)
-        self.model = model
+        self._model = weakref.ref(model)
+        self._owner = model  # engine_for drops it: its cache must not keep the model alive
         self.draft_model = draft_model if speculative else None
         self.num_draft_tokens = num_draft_tokens if speculative else 0
         self.speculative = speculative
@@ -198,6 +199,13 @@ class RolloutEngine:
                 raise ValueError("the draft model's prompt cache has no per-layer tensors: it cannot draft")
         return self._decode(prefill, draft_prefill, config, stop_ids, pad_token_id, num_return_sequences, generator,
                             on_tokens)
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the rollout engine's model has been freed")
+        return model
 
     def compiled_forward(self, model):
         """The compiled decode forward for ``model`` (None: run it uncompiled)."""
@@ -450,7 +458,9 @@ def engine_for(model, **options) -> RolloutEngine:
     engines = _ENGINES.setdefault(model, {})
     if key not in engines:
         engines.clear()  # one engine per model: a new option set frees the old buffers
-        engines[key] = RolloutEngine(model, **options)
+        engine = RolloutEngine(model, **options)
+        engine._owner = None  # the cache is keyed weakly on the model: a strong reference here would pin it
+        engines[key] = engine
     return engines[key]
 
 

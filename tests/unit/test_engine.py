@@ -267,3 +267,19 @@ def test_suppressed_ids_are_never_sampled_and_the_recorded_log_probs_stay_full(t
                 torch.testing.assert_close(out.logps[row], expected, atol=1e-5, rtol=1e-5)
         if temperature == 0.0:
             assert gen.completion_ids.tolist() == ref.completion_ids.tolist()
+
+
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_the_kept_engine_does_not_keep_its_model_alive(compile_decode):
+    import gc
+    import weakref
+
+    from pmetal.generation.engine import engine_for
+
+    model = _tiny()
+    engine_for(model, compile_decode=compile_decode).generate(
+        PROMPTS, SamplingConfig(max_new_tokens=4, temperature=0.0), stop_ids=[], pad_token_id=PAD)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # a GRPO run's policy (and its engine's buffers) is freed with the run
