@@ -478,6 +478,7 @@ def generate(
     speculative: bool = False,
     draft_model=None,
     num_draft_tokens: int = 4,
+    compile_decode: bool | None = None,
     engine=None,
     on_tokens=None,
 ) -> Generation:
@@ -492,6 +493,8 @@ def generate(
             forward (exact speculative sampling; the completions' distribution is unchanged).
         draft_model: the drafting model (same tokenizer); None drafts from prompt n-grams.
         num_draft_tokens: K, tokens drafted per round.
+        compile_decode: compile the engine's round (None: on CUDA); a one-shot or interactive
+            caller passes False, since the compilation would cost more than it saves.
         engine: a :class:`pmetal.generation.engine.RolloutEngine` to use; by default one kept
             per model and options (its buffers and CUDA graphs are reused between calls).
         on_tokens: streaming: called on the host with one list per completion row (prompt-major),
@@ -506,7 +509,8 @@ def generate(
     without per-layer tensors) are sampled by :func:`generate_reference`, images included.
     """
     if engine is None:
-        engine = engine_for(model, speculative=speculative, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
+        engine = engine_for(model, speculative=speculative, draft_model=draft_model, num_draft_tokens=num_draft_tokens,
+                            compile_decode=compile_decode)
     return engine.generate(prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
                            num_return_sequences=num_return_sequences, generator=generator,
                            prefill_inputs=prefill_inputs, on_tokens=on_tokens)

@@ -56,7 +56,8 @@ def stream_reply(model, tokenizer, prompt_ids: list[int], config, out=None) -> s
 
     stream = TextStream(tokenizer, out or sys.stdout)
     generate(model, [prompt_ids], config, stop_ids=stop_token_ids(tokenizer, model),
-             pad_token_id=tokenizer.pad_token_id, on_tokens=stream)  # fmt: skip
+             pad_token_id=tokenizer.pad_token_id, on_tokens=stream,
+             compile_decode=False)  # a turn's prompt grows: a compile per new shape would cost more than it saves
     return stream.close()
 
 

@@ -95,7 +95,7 @@ def generate(model, tokenizer, prompts: list[str], *, system=None, max_new_token
         rows.append(render_prompt(tokenizer, messages))
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     out = sample(model, rows, config, stop_ids=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id,
-                 on_tokens=on_tokens)
+                 on_tokens=on_tokens, compile_decode=False)  # one call: compiling would cost more than it saves
     return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
             for ids, mask in zip(out.completion_ids, out.completion_mask)]  # fmt: skip
 
