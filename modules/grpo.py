@@ -266,11 +266,15 @@ class GrpoModule(PmetalModule):
             rollout.wait_for_rewards()  # the rollout's metrics need every reward
         finally:
             rollout.stop_scoring()  # a step that failed (a reward raised, NaN) leaves no worker behind
+        if last_metrics is None:  # dynamic sampling found no group with a reward spread on any rank
+            # No optimizer step, so the records' step is still the previous one: its row keeps its own
+            # rollout metrics, and the skipped batch is counted under names of its own.
+            self.log("train/skipped_steps", 1.0, batch_size=num_prompts, sync_dist=sync)
+            if "reward" in rollout.metrics:
+                self.log("train/skipped_reward", rollout.metrics["reward"], batch_size=num_prompts, sync_dist=sync)
+            return None
         for name, value in rollout.metrics.items():
             self.log(f"train/{name}", value, batch_size=num_prompts, prog_bar=name == "reward", sync_dist=sync)
-        if last_metrics is None:  # dynamic sampling found no group with a reward spread on any rank
-            self.log("train/skipped_steps", 1.0, batch_size=num_prompts, sync_dist=sync)
-            return None
         self.log("train/loss", last_metrics.pop("loss", 0.0), prog_bar=True, batch_size=num_prompts, sync_dist=sync)
         for name, value in last_metrics.items():
             self.log(f"train/{name}", value, batch_size=num_prompts, sync_dist=sync)

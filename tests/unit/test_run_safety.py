@@ -178,6 +178,33 @@ def test_manual_optimization_methods_get_a_loss_curve(tiny_model_dir, tmp_path, 
     assert result["steps"] == trainer.global_step == steps[-1]
 
 
+def test_a_batch_skipped_by_dynamic_sampling_leaves_the_previous_step_s_metrics_alone(tiny_model_dir, tmp_path):
+    """Dynamic sampling that finds no reward spread makes no optimizer step; the records' step is
+    then the previous one, whose row must keep its own reward and loss."""
+    from pmetal.cli.runner import build_trainer, fit
+    from pmetal.data.prompts import PromptDataModule
+    from pmetal.modules.grpo import GrpoModule
+
+    calls = []
+
+    def spread_once(prompts, completions, **kwargs):  # a spread on the first batch only
+        calls.append(1)
+        return [float(i % 2) for i in range(len(completions))] if len(calls) == 1 else [0.25] * len(completions)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
+    module = GrpoModule(str(tiny_model_dir), reward_fns=[spread_once], num_generations=2, max_completion_length=4,
+                        gradient_checkpointing=False, dynamic_sampling=True, max_sampling_rounds=1)
+    run = tmp_path / "run"
+    trainer = build_trainer(run, max_steps=5, max_epochs=1, enable_progress_bar=False, logger="csv")
+    fit(trainer, module, PromptDataModule(str(prompts), batch_size=2))
+    assert trainer.global_step == 1  # the second batch had no spread: skipped
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1]
+    assert float(rows[0]["train/reward"]) == pytest.approx(0.5)  # the first batch's, not the skipped 0.25
+    assert float(rows[0]["train/skipped_steps"]) == 1.0 and float(rows[0]["train/skipped_reward"]) == 0.25
+
+
 def test_the_finite_loss_check_lives_in_nanguard_only():
     import inspect
 
