@@ -4,7 +4,10 @@ One process, one model, the same shapes: `--prompts` prompts x `--num-generation
 prompt tokens of `--prompt-len`, `--max-new-tokens` new tokens per row, sampling at temperature 1,
 no stop tokens (every row runs to the limit: identical work). Each contender is called once untimed
 (CUDA graph capture, HF's static-cache compilation), then `--repeats` timed calls; the table keeps
-the best. New tokens/s = rows x new tokens / seconds.
+the best. New tokens/s = rows x new tokens / seconds. The engine runs twice: uncompiled and with
+its compiled decode round (`--skip compiled` leaves that out; on the CPU the compile takes minutes).
+`--floor` adds the time of the decode step's weight matmuls alone, once per new token: where reading
+the weights bounds the step, no engine computing the same numbers beats HF by more than that row.
 
 `--speculative` adds the speculation table: greedy decoding (temperature 0, exact either way) of the
 engine with and without speculation at batch sizes `--spec-batches`, with prompt-lookup drafts
