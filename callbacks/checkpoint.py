@@ -20,6 +20,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from pmetal.atomic import atomic_output
+
 log = logging.getLogger("pmetal")
 
 
@@ -91,7 +93,8 @@ class ExportOnTrainEnd(Callback):
         if not trainer.is_global_zero:
             return
         out = Path(trainer.default_root_dir) / self.subdir
-        pl_module.save_pretrained(out) if state is None else pl_module.save_pretrained(out, state_dict=state)
+        with atomic_output(out, directory=True) as staging:  # a kill mid-save leaves no half-written final/
+            pl_module.save_pretrained(staging) if state is None else pl_module.save_pretrained(staging, state_dict=state)
         self.export_dir = out
         log.info("saved the trained %s to %s", getattr(pl_module, "artifact_kind", "model"), out)
 

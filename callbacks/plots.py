@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
+from pmetal.atomic import atomic_output, write_text_atomic
+
 log = logging.getLogger("pmetal")
 
 
@@ -80,8 +82,12 @@ class LossHistory(Callback):
         """Write `loss_history.json` and (when a step ran) the plot into `run_dir`; the plot's path."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "loss_history.json").write_text(json.dumps({"train": self.train, "val": self.val}))
-        return plot_losses(self.train, self.val, run_dir / self.filename) if self.train else None
+        write_text_atomic(run_dir / "loss_history.json", json.dumps({"train": self.train, "val": self.val}))
+        if not self.train:
+            return None
+        with atomic_output(run_dir / self.filename, directory=False) as staging:
+            plot_losses(self.train, self.val, staging)
+        return run_dir / self.filename
 
 
 def plot_losses(train, val, path: Path) -> Path:

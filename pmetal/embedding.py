@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pmetal.atomic import write_text_atomic
 from pmetal.errors import PmetalError
 
 log = logging.getLogger("pmetal")
@@ -294,4 +295,4 @@ def write_metrics(run_dir: str | Path, step: int, epoch: int, metrics: dict[str,
     record = {"step": step, "epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
     with open(run_dir / "eval_metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-    (run_dir / "eval_metrics.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(run_dir / "eval_metrics.json", json.dumps(record, indent=2) + "\n")

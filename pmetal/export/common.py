@@ -3,13 +3,9 @@ table of formats and the quantizations each one has."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
+from pmetal.atomic import atomic_output  # noqa: F401 - the exporters' temporary-path-then-rename write
 from pmetal.errors import PmetalError
 
 FORMATS = ("coreml", "gguf", "hf")
@@ -53,20 +49,3 @@ def check_out(out: str | Path, force: bool) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def atomic_output(out: str | Path, *, directory: bool) -> Iterator[Path]:
-    """Yield a temporary path beside `out`; on success it is renamed to `out` (replacing an older
-    one), on failure it is removed, so a failed export leaves nothing at `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    staging = staging_dir if directory else staging_dir / out.name
-    try:
-        yield staging
-        if out.is_dir() and not out.is_symlink():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging_dir, ignore_errors=True)
