@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import WORDS, Profile, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import WORDS, Profile, report, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 
@@ -211,11 +211,7 @@ def main(argv: list[str] | None = None) -> None:
              f"|---|---|---|---|{extra[1]}"]
     table += [f"| {r['trainer']} | {r['pairs_per_s']:.3f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} |{busy(r)}"
               for r in results]
-    text = "\n".join(table)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n\n")
+    report("\n".join(table) + "\n", args.markdown)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = ("red", "green", "blue")
 QUESTION = "What colour is the square?"
@@ -265,11 +267,7 @@ def main() -> None:
             continue
         cells = [fmt(v, spec) for part in ("grpo", "sft") for v, spec in zip(r[part], (".3f", ".0f", ".2f"))]
         rows.append(f"| {name} | {' | '.join(cells)} | |")
-    table = "\n".join(rows)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(table + "\n")
+    report("\n".join(rows) + "\n", args.markdown)
 
 
 if __name__ == "__main__":
