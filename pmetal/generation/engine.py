@@ -2,7 +2,7 @@
 
 What it does, and why each piece is there:
 
-- **One preallocated KV cache** per (rows, capacity) bucket: ``[rows, kv_heads, capacity, head_dim]``
+- **One preallocated KV cache** per (rows, capacity) bucket (a ``workspace.Workspace``): ``[rows, kv_heads, capacity, head_dim]``
   per layer (:class:`SlotCache`), written in place at *slot* indices. The attention mask is a 4-D
   boolean ``[rows, 1, T, capacity]`` built from a per-row ``valid`` bitmap, so a row's slots need
   not be contiguous: left padding, rejected draft tokens and finished rows are holes in the bitmap,
@@ -46,12 +46,11 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from pmetal.generation.sampling import Generation, SamplingConfig, forward_kwargs, left_pad
-from pmetal.generation.slots import SlotCache
+from pmetal.generation.workspace import DecodeSpec, Workspace
 
 log = logging.getLogger("pmetal")
 
@@ -84,53 +83,6 @@ def has_sliding_window(model) -> bool:
     text = getattr(config, "text_config", None)
     types = list(types) + list(getattr(text, "layer_types", None) or [])
     return any("sliding" in str(t) or "linear" in str(t) for t in types) or bool(getattr(config, "use_sliding_window", False))
-
-
-@dataclass
-class DecodeSpec:
-    """What one family of captured rounds is specialised on (a new value captures anew)."""
-
-    sampling: tuple
-    stop: tuple
-    max_new_tokens: int
-    prompt_width: int
-    capacity: int
-    num_rows: int  # rows of the top bucket (P x G)
-    draft_tokens: int  # K (0 without speculation)
-    generator: int  # id of the torch.Generator the graphs draw from (0: the default one)
-
-
-class _Workspace:
-    """The static buffers of one bucket: per-row state, the caches, a graph once captured."""
-
-    def __init__(self, rows: int, spec: DecodeSpec, kv_shapes, draft_kv_shapes, device) -> None:
-        c, width = spec.capacity, spec.prompt_width + spec.max_new_tokens + spec.draft_tokens + 2
-        long = dict(dtype=torch.long, device=device)
-        self.rows = rows
-        self.state = {
-            "tok": torch.zeros(rows, **long), "pos": torch.zeros(rows, **long),
-            "gen_len": torch.zeros(rows, **long), "row_ids": torch.zeros(rows, **long),
-            "finished": torch.ones(rows, dtype=torch.bool, device=device),
-            "stopped": torch.zeros(rows, dtype=torch.bool, device=device),
-            "valid": torch.zeros(rows, c, dtype=torch.bool, device=device),
-            "seq": torch.full((rows, width), -1, **long),  # prompt + completion, for n-gram drafting
-        }
-        self.cache = self._cache(rows, c, kv_shapes, device)
-        self.draft_cache = self._cache(rows, c, draft_kv_shapes, device) if draft_kv_shapes else None
-        self.col = torch.zeros((), **long)  # the first free slot column, on the device
-        self.col_host = 0
-        self.graph = None
-
-    @staticmethod
-    def _cache(rows, capacity, shapes, device) -> SlotCache:
-        keys = [torch.zeros(rows, h, capacity, dk, dtype=dt, device=device) for h, dk, _, dt in shapes]
-        values = [torch.zeros(rows, h, capacity, dv, dtype=dt, device=device) for h, _, dv, dt in shapes]
-        return SlotCache(keys, values)
-
-    def batched(self) -> list[torch.Tensor]:
-        """Every tensor with the row dimension first (what compaction gathers)."""
-        out = list(self.state.values()) + self.cache.tensors()
-        return out + (self.draft_cache.tensors() if self.draft_cache is not None else [])
 
 
 class RolloutEngine:
@@ -166,7 +118,7 @@ class RolloutEngine:
         self._compiled: dict[int, object] = {}
         self.compile_error: str | None = None  # why the rounds run uncompiled, if they do
         self.sync_every = max(1, sync_every)
-        self._family: tuple[DecodeSpec, dict[int, _Workspace], object] | None = None
+        self._family: tuple[DecodeSpec, dict[int, Workspace], object] | None = None
         self._pool = None
         self.last_stats: dict[str, float] = {}
         self.capture_error: str | None = None  # why the rounds run eagerly on CUDA, if they do
@@ -283,14 +235,14 @@ class RolloutEngine:
         shapes = lambda pre: [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in pre["layers"]] if pre else None  # noqa: E731
         self._shapes = (shapes(prefill), shapes(draft_prefill))
         self.vocab_size = prefill["logits"].shape[-1]
-        spaces: dict[int, _Workspace] = {}
+        spaces: dict[int, Workspace] = {}
         step = Round(self, spec, config, generator, pad_token_id)
         self._family = (spec, spaces, step)
         return spaces, step
 
-    def _workspace(self, spaces, spec, rows) -> _Workspace:
+    def _workspace(self, spaces, spec, rows) -> Workspace:
         if rows not in spaces:
-            spaces[rows] = _Workspace(rows, spec, *self._shapes, self.device)
+            spaces[rows] = Workspace(rows, spec, *self._shapes, self.device)
         return spaces[rows]
 
     def _spec(self, config, stop, max_new, width, rows, generator) -> DecodeSpec:
@@ -332,9 +284,9 @@ class RolloutEngine:
                     break
                 target = 1 << max(0, (live - 1).bit_length())
                 if target <= ws.rows // 2:
-                    ws = self._compact(ws, self._workspace(spaces, spec, target))
+                    ws = ws.compact_into(self._workspace(spaces, spec, target))
             if ws.col_host + spec.draft_tokens + 1 > spec.capacity:
-                self._defragment(ws)
+                ws.defragment()
             self._run(ws, step)
             rounds += 1
         if on_tokens is not None:
@@ -349,7 +301,7 @@ class RolloutEngine:
             completion_mask=keep.long(), logps=torch.where(keep, logps[:rows, :longest], 0.0), stopped=stopped,
         )
 
-    def _load(self, ws: _Workspace, prefill, draft_prefill, offset: int, step) -> None:
+    def _load(self, ws: Workspace, prefill, draft_prefill, offset: int, step) -> None:
         """Prompt KV into the top bucket's cache, the per-row state reset, the first token sampled."""
         width, rows = prefill["width"], ws.rows
         group = prefill["group"]
@@ -375,7 +327,7 @@ class RolloutEngine:
         ws.cache.seen = base
         step.first_token(ws, prefill["logits"])
 
-    def _run(self, ws: _Workspace, step) -> None:
+    def _run(self, ws: Workspace, step) -> None:
         if self.cuda_graphs and ws.graph is None:
             ws.graph = self._capture(ws, step)
         if self.cuda_graphs and ws.graph is not False:
@@ -387,7 +339,7 @@ class RolloutEngine:
         ws.col_host += step.width
         ws.cache.seen = ws.col_host
 
-    def _capture(self, ws: _Workspace, step):
+    def _capture(self, ws: Workspace, step):
         """Capture ``step(ws)`` into a CUDA graph; False (eager from then on) if the model cannot be captured."""
         step.kv_limit = None  # a captured round attends over the whole capacity
         snapshot = {name: t.clone() for name, t in ws.state.items()}
@@ -415,29 +367,6 @@ class RolloutEngine:
         ws.col.copy_(col)
         step.restore(extra)
         return graph
-
-    def _compact(self, src: _Workspace, dst: _Workspace) -> _Workspace:
-        """Gather the live rows (then finished ones, to fill the bucket) into a smaller bucket."""
-        order = torch.sort(src.state["finished"].to(torch.int8), stable=True).indices[: dst.rows]
-        for a, b in zip(src.batched(), dst.batched()):
-            b.copy_(a.index_select(0, order))
-        dst.col.copy_(src.col)
-        dst.col_host = src.col_host
-        dst.cache.seen = src.col_host
-        return dst
-
-    def _defragment(self, ws: _Workspace) -> None:
-        """Move each row's valid slots to the front (speculation leaves holes), freeing the tail."""
-        valid = ws.state["valid"]
-        order = torch.sort(valid.to(torch.int8), dim=1, descending=True, stable=True).indices  # [rows, C]
-        caches = [ws.cache] + ([ws.draft_cache] if ws.draft_cache is not None else [])
-        for t in [t for c in caches for t in c.tensors()]:
-            t.copy_(t.gather(2, order[:, None, :, None].expand_as(t)))
-        valid.copy_(valid.gather(1, order))
-        used = int(valid.sum(dim=1).max())
-        ws.col.fill_(used)
-        ws.col_host = used
-        ws.cache.seen = used
 
 
 def _stream(on_tokens, tokens: torch.Tensor, lengths: torch.Tensor, streamed: list[int]) -> list[int]:
