@@ -289,10 +289,13 @@ def triplet_accuracy(anchors: torch.Tensor, positives: torch.Tensor, negatives: 
 
 
 def write_metrics(run_dir: str | Path, step: int, epoch: int, metrics: dict[str, float]) -> None:
-    """Append one evaluation to `run_dir/eval_metrics.jsonl` and rewrite `eval_metrics.json` (latest)."""
+    """Add one evaluation to `run_dir/eval_metrics.jsonl` and rewrite `eval_metrics.json` (latest), atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"step": step, "epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
-    with open(run_dir / "eval_metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    history = run_dir / "eval_metrics.jsonl"
+    # rewritten whole, atomically (it is small): an append cut by a kill would leave a broken line
+    lines = history.read_text(encoding="utf-8").splitlines(keepends=True) if history.is_file() else []
+    kept = [line for line in lines if line.endswith("\n")]
+    write_text_atomic(history, "".join(kept) + json.dumps(record) + "\n")
     write_text_atomic(run_dir / "eval_metrics.json", json.dumps(record, indent=2) + "\n")

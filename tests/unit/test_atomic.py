@@ -74,3 +74,15 @@ def test_the_loss_history_and_plot_are_written_atomically(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "loss_history.json").read_text())["train"][-1] == [3, 1.0]
     assert before != (tmp_path / "loss_history.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "loss_history.json"]
+
+
+def test_the_embedding_evaluations_survive_a_cut_append(tmp_path):
+    from pmetal.embedding import write_metrics
+
+    write_metrics(tmp_path, 1, 0, {"spearman": 0.5})
+    with (tmp_path / "eval_metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "spe')  # what a kill in the middle of an append leaves
+    write_metrics(tmp_path, 2, 0, {"spearman": 0.7})
+    records = [json.loads(line) for line in (tmp_path / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert json.loads((tmp_path / "eval_metrics.json").read_text())["spearman"] == 0.7
