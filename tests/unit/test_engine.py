@@ -283,3 +283,20 @@ def test_the_kept_engine_does_not_keep_its_model_alive(compile_decode):
     del model
     gc.collect()
     assert alive() is None  # a GRPO run's policy (and its engine's buffers) is freed with the run
+
+
+def test_a_compile_failure_falls_back_to_the_uncompiled_round(tiny_lm, monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("inductor is not available here")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    config = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    engine = RolloutEngine(tiny_lm, compile_decode=True)
+    with caplog.at_level("WARNING", logger="pmetal"):
+        got = engine.generate(PROMPTS, config, stop_ids=[], pad_token_id=PAD)
+    want = RolloutEngine(tiny_lm, compile_decode=False).generate(PROMPTS, config, stop_ids=[], pad_token_id=PAD)
+    assert got.completion_ids.tolist() == want.completion_ids.tolist()
+    assert "inductor is not available here" in engine.compile_error
+    assert "running it uncompiled" in caplog.text
