@@ -6,6 +6,12 @@ no stop tokens (every row runs to the limit: identical work). Each contender is 
 (CUDA graph capture, HF's static-cache compilation), then `--repeats` timed calls; the table keeps
 the best. New tokens/s = rows x new tokens / seconds. The engine runs twice: uncompiled and with
 its compiled decode round (`--skip compiled` leaves that out; on the CPU the compile takes minutes).
+On CUDA the compiled engine (Triton decode attention, fused q/k/v and gate/up projections) is
+shown beside itself with unfused projections (`--skip unfused` leaves it out) and with both
+unfused projections and matmul attention (`--skip matmul`). Each engine row reports the largest and the mean
+gap between the log-probs it recorded and a training-mode forward over the same completions.
+`--profile` prints the GPU time per kernel of a few compiled rounds (run without graphs, so the
+profiler sees each kernel).
 `--floor` adds the time of the decode step's weight matmuls alone, once per new token: where reading
 the weights bounds the step, no engine computing the same numbers beats HF by more than that row.
 
@@ -104,7 +110,16 @@ def rollout_table(args, model, tokenizer) -> str:
     config = SamplingConfig(max_new_tokens=new, temperature=1.0)
     engines = [("pmetal engine", RolloutEngine(model, compile_decode=False))]
     if "compiled" not in args.skip:
-        engines.append(("pmetal engine, compiled decode", RolloutEngine(model, compile_decode=True)))
+        default = RolloutEngine(model, compile_decode=True)
+        engines.append(("pmetal engine, compiled decode", default))
+        if default.fuse_projections and "unfused" not in args.skip:
+            engines.append(("pmetal engine, compiled decode, unfused projections",
+                            RolloutEngine(model, compile_decode=True, fuse_projections=False)))
+        if default.attention_kernel and "matmul" not in args.skip:
+            engines.append(("pmetal engine, compiled decode, unfused, matmul attention",
+                            RolloutEngine(model, compile_decode=True, attention_kernel=False, fuse_projections=False)))
+    if engines[0][1].attention_kernel:
+        engines[0] = ("pmetal engine (uncompiled)", engines[0][1])
 
     def run_engine(engine):
         return lambda: engine.generate(prompts, config, stop_ids=[], pad_token_id=0,
@@ -121,12 +136,14 @@ def rollout_table(args, model, tokenizer) -> str:
             kwargs["cache_implementation"] = cache
         return lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
-    results = []
+    results, gaps = [], {}
     for name, engine in engines:
-        seconds = timed(run_engine(engine), args.device, args.repeats)
+        outs = []
+        seconds = timed(lambda: outs.append(run_engine(engine)()), args.device, args.repeats)
         for why in (engine.capture_error, engine.compile_error):
             name += f" (fell back: {why[:100]})" if why else ""
         results.append((name, seconds))
+        gaps[name] = logp_gap(model, outs[-1], config.temperature)
     for name, cache in (("HF generate, dynamic cache", None), ("HF generate, static cache", "static")):
         if name.split(", ")[1].split()[0] in args.skip:
             continue
@@ -138,11 +155,57 @@ def rollout_table(args, model, tokenizer) -> str:
         results.append(("floor: the weight matmuls alone, once per new token", new * weight_floor(model, rows, args)))
     header = (f"Rollout, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} samples, "
               f"{args.prompt_len} + {new} tokens, temperature 1, no stop tokens, best of {args.repeats}")
-    lines = ["| contender | seconds | new tokens/s | vs HF dynamic |", "|---|---:|---:|---:|"]
+    lines = ["| contender | seconds | new tokens/s | vs HF dynamic | vs HF static | max / mean log-prob gap |",
+             "|---|---:|---:|---:|---:|---:|"]
     dynamic = next((s for n, s in results if n.startswith("HF generate, dynamic")), float("nan"))
+    static = next((s for n, s in results if n.startswith("HF generate, static")), float("nan"))
     for name, seconds in results:
-        lines.append(f"| {name} | {seconds:.3f} | {rows * new / seconds:,.0f} | {dynamic / seconds:.2f}x |")
+        gap = f"{gaps[name][0]:.2e} / {gaps[name][1]:.2e}" if name in gaps else ""
+        lines.append(f"| {name} | {seconds:.3f} | {rows * new / seconds:,.0f} | {dynamic / seconds:.2f}x | "
+                     f"{static / seconds:.2f}x | {gap} |")
     return header + "\n\n" + "\n".join(lines) + "\n"
+
+
+def logp_gap(model, gen, temperature: float, chunk: int = 8) -> tuple[float, float]:
+    """Largest and mean ``|recorded - training|`` log-prob over the completions' tokens: the training-mode
+    forward (the whole sequence at once, the model's own attention) that the policy ratio divides by."""
+    import torch
+
+    ids = torch.cat([gen.prompt_ids, gen.completion_ids], dim=1)
+    mask = torch.cat([gen.prompt_mask, gen.completion_mask], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    width, worst, total, count = gen.prompt_ids.shape[1], 0.0, 0.0, 0
+    with torch.no_grad():
+        for a in range(0, ids.shape[0], chunk):
+            logits = model(input_ids=ids[a: a + chunk], attention_mask=mask[a: a + chunk],
+                           position_ids=positions[a: a + chunk]).logits[:, width - 1: -1].float()
+            logp = torch.log_softmax(logits / temperature, dim=-1).gather(2, gen.completion_ids[a: a + chunk, :, None])
+            keep = gen.completion_mask[a: a + chunk].bool()
+            diff = (logp.squeeze(2) - gen.logps[a: a + chunk]).abs()[keep]
+            worst, total, count = max(worst, float(diff.max())), total + float(diff.sum()), count + diff.numel()
+    return worst, total / max(count, 1)
+
+
+def profile_rounds(args, model, tokenizer) -> str:
+    """GPU time per kernel over a short compiled rollout without graphs (the profiler then sees every kernel)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pmetal.generation import SamplingConfig
+    from pmetal.generation.engine import RolloutEngine
+
+    prompts = prompts_for(args, tokenizer, args.prompts)
+    config = SamplingConfig(max_new_tokens=64, temperature=1.0)
+    engine = RolloutEngine(model, cuda_graphs=False, compile_decode=True)
+    run = lambda: engine.generate(prompts, config, stop_ids=[], pad_token_id=0, num_return_sequences=args.num_generations)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    rounds = engine.last_stats.get("rollout/decode_rounds", 63.0)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    return f"Profile: {args.prompts} x {args.num_generations} rows, 64 new tokens ({rounds:.0f} rounds)\n\n{table}\n"
 
 
 def weight_floor(model, rows: int, args) -> float:
@@ -207,7 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--skip", nargs="*", default=[], help="contenders to leave out: dynamic, static, compiled")
+    p.add_argument("--skip", nargs="*", default=[], help="contenders to leave out: dynamic, static, compiled, unfused, matmul")
+    p.add_argument("--profile", action="store_true", help="print the GPU time per kernel of compiled rounds")
     p.add_argument("--no-rollout", action="store_true", help="only the speculation table")
     p.add_argument("--floor", action="store_true", help="add the weight-read floor row (the matmuls alone)")
     p.add_argument("--speculative", action="store_true", help="add the speculation table")
@@ -226,6 +290,8 @@ def main(argv=None) -> int:
         text += rollout_table(args, model, tokenizer)
     if args.speculative:
         text += "\n" + speculation_table(args, model, tokenizer)
+    if args.profile:
+        text += "\n" + profile_rounds(args, model, tokenizer)
     versions = f"torch {torch.__version__}"
     if args.device == "cuda":
         versions += f", {torch.cuda.get_device_name()}"

@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # pmetal's Triton kernel (pmetal.generation.decode_attention) runs in Triton's interpreter on a
+    # CPU-only machine; the switch is read when triton is first imported, so it is set here.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 

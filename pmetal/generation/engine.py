@@ -15,6 +15,12 @@ What it does, and why each piece is there:
   forward, the sampling distribution and the recorded log-prob go through ``torch.compile``
   before the capture, so the graph replays inductor's fused kernels rather than the eager modules'
   many small ones (rounding between ops as eager does: ``emulate_precision_casts``).
+- **Decode attention on CUDA** (``attention_kernel``): one Triton kernel per layer
+  (``decode_attention``) walks each row's cache and skips the blocks its mask allows nothing in,
+  so a round reads about the columns written so far while every shape stays fixed.
+- **Fused projections** (``fuse_projections``, with the compiled rounds on CUDA): each layer's
+  q/k/v and gate/up as one matmul each, over a copy refreshed from the live weights before every
+  rollout (``fused``); decode matmuls are launch-sized, so four do the work of seven.
 - **No host sync per token**: the host reads ``finished`` every ``sync_every`` rounds only.
 - **Finished rows stop costing**: at those reads, when the live rows fit a smaller power-of-two
   bucket, the rows (cache included) are gathered into it.
@@ -32,7 +38,9 @@ What it does, and why each piece is there:
 
 Sampling draws ``argmax(probs / E)`` with ``E ~ Exp(1)`` (the exponential race: exactly a draw
 from ``probs``, without a host-side ``multinomial``), over the distribution of
-:func:`pmetal.generation.sampling.process_logits`; greedy is the one-hot of the argmax. The
+:func:`pmetal.generation.sampling.process_logits`; greedy is the one-hot of the argmax. A plain
+decode round takes the race in log space (``speculative.sample_and_score``: the processed logits
+plus Gumbel noise from the same uniforms), so no softmax is formed. The
 recorded log-prob is the full tempered ``log_softmax(logits / T)`` of the chosen token, as training
 computes it. Speculation (``pmetal.generation.speculative``) plugs in as the draft of the round.
 
@@ -55,6 +63,7 @@ from pmetal.generation.workspace import DecodeSpec, Workspace
 log = logging.getLogger("pmetal")
 
 CAPACITY_STEP = 64
+FUSE_LIMIT_BYTES = 2 << 30  # the largest fused-projection copy made by default (a 0.6B model's is ~0.6 GB)
 
 
 def _prompt_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -99,11 +108,21 @@ class RolloutEngine:
             captured (None: wherever CUDA graphs are captured). Inductor fuses the eager modules'
             small kernels, which the graph would otherwise replay one by one. Compilation happens
             at the first call per shape family; a failure falls back to the eager forward.
+        attention_kernel: decode and verify rounds attend through pmetal's Triton kernel
+            (``pmetal.generation.decode_attention``), which reads only the cache columns the mask
+            allows (None: where Triton runs, i.e. on CUDA); else through batched matmuls or SDPA.
+        fuse_projections: decode through one matmul for each layer's q/k/v and one for gate/up,
+            over a concatenated copy of those weights refreshed before every rollout
+            (``pmetal.generation.fused``; groups with adapters or quantized weights keep theirs).
+            None: where the rounds are compiled on CUDA and the copy takes at most
+            ``FUSE_LIMIT_BYTES``.
         sync_every: rounds between the host's reads of the finished rows (compaction points).
     """
 
     def __init__(self, model, *, speculative: bool = False, draft_model=None, num_draft_tokens: int = 4,
-                 cuda_graphs: bool | None = None, compile_decode: bool | None = None, sync_every: int = 8) -> None:
+                 cuda_graphs: bool | None = None, compile_decode: bool | None = None, attention_kernel: bool | None = None,
+                 fuse_projections: bool | None = None, sync_every: int = 8) -> None:
+        from pmetal.generation.decode_attention import kernel_supported, prepare
         from pmetal.generation.speculative import check_draft_settings
 
         check_draft_settings(speculative, draft_model, num_draft_tokens)
@@ -115,6 +134,20 @@ class RolloutEngine:
         self.device = next(model.parameters()).device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.compile_decode = self.cuda_graphs if compile_decode is None else compile_decode
+        supported = kernel_supported(self.device)
+        if attention_kernel and not supported:
+            raise ValueError(f"attention_kernel=True needs Triton on a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
+                             f"the model is on {self.device}")
+        self.attention_kernel = supported and self.device.type == "cuda" if attention_kernel is None else attention_kernel
+        if self.attention_kernel:
+            prepare()  # Triton's decoration and the op's registration, never inside a compiled round
+        if fuse_projections is None:
+            from pmetal.generation.fused import FusedProjections
+
+            fuse_projections = self.compile_decode and self.device.type == "cuda" \
+                and FusedProjections.size_bytes(model) <= FUSE_LIMIT_BYTES
+        self.fuse_projections = fuse_projections
+        self._fused = None
         self._compiled: dict[int, object] = {}
         self.compile_error: str | None = None  # why the rounds run uncompiled, if they do
         self.sync_every = max(1, sync_every)
@@ -158,6 +191,16 @@ class RolloutEngine:
         if model is None:
             raise RuntimeError("the rollout engine's model has been freed")
         return model
+
+    def fused(self, model):
+        """The fused projections used in ``model``'s rounds (None: its own modules)."""
+        if not self.fuse_projections or model is not self.model:
+            return None
+        if self._fused is None:
+            from pmetal.generation.fused import FusedProjections
+
+            self._fused = FusedProjections(model)
+        return self._fused if len(self._fused) else None
 
     def compiled_forward(self, model):
         """The compiled decode forward for ``model`` (None: run it uncompiled)."""
@@ -271,6 +314,9 @@ class RolloutEngine:
         ws = self._workspace(spaces, spec, rows)
         tokens, logps = step.tokens, step.logps
         offset = spec.prompt_width - width  # prompts narrower than the family's width sit right-aligned
+        fused = self.fused(self.model)
+        if fused is not None:
+            fused.refresh()  # the live weights, after whatever optimizer step came before this rollout
         self._load(ws, prefill, draft_prefill, offset, step)
         rounds = 0
         # a streaming caller reads every round, so its tokens arrive one round at a time

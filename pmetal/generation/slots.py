@@ -4,6 +4,9 @@
 keys and values at the slots the round chose; :func:`slot_attention` is SDPA over it with the
 grouped-query heads folded into the query length (transformers repeats K and V per query head
 whenever a mask is given), swapped in for a model's SDPA layers by :class:`use_slot_attention`.
+With ``kernel=True`` decode and verify rounds go through the Triton kernel of
+:mod:`pmetal.generation.decode_attention` instead (one kernel per layer, reading only the columns
+the mask allows).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class SlotCache:
 
 
 SLOT_ATTENTION = "pmetal_slot_sdpa"
-SMALL_QUERY = 16  # query rows per KV head up to which CUDA rounds attend through plain matmuls
+SLOT_KERNEL_ATTENTION = "pmetal_slot_kernel"
+SMALL_QUERY = 16  # query rows per KV head up to which rounds count as decode rounds (matmuls or the kernel)
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -78,28 +82,42 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     return out.reshape(b, hq, t, d).transpose(1, 2).contiguous(), None
 
 
+def slot_kernel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """:func:`slot_attention`, with decode and verify rounds through the Triton decode-attention kernel
+    (the engine chose it where the kernel runs, and prepared it before any compilation)."""
+    from pmetal.generation import decode_attention as kernel
+
+    group_rows = (query.shape[1] // key.shape[1]) * query.shape[2]
+    if group_rows <= SMALL_QUERY and attention_mask is not None and attention_mask.dtype == torch.bool:
+        return kernel.decode_attention(query, key, value, attention_mask, scaling), None
+    return slot_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
 def _register_slot_attention() -> bool:
     try:
         from transformers import AttentionInterface
 
         AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+        AttentionInterface.register(SLOT_KERNEL_ATTENTION, slot_kernel_attention)
         return True
     except Exception:  # noqa: BLE001 - an older transformers: the model's own attention is used
         return False
 
 
 class use_slot_attention:
-    """Within the block, ``model``'s attention layers dispatch to :func:`slot_attention`."""
+    """Within the block, ``model``'s attention layers dispatch to :func:`slot_attention`
+    (``kernel=True``: :func:`slot_kernel_attention`)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, kernel: bool = False) -> None:
         self.config = getattr(model, "config", None)
+        self.name = SLOT_KERNEL_ATTENTION if kernel else SLOT_ATTENTION
         self.previous = None
 
     def __enter__(self):
         impl = getattr(self.config, "_attn_implementation", None)
         if impl == "sdpa" and _register_slot_attention():
             self.previous = impl
-            self.config._attn_implementation = SLOT_ATTENTION
+            self.config._attn_implementation = self.name
         return self
 
     def __exit__(self, *exc) -> None:

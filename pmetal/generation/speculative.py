@@ -24,10 +24,13 @@ slots stay in the cache as holes in the row's ``valid`` bitmap, compacted when t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from pmetal.generation.slots import use_slot_attention
-from pmetal.generation.sampling import SamplingConfig, forward_kwargs, race as _race, sampling_probs as _probs
+from pmetal.generation.sampling import (SamplingConfig, forward_kwargs, process_logits, race as _race,
+                                        sampling_probs as _probs, suppressed)
 
 NGRAM_SIZES = (3, 2, 1)
 
@@ -58,6 +61,22 @@ def model_logits(model, cache_kw: str, has_keep: bool, ids, mask, positions, cac
 def chosen_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """``log_softmax(logits / T)`` of ``tokens`` (``[rows, T, V]``, ``[rows, T]``): the log-prob training computes."""
     return torch.log_softmax(logits / temperature, dim=-1).gather(2, tokens[..., None]).squeeze(2)
+
+
+def sample_and_score(logits: torch.Tensor, uniform: torch.Tensor, config: SamplingConfig,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain decode step's draw and recorded log-prob from ``[rows, V]`` logits and ``[rows, V]`` uniforms.
+
+    The exponential race of :func:`pmetal.generation.sampling.race` in log space: ``argmax(p / E)``
+    with ``E = -log(u)`` is ``argmax(log p - log E)``, and ``log p`` differs from the processed logits by
+    a constant per row, so the softmax is never formed (the Gumbel-max trick: the same draw from the
+    same uniforms). One function, so the compiled round reads the logits in one fused pass or two."""
+    if config.temperature == 0.0:
+        tokens = suppressed(logits, config).argmax(dim=-1)
+    else:
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-30)))
+        tokens = (process_logits(logits, config) + gumbel).argmax(dim=-1)
+    return tokens, chosen_logps(logits[:, None], tokens[:, None], temperature)[:, 0]
 
 
 class Round:
@@ -108,15 +127,18 @@ class Round:
             drafts = self._draft_from_ngrams(ws)
         ids = s["tok"][:, None] if drafts is None else torch.cat([s["tok"][:, None], drafts], dim=1)
         logits = self._forward(self.engine.model, ws.cache, ids, s["pos"][:, None] + self.arange[None, : k + 1], slots, ws)
-        p = self._sampling_probs(logits)  # [rows, T, V]
+        logp = None
         if k:
-            accepted, emitted = self._verify(p, drafts, q)
+            accepted, emitted = self._verify(self._sampling_probs(logits), drafts, q)  # p: [rows, T, V]
             keep = (self.arange[None, :k] < accepted[:, None]) & live[:, None]
             s["valid"].index_copy_(1, slots[1:], keep)
         else:
             accepted = torch.zeros_like(s["tok"])
-            emitted = _race(p[:, 0], self.generator)[:, None]
-        self._emit(ws, emitted, logits, accepted, live, count=True)
+            uniform = torch.rand(logits[:, 0].shape, device=logits.device, dtype=torch.float32, generator=self.generator)
+            emitted, logp = (self.engine.compiled(sample_and_score) or sample_and_score)(
+                logits[:, 0], uniform, self.config, self.temperature)
+            emitted, logp = emitted[:, None], logp[:, None]
+        self._emit(ws, emitted, logits, accepted, live, count=True, logp=logp)
         ws.col.add_(k + 1)
 
     def first_token(self, ws, logits: torch.Tensor) -> None:
@@ -146,11 +168,12 @@ class Round:
         emitted = torch.cat([drafts, new[:, None]], dim=1).scatter(1, accepted[:, None], new[:, None])
         return accepted, emitted
 
-    def _emit(self, ws, emitted, logits, accepted, live, *, count: bool) -> None:
+    def _emit(self, ws, emitted, logits, accepted, live, *, count: bool, logp=None) -> None:
         """Record the emitted tokens up to a stop token or the budget; update the row state."""
         s, width = ws.state, emitted.shape[1]
         i = self.arange[None, :width]
-        logp = (self.engine.compiled(chosen_logps) or chosen_logps)(logits, emitted, self.temperature)
+        if logp is None:
+            logp = (self.engine.compiled(chosen_logps) or chosen_logps)(logits, emitted, self.temperature)
         is_stop = torch.isin(emitted, self.stop) & (i <= accepted[:, None])
         first_stop = torch.where(is_stop.any(dim=1), is_stop.to(torch.int8).argmax(dim=1), width)
         m = torch.minimum(torch.minimum(accepted + 1, first_stop + 1), self.max_new - s["gen_len"])
@@ -188,7 +211,8 @@ class Round:
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         forward = self.engine.compiled_forward(model) or model_logits
-        with use_slot_attention(model):
+        fused = self.engine.fused(model)
+        with use_slot_attention(model, kernel=self.engine.attention_kernel), fused or contextlib.nullcontext():
             return forward(model, cache_kw, has_keep, ids, mask, positions, cache)
 
     def _draft_with_model(self, ws, slots):
