@@ -98,19 +98,35 @@ def test_engine_rounds_through_the_kernel_change_nothing(device):
     from tests.unit.test_engine import PAD, PROMPTS, _tiny, _training_logps
 
     model = _tiny(device=device)
-    greedy = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
     ref = generate_reference(model, PROMPTS, greedy, stop_ids=[], pad_token_id=PAD, num_return_sequences=2)
     for options in (dict(), dict(speculative=True, num_draft_tokens=3)):
         engine = RolloutEngine(model, attention_kernel=True, **options)
         gen = engine.generate(PROMPTS, greedy, stop_ids=[], pad_token_id=PAD, num_return_sequences=2)
         assert gen.completion_ids.tolist() == ref.completion_ids.tolist(), options
         torch.testing.assert_close(gen.logps, ref.logps, atol=1e-5, rtol=1e-5)
-    sampled = SamplingConfig(max_new_tokens=12, temperature=0.8)
+    sampled = SamplingConfig(max_new_tokens=8, temperature=0.8)
     gen = RolloutEngine(model, attention_kernel=True).generate(PROMPTS, sampled, stop_ids=[], pad_token_id=PAD,
                                                                 generator=torch.Generator(device).manual_seed(3))
     for row, prompt in enumerate(PROMPTS):
         expected = _training_logps(model, prompt, gen.completion_ids[row].tolist(), 0.8)
         torch.testing.assert_close(gen.logps[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_tokens_through_the_kernel_are_the_matmul_rounds_tokens(device):
+    """Sampling (temperature, top-k, top-p) from the same seed: the kernel's rounds draw exactly the tokens
+    the SDPA rounds draw, so their distribution is the engine's, which test_engine checks against the
+    reference sampler by a chi-square test."""
+    from tests.unit.test_engine import PAD, PROMPTS, _tiny
+
+    model = _tiny(device=device)
+    config = SamplingConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95)
+    outs = [RolloutEngine(model, attention_kernel=kernel).generate(
+        PROMPTS, config, stop_ids=[], pad_token_id=PAD, num_return_sequences=3,
+        generator=torch.Generator(device).manual_seed(11)) for kernel in (True, False)]
+    assert outs[0].completion_ids.tolist() == outs[1].completion_ids.tolist()
+    torch.testing.assert_close(outs[0].logps, outs[1].logps, atol=1e-5, rtol=1e-5)
+    assert len(set(map(tuple, outs[0].completion_ids.tolist()))) > 3  # sampled, not one sequence repeated
 
 
 def test_the_kernel_goes_where_the_rounds_attend(device, monkeypatch):

@@ -94,7 +94,9 @@ def _chi2_two_sample(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 
 
 def test_sampled_token_frequencies_match_the_reference_sampler():
-    """Joint frequencies of 2-token completions: engine (plain and speculative) vs the reference loop."""
+    """Joint frequencies of 2-token completions: engine (plain, speculative, fused projections) vs the
+    reference loop. (The Triton kernel's rounds draw the very same tokens from the same uniforms as
+    these: tests/unit/test_decode_attention.py.)"""
     from scipy.stats import chi2
 
     vocab = 8
@@ -107,8 +109,9 @@ def test_sampled_token_frequencies_match_the_reference_sampler():
 
     ref = joint(generate_reference(model, [[3, 4, 5]], config, stop_ids=[], pad_token_id=PAD, num_return_sequences=n,
                                    generator=torch.Generator().manual_seed(0)))
-    for seed, options in enumerate([dict(), dict(speculative=True, num_draft_tokens=1),
-                                    dict(speculative=True, draft_model=draft, num_draft_tokens=2)]):
+    variants = [dict(), dict(speculative=True, num_draft_tokens=1),
+                dict(speculative=True, draft_model=draft, num_draft_tokens=2), dict(fuse_projections=True)]
+    for seed, options in enumerate(variants):
         counts = joint(RolloutEngine(model, **options).generate(
             [[3, 4, 5]], config, stop_ids=[], pad_token_id=PAD, num_return_sequences=n,
             generator=torch.Generator().manual_seed(seed + 1)))

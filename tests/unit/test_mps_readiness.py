@@ -169,3 +169,23 @@ def test_vlm_training_step_is_mps_ready(method, family, tiny_vlm_dirs, colour_im
                                      max_completion_length=6, micro_batch_size=2, learning_rate=1e-3)
         datamodule = spec.datamodule_class()(path=data, batch_size=2)
     assert _guarded_step(module, datamodule, tmp_path), f"{family} {method}: the training step changed no parameter"
+
+
+@pytest.mark.parametrize("options", [dict(fuse_projections=True), dict(fuse_projections=True, speculative=True)],
+                         ids=["fused", "fused-speculative"])
+def test_rollout_engine_modes_are_mps_ready(options):
+    """The engine's modes that can run on MPS (fused projections, speculation, the Gumbel-max round)
+    under the guard; the Triton decode-attention kernel is CUDA-only and refused elsewhere."""
+    import torch
+
+    from pmetal.generation import SamplingConfig
+    from pmetal.generation.engine import RolloutEngine
+    from tests.unit.test_engine import PAD, PROMPTS, _tiny
+
+    model = _tiny()
+    engine = RolloutEngine(model, **options)
+    with MpsReadinessMode() as mode:
+        gen = engine.generate(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=0.9), stop_ids=[], pad_token_id=PAD,
+                              num_return_sequences=2, generator=torch.Generator().manual_seed(0))
+    assert engine.fused(model) is not None and gen.completion_ids.shape == (6, 6)
+    assert "aten::mm" in mode.seen or "aten::addmm" in mode.seen
