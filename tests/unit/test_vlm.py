@@ -141,8 +141,10 @@ def _prompt_batch(tokenizer, processor, folder, colours=("red", "green", "blue")
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_engine_with_images_gives_the_reference_loops_greedy_tokens(family, tiny_vlm_dirs, colour_images):
-    """The engine's VLM prefill (pixel inputs, M-RoPE positions) and decode equal `generate_reference`."""
+    """The engine's VLM prefill (pixel inputs, M-RoPE positions) and decode equal `generate_reference`,
+    with fused projections and through the Triton decode-attention kernel too."""
     from pmetal.generation import SamplingConfig, generate_reference
+    from pmetal.generation.decode_attention import kernel_supported
     from pmetal.generation.engine import RolloutEngine
     from pmetal.vlm import collate_pixel_inputs, load_vlm_and_processor
 
@@ -157,7 +159,10 @@ def test_engine_with_images_gives_the_reference_loops_greedy_tokens(family, tiny
     stop = int(free.completion_ids[0, 3])  # rows stop at different steps: compaction moves the rest
     ref = generate_reference(model, batch["prompt_ids"], config, stop_ids=[stop], **common)
     assert len(set(ref.lengths.tolist())) > 1
-    for options in (dict(sync_every=1), dict(speculative=True, num_draft_tokens=2)):
+    variants = [dict(sync_every=1), dict(speculative=True, num_draft_tokens=2), dict(fuse_projections=True)]
+    if kernel_supported(torch.device("cpu")):  # the Triton decode-attention kernel, in its interpreter
+        variants.append(dict(attention_kernel=True, speculative=True, num_draft_tokens=2))
+    for options in variants:
         engine = RolloutEngine(model, **options)
         gen = engine.generate(batch["prompt_ids"], config, stop_ids=[stop], **common)
         assert "rollout/decode_rounds" in engine.last_stats, "the engine fell back to the reference loop"
