@@ -1,8 +1,8 @@
 """Fused decode projections: each layer's q/k/v, and its gate/up, as one matmul over a refreshed copy.
 
-At decode batch sizes a projection's matmul is launch-sized: ``[64, 1024] @ [1024, 2048]`` takes
-about as long as one of half or twice the width. A decoder layer runs seven of them; reading q, k
-and v (and gate and up) out of one wider matmul each leaves four. The engine keeps one
+At decode batch sizes a projection's matmul is bound by its launch and latency, not by its width:
+a few dozen rows against a weight matrix. A decoder layer runs seven of them; reading q, k and v
+(and gate and up) out of one wider matmul each leaves four. The engine keeps one
 concatenated copy of those weights, **refreshed from the live parameters before every rollout**
 (``refresh``: one device copy), so the rounds sample the current policy after each optimizer step,
 and the model's own modules and weights are never touched: within :class:`fused_projections` the
