@@ -24,8 +24,9 @@ What it does, and why each piece is there:
 - **No host sync per token**: the host reads ``finished`` every ``sync_every`` rounds only.
 - **Finished rows stop costing**: at those reads, when the live rows fit a smaller power-of-two
   bucket, the rows (cache included) are gathered into it.
-- **Prompts prefilled once**: the ``P`` distinct prompts are prefilled with a ``DynamicCache``
-  (the model's own prompt path) and their KV is copied into the ``P x G`` decode rows.
+- **Prompts prefilled once** (``prefill.py``): the ``P`` distinct prompts are prefilled with a
+  ``DynamicCache`` (the model's own prompt path, the reference loop's ``prompt_forward``) and their
+  KV is copied into the ``P x G`` decode rows.
 - **VLM prompts**: ``prefill_inputs`` (``pixel_values``, ``image_grid_thw``, ...) go to that
   prefill with the positions of ``pmetal.vlm.prefill_positions`` (Qwen-VL's 3-D M-RoPE ids;
   Idefics3/SmolVLM and LLaVA-style models splice image features into plain 1-D positions). The
@@ -57,41 +58,15 @@ from collections.abc import Sequence
 
 import torch
 
-from pmetal.generation.sampling import Generation, SamplingConfig, forward_kwargs, left_pad
+from pmetal.generation.prefill import engine_supports, has_sliding_window  # noqa: F401 (public here too)
+from pmetal.generation.prefill import prefill as prefill_prompts
+from pmetal.generation.sampling import Generation, SamplingConfig
 from pmetal.generation.workspace import DecodeSpec, Workspace
 
 log = logging.getLogger("pmetal")
 
 CAPACITY_STEP = 64
 FUSE_LIMIT_BYTES = 2 << 30  # the largest fused-projection copy made by default (a 0.6B model's is ~0.6 GB)
-
-
-def _prompt_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """``(keys, values)`` per layer of a prefilled ``DynamicCache`` (None: not a plain per-layer cache)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
-    elif hasattr(cache, "key_cache"):
-        pairs = list(zip(cache.key_cache, cache.value_cache))
-    else:
-        return None
-    if not pairs or any(not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) for k, v in pairs):
-        return None
-    return pairs
-
-
-def engine_supports(model) -> bool:
-    """Full attention through SDPA or eager attention (the 4-D slot mask); no sliding window, no hybrid cache."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-    return impl in ("sdpa", "eager") and not has_sliding_window(model)
-
-
-def has_sliding_window(model) -> bool:
-    config = getattr(model, "config", None)
-    types = getattr(config, "layer_types", None) or []
-    text = getattr(config, "text_config", None)
-    types = list(types) + list(getattr(text, "layer_types", None) or [])
-    return any("sliding" in str(t) or "linear" in str(t) for t in types) or bool(getattr(config, "use_sliding_window", False))
 
 
 class RolloutEngine:
@@ -164,7 +139,7 @@ class RolloutEngine:
         """Sample ``num_return_sequences`` completions per prompt (the arguments of :func:`generate`).
 
         ``prefill_inputs`` (``pixel_values``, ``image_grid_thw``, ...) go to the prompt forward only,
-        with a VLM's multimodal positions (see :meth:`_prefill`); decoding continues after them.
+        with a VLM's multimodal positions (see :func:`pmetal.generation.prefill.prefill`); decoding continues after them.
         """
         from pmetal.generation.sampling import generate_reference
 
@@ -173,13 +148,13 @@ class RolloutEngine:
         if not engine_supports(self.model) or (self.draft_model is not None and not engine_supports(self.draft_model)):
             return self._reference(generate_reference, prompts, config, stop_ids, pad_token_id,
                                    num_return_sequences, generator, prefill_inputs, on_tokens)
-        prefill = self._prefill(self.model, prompts, pad_token_id, num_return_sequences, prefill_inputs)
+        prefill = prefill_prompts(self.model, prompts, pad_token_id, num_return_sequences, prefill_inputs, self.device)
         if prefill is None:
             return self._reference(generate_reference, prompts, config, stop_ids, pad_token_id,
                                    num_return_sequences, generator, prefill_inputs, on_tokens)
         draft_prefill = None
         if self.draft_model is not None:
-            draft_prefill = self._prefill(self.draft_model, prompts, pad_token_id, num_return_sequences, None)
+            draft_prefill = prefill_prompts(self.draft_model, prompts, pad_token_id, num_return_sequences, None, self.device)
             if draft_prefill is None:
                 raise ValueError("the draft model's prompt cache has no per-layer tensors: it cannot draft")
         return self._decode(prefill, draft_prefill, config, stop_ids, pad_token_id, num_return_sequences, generator,
@@ -235,37 +210,6 @@ class RolloutEngine:
         self.last_stats = {}
         return fn(self.model, prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id,
                   num_return_sequences=group, generator=generator, prefill_inputs=prefill_inputs, on_tokens=on_tokens)
-
-    # ------------------------------------------------------------------ prompt side
-    def _prefill(self, model, prompts, pad_token_id, group, prefill_inputs):
-        """The prompts' forward (images included) and what decoding starts from; None: not a plain cache.
-
-        With ``prefill_inputs`` the positions are :func:`pmetal.vlm.prefill_positions`' (Qwen-VL's
-        3-D M-RoPE ids, else plain ones), the ones ``generate_reference`` and the update use, and
-        decoding continues at each prompt's largest position + 1: the rounds' 1-D positions, which
-        Qwen-VL repeats on every M-RoPE axis, as its update forward places text after an image.
-        """
-        from transformers import DynamicCache
-
-        ids, mask, position_ids = left_pad(prompts, pad_token_id, self.device)
-        width = ids.shape[1]
-        cache_kw, has_keep = forward_kwargs(model)
-        cache = DynamicCache()
-        extra = {"logits_to_keep": 1} if has_keep else {}
-        positions, last = position_ids, position_ids[:, -1]
-        if prefill_inputs:
-            from pmetal.vlm import forward_inputs, prefill_positions
-
-            positions, last = prefill_positions(model, ids, mask, position_ids, prefill_inputs)
-            extra = {**extra, **forward_inputs(model, ids, prefill_inputs)}
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **{cache_kw: cache}, **extra)
-        layers = _prompt_layers(getattr(out, "past_key_values", None) or cache)
-        if layers is None or any(k.shape[2] != width for k, _ in layers):
-            return None
-        rep = lambda t: t.repeat_interleave(group, dim=0)  # noqa: E731
-        return {"ids": rep(ids), "mask": rep(mask), "start": rep(last + 1), "logits": rep(out.logits[:, -1, :].float()),
-                "layers": layers, "width": width, "group": group}
 
     # ------------------------------------------------------------------ decode side
     def _family_for(self, spec: DecodeSpec, prefill, draft_prefill, config, generator, pad_token_id):

@@ -149,6 +149,31 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tup
     return ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+def prompt_forward(model, prompts: Sequence[Sequence[int]], pad_token_id: int, device, prefill_inputs=None):
+    """The prompts' forward into a fresh ``DynamicCache``: ``(ids, mask, last_position, output, cache)``.
+
+    Prompts are left-padded with positions ``0..len-1``; with ``prefill_inputs`` (a VLM's images)
+    the positions are :func:`pmetal.vlm.prefill_positions`' (Qwen-VL's 3-D M-RoPE ids), and
+    ``last_position [P]`` is each prompt's largest position, after which decoding continues (the
+    positions the update's forward gives the completion). Only the last position's logits are
+    computed where the model allows it. Shared by the reference loop and the engine's prefill.
+    """
+    from transformers import DynamicCache
+
+    ids, mask, position_ids = left_pad(prompts, pad_token_id, device)
+    cache_kw, has_keep = forward_kwargs(model)
+    cache = DynamicCache()
+    extra = {"logits_to_keep": 1} if has_keep else {}
+    positions, last = position_ids, position_ids[:, -1]
+    if prefill_inputs:
+        from pmetal.vlm import forward_inputs, prefill_positions
+
+        positions, last = prefill_positions(model, ids, mask, position_ids, prefill_inputs)
+        extra = {**extra, **forward_inputs(model, ids, prefill_inputs)}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}, **extra)
+    return ids, mask, last, out, cache
+
+
 def sampling_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """``[..., V]`` float logits -> the sampling distribution (one-hot of the argmax when greedy)."""
     if config.temperature == 0.0:
@@ -198,26 +223,12 @@ def generate_reference(
         on_tokens: streaming: called after every step with one list per completion row, the
             token that row emitted (``[]`` for a finished row); they concatenate to the completions.
     """
-    from transformers import DynamicCache
-
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask, position_ids = left_pad(prompts, pad_token_id, device)
-
-    cache_kw, has_logits_to_keep = forward_kwargs(model)
-    cache = DynamicCache()
-    extra = {"logits_to_keep": 1} if has_logits_to_keep else {}
-    last_position = position_ids[:, -1]  # [P]
-    prefill_positions = position_ids
-    if prefill_inputs:
-        from pmetal.vlm import forward_inputs, prefill_positions as multimodal_positions
-
-        prefill_positions, last_position = multimodal_positions(model, prompt_ids, prompt_mask, position_ids,
-                                                                prefill_inputs)
-        extra = {**extra, **forward_inputs(model, prompt_ids, prefill_inputs)}
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prefill_positions, use_cache=True,
-                **{cache_kw: cache}, **extra)
+    cache_kw, _ = forward_kwargs(model)
+    prompt_ids, prompt_mask, last_position, out, cache = prompt_forward(model, prompts, pad_token_id, device,
+                                                                        prefill_inputs)
     last_logits = out.logits[:, -1, :].float()  # [P, V]
     if num_return_sequences > 1:
         cache.batch_repeat_interleave(num_return_sequences)
