@@ -62,38 +62,36 @@ def _plain(module) -> bool:
     return type(module) is nn.Linear
 
 
+def fusable_groups(model):
+    """``(parent, names, linears)`` for every group of plain linear layers that can share one matmul."""
+    for parent in list(model.modules()):
+        for names in GROUPS:
+            linears = [getattr(parent, n, None) for n in names]
+            if all(_plain(m) for m in linears) and \
+                    len({(m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for m in linears}) == 1:
+                yield parent, names, linears
+
+
 class FusedProjections:
     """The fused weights of ``model``'s fusable groups, and the module swap that uses them."""
 
     def __init__(self, model) -> None:
         self.groups = []  # (parent, names, originals, fused weight, fused bias, stand-ins)
-        for parent in list(model.modules()):
-            for names in GROUPS:
-                linears = [getattr(parent, n, None) for n in names]
-                if not all(_plain(m) for m in linears):
-                    continue
-                if len({(m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for m in linears}) != 1:
-                    continue
-                weight = torch.empty((sum(m.out_features for m in linears), linears[0].in_features),
-                                     dtype=linears[0].weight.dtype, device=linears[0].weight.device)
-                bias = None if linears[0].bias is None else weight.new_empty(weight.shape[0])
-                # the same stand-in modules every time: compiled rounds guard on the modules they trace
-                handoff = _Handoff()
-                stand_ins = [_First(weight, bias, [m.out_features for m in linears], handoff)]
-                stand_ins += [_Rest(i, handoff, linears[i]) for i in range(1, len(names))]
-                self.groups.append((parent, names, linears, weight, bias, stand_ins))
+        for parent, names, linears in fusable_groups(model):
+            weight = torch.empty((sum(m.out_features for m in linears), linears[0].in_features),
+                                 dtype=linears[0].weight.dtype, device=linears[0].weight.device)
+            bias = None if linears[0].bias is None else weight.new_empty(weight.shape[0])
+            # the same stand-in modules every time: compiled rounds guard on the modules they trace
+            handoff = _Handoff()
+            stand_ins = [_First(weight, bias, [m.out_features for m in linears], handoff)]
+            stand_ins += [_Rest(i, handoff, linears[i]) for i in range(1, len(names))]
+            self.groups.append((parent, names, linears, weight, bias, stand_ins))
         self.refresh()
 
     @staticmethod
     def size_bytes(model) -> int:
         """Bytes the fused copy of ``model`` would take (0: nothing to fuse)."""
-        total = 0
-        for parent in model.modules():
-            for names in GROUPS:
-                linears = [getattr(parent, n, None) for n in names]
-                if all(_plain(m) for m in linears):
-                    total += sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        return total
+        return sum(m.weight.numel() * m.weight.element_size() for _, _, linears in fusable_groups(model) for m in linears)
 
     @torch.no_grad()
     def refresh(self) -> None:
