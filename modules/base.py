@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -128,8 +129,12 @@ class PmetalModule(TrainableModule):
         gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
         checkpoint_layers: which decoder layers to checkpoint: "all", "every:2", "0-11,20" (speed
             for memory: unchecked layers keep their activations).
-        compile: compile each decoder layer with torch.compile (regional compilation; measured in
-            benchmarks/RESULTS.md). The first steps pay the compile time.
+        compile: compile the decoder layers with torch.compile (regional compilation; measured in
+            benchmarks/RESULTS.md); the first steps pay the compile time, which is logged. None
+            (the default) decides at the start of fit: on for methods that train on teacher-forced
+            batches (SFT) on CUDA, when the run has at least `pmetal.perf.AUTO_COMPILE_MIN_STEPS`
+            optimizer steps to amortize the compile, on a base that is not quantized and not a VLM;
+            off elsewhere (CPU, MPS, short runs, rollout methods).
         compile_scope: what `compile` compiles: "layers" (each decoder layer; quick to compile) or
             "model" (the whole decoder stack as one graph; fewer Python calls per step).
         weight_dtype: dtype of the frozen base weights: "auto" (bf16 on a GPU that supports it when
@@ -147,6 +152,9 @@ class PmetalModule(TrainableModule):
     artifact_kind = "adapter"
     #: subclasses that compare against a reference model set this, so full fine-tuning keeps a frozen copy.
     needs_reference = False
+    #: whether `compile=None` may turn compilation on (teacher-forced methods; rollout methods
+    #: run their own compiled decode rounds over the same layers).
+    auto_compile = False
 
     def __init__(
         self,
@@ -167,7 +175,7 @@ class PmetalModule(TrainableModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = True,
         checkpoint_layers: str = "all",
-        compile: bool = False,
+        compile: Optional[bool] = None,
         compile_scope: Literal["layers", "model"] = "layers",
         weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         trust_remote_code: bool = False,
@@ -211,6 +219,7 @@ class PmetalModule(TrainableModule):
         self.policy = self.wrap_adapter(base, **adapter_kwargs)
         if compile:
             maybe_compile(self.policy, scope=compile_scope)
+        self._compile_started: Optional[float] = None  # set when fit compiles: the first step reports its time
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.artifact_kind = "model" if adapter == "full" else "adapter"
         # Lightning loads our trainable-only checkpoints with strict=False.
@@ -260,6 +269,26 @@ class PmetalModule(TrainableModule):
     def on_fit_start(self) -> None:
         if self.needs_reference and self.hparams.adapter == "full":
             self._reference_model()  # copy the weights before the first update
+        if self.hparams.compile is None:
+            self._auto_compile()
+
+    def _auto_compile(self) -> None:
+        from pmetal.perf import auto_compile_decision
+
+        steps = self.trainer.estimated_stepping_batches
+        on, why = auto_compile_decision(
+            eligible=self.auto_compile and not self.hparams.quantization and not self.is_vlm,
+            device_type=self.device.type,
+            steps=steps,
+        )
+        log.info("compile %s: %s", "on" if on else "off", why)
+        if on and maybe_compile(self.policy, scope=self.hparams.compile_scope):
+            self._compile_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._compile_started is not None:  # the first step after an automatic compile
+            log.info("first step with torch.compile took %.1f s (compile included)", time.perf_counter() - self._compile_started)
+            self._compile_started = None
 
     def configure_model(self) -> None:
         """Shard the model with FSDP2 under `--strategy fsdp` (Lightning's ModelParallelStrategy); else nothing."""

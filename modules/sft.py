@@ -15,6 +15,8 @@ from pmetal.modules.base import PmetalModule
 class SftModule(PmetalModule):
     """Supervised fine-tuning on chat, instruction or plain-text data (see PmetalModule for the arguments)."""
 
+    auto_compile = True
+
     def compute_loss(self, batch):
         from pmetal.logps import lm_loss
 

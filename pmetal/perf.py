@@ -88,6 +88,22 @@ def enable_gradient_checkpointing(model, layers: str | list[int] | None = None) 
     return sorted(selected)
 
 
+#: optimizer steps a run needs before `compile=None` compiles on CUDA: the regional compile of a
+#: 0.6B-parameter decoder costs tens of seconds, repaid at about half a second a step (RESULTS.md).
+AUTO_COMPILE_MIN_STEPS = 100
+
+
+def auto_compile_decision(*, eligible: bool, device_type: str, steps: float) -> tuple[bool, str]:
+    """Whether a run left at `compile=None` compiles, and why (for the log line)."""
+    if not eligible:
+        return False, "not chosen automatically for this method or model (pass --compile to force it)"
+    if device_type != "cuda":
+        return False, f"automatic only on CUDA, this run is on {device_type} (pass --compile to force it)"
+    if steps < AUTO_COMPILE_MIN_STEPS:
+        return False, f"{steps} optimizer steps are fewer than the {AUTO_COMPILE_MIN_STEPS} that repay the compile"
+    return True, f"CUDA and {steps} optimizer steps (automatic; --no-compile turns it off)"
+
+
 def maybe_compile(model, enabled: bool = True, scope: str = "layers", **compile_kwargs) -> bool:
     """Compile the model in place with `torch.compile`.
 
