@@ -17,6 +17,10 @@ Variants (an ablation: each adds one thing):
   pmetal       chunked + bf16 weights + bf16 autocast + checkpointing (--ckpt-layers)
   pmetal+compile  pmetal + regional torch.compile of the decoder layers
   trl          TRL's SFTTrainer with its defaults (checkpointing and bf16 on), when trl is installed
+  trl+liger    the same with `use_liger_kernel=True` (Liger's fused RMSNorm, RoPE, SwiGLU and linear
+               cross-entropy), when liger-kernel is installed
+A random-weight model (`--model qwen3-0.6b`) has no tokenizer: TRL gets a three-token one for its
+padding, since the rows are token ids already.
 With `--data variable` (row lengths uniform in [seq/8, seq]) the HF variants pad each batch and the
 pmetal variants pack rows into `--batch` bins of `--seq` tokens (padding-free, per-row attention).
 
@@ -45,10 +49,11 @@ VARIANTS = {
     "pmetal": dict(loss="chunked", weights="bf16", amp=True, ckpt="@"),
     "pmetal+compile": dict(loss="chunked", weights="bf16", amp=True, ckpt="@", compile=True),
     "trl": dict(loss="trl"),
+    "trl+liger": dict(loss="trl", liger=True),
 }
 DEFAULT_VARIANTS = {
     "cpu": "hf,hf-amp,chunked,pmetal-nockpt,pmetal,trl",
-    "cuda": "hf-amp,hf+ckpt,chunked,pmetal-nockpt,pmetal,pmetal+compile,trl",
+    "cuda": "hf-amp,hf+ckpt,chunked,pmetal-nockpt,pmetal,pmetal+compile,trl,trl+liger",
 }
 QWEN3_0_6B = dict(
     hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -226,7 +231,17 @@ def _train_loop(args, variant, device, micro_batch):
     return dict(tokens=tokens, seconds=seconds, loss=float(loss), bins=bins, micro_batch=micro_batch)
 
 
-def _trl_loop(args, device):
+def _padding_tokenizer():
+    """A tokenizer that only pads: TRL's collator needs one, the rows are token ids already."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                   pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _trl_loop(args, device, liger=False):
     import tempfile
 
     import torch
@@ -235,7 +250,7 @@ def _trl_loop(args, device):
     from trl import SFTConfig, SFTTrainer
 
     model, lora = _build_model(args, {"weights": "fp32"}, device)
-    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    tokenizer = _padding_tokenizer() if args.model == "qwen3-0.6b" else AutoTokenizer.from_pretrained(model.name_or_path)
     rows = _rows(args, model.config.vocab_size)
     dataset = Dataset.from_dict({"input_ids": [r.tolist() for r in rows]})
     times = {}
@@ -255,7 +270,7 @@ def _trl_loop(args, device):
         config = SFTConfig(
             output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
             learning_rate=1e-4, max_length=args.seq, logging_steps=10**6, save_strategy="no", report_to=[],
-            use_cpu=device.type == "cpu", dataloader_num_workers=0, seed=0,
+            use_cpu=device.type == "cpu", dataloader_num_workers=0, seed=0, use_liger_kernel=liger,
         )
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, peft_config=lora,
                              processing_class=tokenizer, callbacks=[Timer()])
@@ -272,10 +287,8 @@ def run_worker(args) -> dict:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     variant = VARIANTS[args.worker]
-    if variant["loss"] == "trl" and args.model == "qwen3-0.6b":
-        return dict(variant=args.worker, error="trl needs a tokenizer: use a model directory")
     if variant["loss"] == "trl":
-        result = _trl_loop(args, device)
+        result = _trl_loop(args, device, liger=variant.get("liger", False))
     else:
         micro = args.batch
         while True:
@@ -372,12 +385,13 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    if "trl" in names:
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            names.remove("trl")
-            print("trl not installed: skipping the trl variant", file=sys.stderr)
+    for name, package in (("trl", "trl"), ("trl+liger", "trl"), ("trl+liger", "liger_kernel")):
+        if name in names:
+            try:
+                __import__(package)
+            except ImportError:
+                names.remove(name)
+                print(f"{package} not installed: skipping the {name} variant", file=sys.stderr)
     baseline = args.baseline or next((n for n in names if n.startswith("hf")), names[0])
     results: dict[str, list[dict]] = {n: [] for n in names}
     for round_index in range(args.rounds):
