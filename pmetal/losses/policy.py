@@ -1,4 +1,4 @@
-"""Policy-gradient losses for online RL on language models: GRPO, Dr. GRPO, DAPO.
+"""Policy-gradient losses for online RL on language models: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++.
 
 Pure functions on tensors: group-relative advantages from scalar rewards, and the clipped
 surrogate over per-token log-probabilities. No model, no sampling, no module here.
@@ -16,8 +16,10 @@ from typing import Literal
 import torch
 
 AdvantageScale = Literal["group", "batch", "none"]
-GrpoLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+AdvantageEstimator = Literal["grpo", "rloo", "reinforce_pp"]
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp")
+GrpoLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]
+GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 ImportanceSamplingLevel = Literal["token", "sequence"]
 
 # Added to the std before dividing, as TRL does: a group whose rewards barely differ gets large
@@ -54,11 +56,7 @@ def group_advantages(
     Returns:
         ``[N]`` advantages in the dtype of ``rewards``.
     """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.view(-1, group_size)  # [P, G]
+    grouped = _check_groups(rewards, group_size)  # [P, G]
     centered = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # [N]
     if scale == "none":
         return centered
@@ -70,6 +68,106 @@ def group_advantages(
     else:
         raise ValueError(f"unknown advantage scale {scale!r}; expected 'group', 'batch' or 'none'")
     return centered / (std + ADVANTAGE_EPS)
+
+
+def _check_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:  # [P, G]
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.view(-1, group_size)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:  # [N]
+    r"""REINFORCE with a leave-one-out baseline (RLOO; Kool et al. 2019, Ahmadian et al. 2024,
+    "Back to Basics", arXiv:2402.14740, Eq. 5): each completion's baseline is the mean reward of
+    the *other* completions of its prompt,
+
+    .. math:: \hat A_i = r_i - \frac{1}{G-1}\sum_{j \ne i} r_j = \frac{G}{G-1}\,(r_i - \bar r),
+
+    an unbiased baseline (it does not depend on the completion it is subtracted from). Needs
+    ``G >= 2``. Returns ``[N]`` advantages in the dtype of ``rewards``.
+    """
+    grouped = _check_groups(rewards, group_size)  # [P, G]
+    if group_size < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 completions per prompt")
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # [P, G]
+    return (grouped - others).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor) -> torch.Tensor:  # [N]
+    r"""REINFORCE++'s advantages (Hu et al. 2025, arXiv:2501.03262, §3.2): the rewards normalized
+    over the whole batch, :math:`\hat A_i = (r_i - \mathrm{mean}(\mathbf r)) / \mathrm{std}(\mathbf r)`,
+    with no per-prompt baseline (the paper's argument: a global normalization is less biased
+    towards easy prompts than a group's).
+
+    Departures: the paper folds a per-token KL penalty into the reward before normalizing; here the
+    KL to the reference stays in the loss (``grpo_loss``'s ``beta``, the k3 estimator), as GRPO
+    does. The std is the unbiased sample std plus ``ADVANTAGE_EPS``, as in ``group_advantages``.
+    REINFORCE++-baseline (the group mean subtracted first) is ``group_advantages(scale="batch")``.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    centered = rewards - rewards.mean()
+    std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])
+    return centered / (std + ADVANTAGE_EPS)
+
+
+def estimate_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    estimator: AdvantageEstimator = "grpo",
+    scale: AdvantageScale = "group",
+) -> torch.Tensor:  # [N]
+    """The advantages of a rollout batch by ``estimator``: ``"grpo"`` (``group_advantages`` with
+    ``scale``), ``"rloo"`` (``rloo_advantages``, then divided by the group's or the batch's std
+    when ``scale`` asks for it, as TRL's ``normalize_advantages``), or ``"reinforce_pp"``
+    (``reinforce_pp_advantages``, always normalized over the batch; ``scale`` is not used)."""
+    if estimator == "grpo":
+        return group_advantages(rewards, group_size, scale=scale)
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards)
+    if estimator != "rloo":
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    advantages = rloo_advantages(rewards, group_size)
+    if scale == "none":
+        return advantages
+    if scale == "group":
+        std = rewards.view(-1, group_size).std(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])
+    else:
+        raise ValueError(f"unknown advantage scale {scale!r}; expected 'group', 'batch' or 'none'")
+    return advantages / (std + ADVANTAGE_EPS)
+
+
+def needs_whole_batch(estimator: str, scale: str) -> bool:
+    """Whether the advantages of a group depend on other groups' rewards (so scoring chunk by chunk
+    must wait for the whole batch): a batch std, or REINFORCE++'s batch normalization."""
+    return scale == "batch" or estimator == "reinforce_pp"
+
+
+def high_entropy_mask(
+    entropies: torch.Tensor,  # [N, L] the policy's per-token entropy
+    mask: torch.Tensor,  # [N, L] 1 on completion tokens
+    top_fraction: float,
+) -> torch.Tensor:  # [N, L] bool
+    """The completion tokens whose entropy is in the top ``top_fraction`` of this batch's tokens.
+
+    Wang et al. 2025, "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RL for
+    LLM Reasoning" (arXiv:2506.01939), §4: the policy gradient is kept on the highest-entropy
+    ~20% of tokens (the "forking" tokens) only. The threshold is the ``1 - top_fraction``
+    quantile of the entropies of the real tokens (ties at the threshold are kept), so
+    ``top_fraction=1`` keeps every token.
+    """
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction={top_fraction}: expected a fraction in (0, 1]")
+    real = mask.bool()
+    if top_fraction == 1.0 or not real.any():
+        return real
+    threshold = torch.quantile(entropies[real].float(), 1.0 - top_fraction)
+    return real & (entropies >= threshold)
 
 
 def zero_spread_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:  # [P] bool
@@ -96,6 +194,9 @@ def grpo_loss(
     num_sequences: int | None = None,
     num_tokens: float | None = None,
     importance_sampling_level: ImportanceSamplingLevel = "token",
+    sampling_logps: torch.Tensor | None = None,  # [N, L] the sampler's log-probs, with tis_cap
+    tis_cap: float | None = None,
+    entropy_mask: torch.Tensor | None = None,  # [N, L] bool: tokens whose policy term is kept
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Clipped surrogate policy loss of GRPO and its variants, with an optional k3 KL penalty.
 
@@ -125,6 +226,24 @@ def grpo_loss(
     and multiplied by the advantage for every token of the completion (TRL's definition; with
     ``loss_type="grpo"`` the per-sequence mean is then GSPO's objective exactly).
 
+    ``loss_type="cispo"`` is CISPO (MiniMax-M1, arXiv:2506.13585, Eq. 4-5): the importance weight
+    itself is clipped and detached, and multiplies a REINFORCE term,
+    :math:`\ell_t = -\mathrm{sg}(\min(\rho_t, 1+\varepsilon_{high}))\,\hat A\,\log\pi_\theta`,
+    so every token keeps a gradient (PPO's clip zeroes those outside the range), aggregated over
+    the tokens of the whole batch as ``"dapo"`` is (the paper's normalizer). At ``rho = 1`` its
+    gradient equals the clipped surrogate's. As in the paper's experiments there is no lower clip
+    (``epsilon_low`` is not used). Departure from TRL: TRL's ``epsilon_high`` is the cap itself;
+    here the cap is ``1 + epsilon_high``, the meaning ``epsilon_high`` has for every other type.
+
+    Truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings
+    You Off-Policy RL Training"): when the sampler's numerics differ from the trainer's, ``old_logps``
+    are the *trainer's* log-probs of the sampled tokens before the update, ``sampling_logps`` the
+    sampler's, and each token's policy term is multiplied by
+    :math:`\min(\pi_{old}/\pi_{sampler}, C)` with ``C = tis_cap`` (a constant weight).
+    ``entropy_mask`` keeps the policy term of the selected tokens only (``high_entropy_mask``);
+    the KL term, when ``beta > 0``, stays on every token. Order as in TRL: surrogate, entropy
+    mask, importance weight, then the KL term.
+
     Micro-batching: when one call sees part of a rollout batch, pass ``num_sequences`` (the
     batch's number of completions, for ``grpo`` and ``dr_grpo``) and ``num_tokens`` (its number
     of completion tokens, for ``dapo``); then the micro-batch losses *sum* to the full-batch loss.
@@ -144,13 +263,18 @@ def grpo_loss(
         num_sequences: completions in the whole rollout batch (micro-batching, see above).
         num_tokens: completion tokens in the whole rollout batch (micro-batching, see above).
         importance_sampling_level: ``"token"`` (GRPO) or ``"sequence"`` (GSPO), see above.
+        sampling_logps: ``[N, L]`` the sampler's log-probs, required with ``tis_cap``.
+        tis_cap: the cap ``C`` of the truncated importance weight; None: no correction.
+        entropy_mask: ``[N, L]`` bool, the tokens whose policy term is kept; None: every token.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and detached scalar metrics: ``kl`` (mean k3 KL over
         tokens, only when ``beta > 0``), ``ratio`` (mean importance ratio), ``clip_ratio/low_mean``,
         ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (TRL's names: fractions of tokens whose
         clipped term is the one in effect: ratio below ``1-epsilon_low`` with a negative advantage,
-        above ``1+epsilon_high`` with a positive one, and either).
+        above ``1+epsilon_high`` with a positive one, and either; under ``"cispo"`` the fraction of
+        tokens whose weight was capped, whatever the advantage's sign, is the high and region one), ``tis/weight_mean`` and
+        ``tis/truncated_fraction`` with ``tis_cap``, ``entropy/kept_fraction`` with ``entropy_mask``.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected one of {', '.join(GRPO_LOSS_TYPES)}")
@@ -163,6 +287,8 @@ def grpo_loss(
             f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask {tuple(mask.shape)} must match"
         )
 
+    if tis_cap is not None and (sampling_logps is None or tis_cap <= 0):
+        raise ValueError("tis_cap needs sampling_logps (the sampler's per-token log-probs) and a cap > 0")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; expected 'token' or 'sequence'")
     mask = mask.to(logps.dtype)
@@ -173,10 +299,21 @@ def grpo_loss(
         log_ratio = log_ratio.expand_as(logps)
     ratio = torch.exp(log_ratio)  # [N, L]
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)  # [N, L]
-    per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # [N, L]
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1.0 + epsilon_high).detach() * adv * logps  # [N, L]
+    else:
+        per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # [N, L]
 
     metrics: dict[str, torch.Tensor] = {}
     token_count = mask.sum().clamp(min=1.0)
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask.to(per_token.dtype)
+        metrics["entropy/kept_fraction"] = ((entropy_mask.to(mask.dtype) * mask).sum() / token_count).detach()
+    if tis_cap is not None:
+        raw_weight = torch.exp(old_logps.detach() - sampling_logps.detach())  # [N, L]
+        per_token = per_token * torch.clamp(raw_weight, max=tis_cap)
+        metrics["tis/weight_mean"] = (torch.clamp(raw_weight, max=tis_cap) * mask).sum() / token_count
+        metrics["tis/truncated_fraction"] = ((raw_weight > tis_cap).to(mask.dtype) * mask).sum() / token_count
     if beta != 0.0:
         ref_minus_policy = ref_logps.detach() - logps  # [N, L]
         per_token_kl = torch.exp(ref_minus_policy) - ref_minus_policy - 1.0  # [N, L], k3 >= 0
@@ -192,12 +329,15 @@ def grpo_loss(
         loss = masked.sum() / token_count
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (batch_sequences * max_completion_length)
-    else:  # dapo
+    else:  # dapo, cispo: over the tokens of the whole rollout batch
         loss = masked.sum() / (max(float(num_tokens), 1.0) if num_tokens is not None else token_count)
 
     with torch.no_grad():
-        low = (ratio < 1.0 - epsilon_low) & (adv < 0)  # [N, L]
-        high = (ratio > 1.0 + epsilon_high) & (adv > 0)  # [N, L]
+        high = ratio > 1.0 + epsilon_high  # [N, L]
+        if loss_type == "cispo":  # only the weight's upper cap, whatever the advantage's sign
+            low = torch.zeros_like(high)
+        else:  # the clipped term is in effect only on the side of the advantage
+            low, high = (ratio < 1.0 - epsilon_low) & (adv < 0), high & (adv > 0)
         metrics["ratio"] = (ratio * mask).sum() / token_count
         metrics["clip_ratio/low_mean"] = (low.to(mask.dtype) * mask).sum() / token_count
         metrics["clip_ratio/high_mean"] = (high.to(mask.dtype) * mask).sum() / token_count

@@ -147,8 +147,10 @@ def test_grpo_loss_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-def _trl_grpo_loss(logps, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_high, max_len, level="token"):
-    """Run TRL 1.16's GRPOTrainer._compute_loss on a stand-in `self` whose model returns `logps`."""
+def _trl_grpo_loss(logps, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_high, max_len, level="token",
+                   customize=None):
+    """Run TRL 1.16's GRPOTrainer._compute_loss on a stand-in `self` whose model returns `logps`
+    (`customize(stand_in, inputs)` sets more of TRL's options first)."""
     from trl import GRPOTrainer
 
     class Accelerator:
@@ -193,6 +195,8 @@ def _trl_grpo_loss(logps, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_
         "ref_per_token_logps": ref,
         "num_items_in_batch": mask.sum().to(logps.dtype),
     }
+    if customize is not None:
+        customize(stand_in, inputs)
     loss = GRPOTrainer._compute_loss(stand_in, None, inputs)
     return loss, stand_in._metrics["train"]
 
@@ -307,3 +311,168 @@ def test_jsd_loss_errors():
         jsd_loss(torch.zeros(2, 5), torch.zeros(2, 6))
     with pytest.raises(ValueError, match="beta"):
         jsd_loss(torch.zeros(2, 5), torch.zeros(2, 5), beta=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# advantage estimators: RLOO, REINFORCE++
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rloo_advantages_by_hand():
+    from pmetal.losses.policy import rloo_advantages
+
+    # one prompt, rewards 1, 2, 3, 6: each minus the mean of the three others
+    # 1 - 11/3 = -8/3, 2 - 10/3 = -4/3, 3 - 3 = 0, 6 - 2 = 4; a second group of equal rewards gives 0
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+    expected = torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(rloo_advantages(rewards, 4), expected)
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(rewards, 1)
+    with pytest.raises(ValueError, match="groups of 3"):
+        rloo_advantages(rewards, 3)
+
+
+def test_rloo_advantages_match_trl_rloo_formula():
+    """TRL's RLOOTrainer baseline: (group sum - r_i) / (G - 1), subtracted from r_i."""
+    from pmetal.losses.policy import rloo_advantages
+
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(24, generator=g, dtype=torch.float64)
+    grouped = rewards.view(-1, 6)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (6 - 1)
+    torch.testing.assert_close(rloo_advantages(rewards, 6), (grouped - baseline).view(-1))
+
+
+def test_reinforce_pp_advantages_by_hand():
+    from pmetal.losses.policy import ADVANTAGE_EPS, reinforce_pp_advantages
+
+    # rewards 0, 1, 1, 2: mean 1, unbiased std sqrt(2/3); no per-prompt baseline
+    rewards = torch.tensor([0.0, 1.0, 1.0, 2.0], dtype=torch.float64)
+    std = (2 / 3) ** 0.5 + ADVANTAGE_EPS
+    torch.testing.assert_close(reinforce_pp_advantages(rewards),
+                               torch.tensor([-1 / std, 0.0, 0.0, 1 / std], dtype=torch.float64))
+
+
+def test_estimate_advantages_dispatch_and_scaling():
+    from pmetal.losses.policy import ADVANTAGE_EPS, estimate_advantages, needs_whole_batch
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    torch.testing.assert_close(estimate_advantages(rewards, 4, estimator="grpo", scale="none"), rewards - 3.0)
+    loo = torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(estimate_advantages(rewards, 4, estimator="rloo", scale="none"), loo)
+    torch.testing.assert_close(estimate_advantages(rewards, 4, estimator="rloo", scale="group"),
+                               loo / (rewards.std() + ADVANTAGE_EPS))
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        estimate_advantages(rewards, 4, estimator="ppo")
+    assert needs_whole_batch("reinforce_pp", "none") and needs_whole_batch("grpo", "batch")
+    assert not needs_whole_batch("rloo", "group") and not needs_whole_batch("grpo", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# CISPO, truncated importance sampling, entropy masking
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cispo_by_hand_keeps_the_gradient_of_clipped_tokens():
+    # one completion of two tokens: pi = 0.5 and 0.25, sampled at 0.25 and 0.25 -> ratios 2 and 1;
+    # epsilon_high 0.2 caps the first weight at 1.2. Loss = -(1.2 log .5 + 1 log .25) / 2 tokens.
+    logps = torch.tensor([[math.log(0.5), math.log(0.25)]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[math.log(0.25), math.log(0.25)]], dtype=torch.float64)
+    adv, mask = torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 2)
+    loss, metrics = grpo_loss(logps, old, adv, mask, epsilon_low=0.2, epsilon_high=0.2, loss_type="cispo")
+    assert loss.item() == pytest.approx(-(1.2 * math.log(0.5) + math.log(0.25)) / 2)
+    loss.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[-0.6, -0.5]], dtype=torch.float64))
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.5)
+    assert metrics["clip_ratio/low_mean"].item() == 0.0
+    # the clipped surrogate gives the capped token no gradient at all
+    logps.grad = None
+    grpo_loss(logps, old, adv, mask, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo")[0].backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[0.0, -0.5]], dtype=torch.float64))
+
+
+def test_cispo_gradient_equals_the_surrogate_at_ratio_one():
+    base, _, _, adv, mask = _random_policy_inputs(seed=11, old_noise=0.0)
+    grads = []
+    for loss_type in ("cispo", "dapo"):
+        logps = base.clone().requires_grad_(True)
+        grpo_loss(logps, base, adv, mask, loss_type=loss_type)[0].backward()
+        grads.append(logps.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_truncated_importance_sampling_by_hand():
+    # trainer's old pi 0.5, the sampler's 0.1 -> weight 5, capped at 2; ratio 1, advantage 1:
+    # the grpo per-token term -1 becomes -2; a token with weight 0.5 (0.1 vs 0.2) is not truncated
+    logps = torch.tensor([[math.log(0.5), math.log(0.1)]], dtype=torch.float64, requires_grad=True)
+    old = logps.detach().clone()
+    sampler = torch.tensor([[math.log(0.1), math.log(0.2)]], dtype=torch.float64)
+    loss, metrics = grpo_loss(logps, old, torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 2),
+                              sampling_logps=sampler, tis_cap=2.0)
+    assert loss.item() == pytest.approx(-(2.0 + 0.5) / 2)
+    assert metrics["tis/weight_mean"].item() == pytest.approx(1.25)
+    assert metrics["tis/truncated_fraction"].item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="tis_cap needs sampling_logps"):
+        grpo_loss(logps, old, torch.tensor([1.0]), torch.ones(1, 2), tis_cap=2.0)
+
+
+def test_high_entropy_mask_by_hand():
+    from pmetal.losses.policy import high_entropy_mask
+
+    entropies = torch.tensor([[0.1, 0.5, 0.9, 9.0], [0.3, 0.7, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # real entropies 0.1 0.3 0.5 0.7 0.9: the 0.6-quantile is 0.58 -> 0.7 and 0.9 kept, padding never
+    expected = torch.tensor([[False, False, True, False], [False, True, False, False]])
+    assert torch.equal(high_entropy_mask(entropies, mask, 0.4), expected)
+    assert torch.equal(high_entropy_mask(entropies, mask, 1.0), mask.bool())
+    with pytest.raises(ValueError, match="fraction"):
+        high_entropy_mask(entropies, mask, 0.0)
+
+
+def _trl_extended_loss(logps, old, adv, mask, *, loss_type, eps_high, entropies=None, top=1.0, is_ratio=None):
+    """TRL 1.16's _compute_loss with CISPO, its entropy mask and its vLLM importance-sampling weight."""
+    from trl import GRPOTrainer
+
+    def customize(stand_in, inputs):
+        if entropies is not None:
+            stand_in._get_per_token_logps_and_entropies = lambda *a, **k: (logps, entropies, None)
+        stand_in.top_entropy_quantile = top
+        stand_in.get_high_entropy_mask = lambda e, m, t: GRPOTrainer.get_high_entropy_mask(stand_in, e, m, t)
+        stand_in.accelerator.pad_across_processes = lambda x, dim=0, pad_index=0: x
+        if is_ratio is not None:
+            stand_in.use_vllm, stand_in.vllm_importance_sampling_correction = True, True
+            inputs["importance_sampling_ratio"] = is_ratio
+
+    loss, _ = _trl_grpo_loss(logps, old, None, adv, mask, loss_type=loss_type, beta=0.0, eps_low=0.2,
+                             eps_high=eps_high, max_len=logps.shape[1], customize=customize)
+    return loss
+
+
+@pytest.mark.parametrize("case", ["cispo", "entropy", "tis"])
+def test_loss_variants_match_trl(case):
+    base, old, _, adv, mask = _random_policy_inputs(seed=5, old_noise=0.4)
+    g = torch.Generator().manual_seed(9)
+    entropies = torch.rand(base.shape, generator=g, dtype=torch.float64) * 3
+    sampler = old + 0.5 * torch.randn(base.shape, generator=g, dtype=torch.float64)
+    ours_kw, trl_kw = {}, {}
+    loss_type = "dapo"
+    if case == "cispo":
+        loss_type, trl_kw["eps_high"], ours_kw["epsilon_high"] = "cispo", 1.28, 0.28  # TRL's cap is 1 + ours
+    if case == "entropy":
+        from pmetal.losses.policy import high_entropy_mask
+
+        ours_kw["entropy_mask"] = high_entropy_mask(entropies, mask, 0.3)
+        trl_kw.update(entropies=entropies, top=0.3)
+    if case == "tis":
+        ours_kw.update(sampling_logps=sampler, tis_cap=2.0)
+        trl_kw["is_ratio"] = torch.clamp(torch.exp((old - sampler) * mask), max=2.0)
+    ours_logps = base.clone().requires_grad_(True)
+    ours, _ = grpo_loss(ours_logps, old, adv, mask, loss_type=loss_type,
+                        **{"epsilon_high": 0.28, **ours_kw})
+    trl_logps = base.clone().requires_grad_(True)
+    theirs = _trl_extended_loss(trl_logps, old, adv, mask, loss_type=loss_type,
+                                **{"eps_high": 0.28, **trl_kw})
+    torch.testing.assert_close(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_logps.grad, trl_logps.grad)
