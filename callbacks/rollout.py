@@ -21,7 +21,7 @@ reference forward (which needs no rewards) and the update of the micro-batches w
 scored run while the worker finishes (``RolloutBatch.wait_for_rewards``). Dynamic sampling needs
 every reward to choose its groups, so there the worker overlaps generation only. The chunks, not
 the worker, decide what is sampled and how advantages are computed (per chunk of whole groups;
-over the batch for ``scale_rewards="batch"``): the same seed gives the same rewards, advantages,
+over the batch for ``scale_rewards="batch"`` and REINFORCE++): the same seed gives the same rewards, advantages,
 losses and weights with and without ``async_rewards``.
 
 The module supplies the settings (``rollout_settings()``), the reward set (``rewards``), the
@@ -49,7 +49,7 @@ from pmetal.errors import PmetalError
 from pmetal.generation.engine import engine_for
 from pmetal.generation.sampling import stop_token_ids
 from pmetal.generation.settings import RolloutSettings
-from pmetal.losses.policy import group_advantages, zero_spread_groups
+from pmetal.losses.policy import estimate_advantages, needs_whole_batch, zero_spread_groups
 from pmetal.vlm import collate_pixel_inputs, placeholder_token_ids
 
 log = logging.getLogger("pmetal")
@@ -203,7 +203,7 @@ class RewardScoring:
         worker is shut down.
         """
         t0 = time.perf_counter()
-        if rows is None or self.settings.scale_rewards == "batch":
+        if rows is None or self._whole_batch:
             rows = len(self.rows)
         try:
             while self._resolved < len(self._chunks) and self._chunks[self._resolved][0] < rows:
@@ -225,13 +225,18 @@ class RewardScoring:
         self.completions += texts
         for name, values in scores.items():
             self.per_function.setdefault(name, []).extend(values)
-        if self._rollout is not None and self.settings.scale_rewards != "batch":
+        if self._rollout is not None and not self._whole_batch:
             self._write(start, end)
+
+    @property
+    def _whole_batch(self) -> bool:  # a group's advantages need every group's rewards
+        return needs_whole_batch(self.settings.advantage_estimator, self.settings.scale_rewards)
 
     def _write(self, start: int, end: int) -> None:
         """Rewards and group advantages of rows [start, end) (whole groups) into the rollout."""
         rewards = torch.tensor([r.reward for r in self.rows[start:end]], dtype=torch.float32)
-        advantages = group_advantages(rewards, self.settings.num_generations, scale=self.settings.scale_rewards)
+        advantages = estimate_advantages(rewards, self.settings.num_generations,
+                                         estimator=self.settings.advantage_estimator, scale=self.settings.scale_rewards)
         rollout = self._rollout
         rollout.rewards[start:end] = rewards.to(rollout.rewards.device)
         rollout.advantages[start:end] = advantages.to(rollout.advantages.device)
@@ -242,7 +247,7 @@ class RewardScoring:
         rollout = self._rollout
         if rollout is None:
             return
-        if self.settings.scale_rewards == "batch":
+        if self._whole_batch:
             self._write(0, len(self.rows))
         rollout.completions = self.completions
         rollout.metrics.update(_metrics(self.rows, self.per_function, self.settings.num_generations, self.seconds))
@@ -348,7 +353,8 @@ def make_rollout(module, batch: dict[str, Any], *, source=None, stop_ids: list[i
         prompt_batch = source.sample(num_prompts)
 
     rewards = torch.tensor([r.reward for r in kept], dtype=torch.float32)
-    advantages = group_advantages(rewards, group, scale=settings.scale_rewards) if kept else rewards
+    advantages = (estimate_advantages(rewards, group, estimator=settings.advantage_estimator,
+                                      scale=settings.scale_rewards) if kept else rewards)
     rollout = assemble(kept, advantages, pad_token_id=module.tokenizer.pad_token_id, group_size=group,
                        device=module.device)
     rollout.started_at = start

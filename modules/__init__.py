@@ -18,6 +18,7 @@ _EXPORTS = {
     "KtoModule": "pmetal.modules.kto",
     "GrpoModule": "pmetal.modules.grpo",
     "DapoModule": "pmetal.modules.grpo",
+    "RlooModule": "pmetal.modules.grpo",
     "RlkdModule": "pmetal.modules.rlkd",
     "EmbedModule": "pmetal.modules.embed",
 }

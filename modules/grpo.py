@@ -12,6 +12,19 @@ DAPO: Yu et al. 2025 (arXiv:2503.14476) is the same update with other settings: 
 overlong punishment added to the rewards, and dynamic sampling (groups with equal rewards dropped,
 more prompts drawn); ``DapoModule`` only changes these defaults.
 
+RLOO: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning
+from Human Feedback in LLMs" (arXiv:2402.14740): REINFORCE with a leave-one-out baseline, each
+completion's reward minus the mean of its group's other completions
+(``pmetal.losses.policy.rloo_advantages``). ``RlooModule`` is this update with
+``advantage_estimator="rloo"`` and no std scaling; with ``num_iterations=1`` the ratio is 1 and the
+clipped surrogate's gradient is REINFORCE's. Departure: the paper's KL penalty is part of the
+sequence reward; here it is the loss's k3 term (``beta``, 0 by default), as TRL's RLOO also does now.
+
+Also settings of every module here: REINFORCE++'s batch-normalized advantages
+(``advantage_estimator="reinforce_pp"``), CISPO (``loss_type="cispo"``), truncated importance
+sampling against the sampler/trainer mismatch (``tis_cap``) and entropy masking
+(``top_entropy_quantile``); each loss term is in ``pmetal.losses.policy`` with its paper.
+
 Where pmetal departs:
 - ``beta`` defaults to 0.0 (no KL, no reference forward), as DAPO, Dr. GRPO and TRL do;
   DeepSeekMath used 0.04 and PMetal (Rust) 0.001: pass ``beta`` to use one.
@@ -65,8 +78,18 @@ class GrpoModule(PmetalModule):
         epsilon: clip range below (and above, unless epsilon_high is set).
         epsilon_high: clip range above (DAPO's clip-higher); None = epsilon.
         loss_type: token aggregation: "grpo" (per-sequence mean), "bnpo" (token mean per
-            micro-batch), "dr_grpo" (sum / (G x max length)), "dapo" (token mean over the rollout).
+            micro-batch), "dr_grpo" (sum / (G x max length)), "dapo" (token mean over the rollout),
+            or "cispo" (MiniMax-M1: the clipped importance weight, detached, times REINFORCE;
+            token mean over the rollout).
         scale_rewards: advantage scaling: "group" std (GRPO), "batch" std, or "none" (Dr. GRPO).
+        advantage_estimator: "grpo" (reward minus the group mean), "rloo" (minus the mean of the
+            group's other completions, Ahmadian et al. 2024) or "reinforce_pp" (normalized over the
+            batch, no per-prompt baseline; REINFORCE++, Hu et al. 2025).
+        tis_cap: truncated importance sampling (Yao et al. 2025): weight each token by
+            min(pi_trainer / pi_sampler, tis_cap), the trainer's and the rollout engine's
+            probabilities of the sampled token, against their numerical mismatch; None = off.
+        top_entropy_quantile: train on the top fraction of completion tokens by the policy's
+            entropy only (Wang et al. 2025 use 0.2); 1.0 = every token.
         dynamic_sampling: drop groups whose rewards are all equal and draw more prompts (DAPO).
         max_sampling_rounds: most generation rounds per step under dynamic sampling.
         overlong_punishment: add DAPO's soft overlong punishment to the rewards.
@@ -109,8 +132,11 @@ class GrpoModule(PmetalModule):
         beta: float = 0.0,
         epsilon: float = 0.2,
         epsilon_high: Optional[float] = None,
-        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "grpo",
         scale_rewards: Literal["group", "batch", "none"] = "group",
+        advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo",
+        tis_cap: Optional[float] = None,
+        top_entropy_quantile: float = 1.0,
         dynamic_sampling: bool = False,
         max_sampling_rounds: int = 4,
         overlong_punishment: bool = False,
@@ -132,6 +158,10 @@ class GrpoModule(PmetalModule):
             raise PmetalError(f"num_generations={num_generations}: group advantages need at least 2 completions per prompt")
         if num_iterations < 1 or micro_batch_size < 1:
             raise PmetalError("num_iterations and micro_batch_size must be at least 1")
+        if tis_cap is not None and tis_cap <= 0:
+            raise PmetalError(f"tis_cap={tis_cap}: the cap of the importance weight must be > 0 (or none for off)")
+        if not 0.0 < top_entropy_quantile <= 1.0:
+            raise PmetalError(f"top_entropy_quantile={top_entropy_quantile}: expected a fraction in (0, 1]")
         if rollout_chunks is not None and rollout_chunks < 1:
             raise PmetalError(f"rollout_chunks={rollout_chunks}: need at least 1 chunk")
         try:
@@ -181,7 +211,8 @@ class GrpoModule(PmetalModule):
                                hp.max_sampling_rounds, speculative=hp.speculative, draft=self.draft,
                                num_draft_tokens=hp.num_draft_tokens, compile_decode=hp.compile_rollouts,
                                async_rewards=hp.async_rewards,
-                               chunks=hp.rollout_chunks or (2 if hp.async_rewards else 1))
+                               chunks=hp.rollout_chunks or (2 if hp.async_rewards else 1),
+                               advantage_estimator=hp.advantage_estimator)
 
     def configure_callbacks(self):
         from pmetal.callbacks.rollout import RolloutCallback
@@ -213,9 +244,13 @@ class GrpoModule(PmetalModule):
         return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
 
     def token_logps(self, part: dict[str, torch.Tensor]) -> torch.Tensor:  # [n, T] aligned with labels
-        return self.completion_logps(part["input_ids"], part["attention_mask"], part["labels"],
-                                     temperature=self._loss_temperature, return_token_logps=True,
-                                     pixel_inputs=part.get("pixel_inputs")).token_logps
+        out = self.completion_logps(part["input_ids"], part["attention_mask"], part["labels"],
+                                    temperature=self._loss_temperature, return_token_logps=True,
+                                    return_token_entropy=self.hparams.top_entropy_quantile < 1.0,
+                                    pixel_inputs=part.get("pixel_inputs"))
+        if out.token_entropy is not None:  # the mask is fixed by the first pass, as the ratio's old side
+            part.setdefault("token_entropy", out.token_entropy)
+        return out.token_logps
 
     def micro_batch_loss(self, part: dict[str, torch.Tensor], num_sequences: int, num_tokens: int):
         """GRPO loss of one micro-batch, normalized so the micro-batch losses sum to the rollout's."""
@@ -223,15 +258,27 @@ class GrpoModule(PmetalModule):
 
     def policy_loss(self, token_logps: torch.Tensor, part: dict[str, torch.Tensor], num_sequences: int,
                     num_tokens: int):
-        """`pmetal.losses.policy.grpo_loss` of one micro-batch from its token log-probs `[n, T]`."""
-        from pmetal.losses.policy import grpo_loss
+        """`pmetal.losses.policy.grpo_loss` of one micro-batch from its token log-probs `[n, T]`.
+
+        With `tis_cap` the ratio's old side is the trainer's own log-probs before the update (this
+        pass's, detached, kept in `part` for later passes) and the sampler's weigh the tokens.
+        """
+        from pmetal.losses.policy import grpo_loss, high_entropy_mask
 
         hp = self.hparams
+        mask = part["labels"] != IGNORE_INDEX
+        old_logps, tis = part["old_logps"], {}
+        if hp.tis_cap is not None:
+            old_logps = part.setdefault("trainer_old_logps", token_logps.detach())
+            tis = dict(sampling_logps=part["old_logps"], tis_cap=hp.tis_cap)
+        entropy_mask = None
+        if hp.top_entropy_quantile < 1.0:
+            entropy_mask = high_entropy_mask(part["token_entropy"], mask, hp.top_entropy_quantile)
         return grpo_loss(
             token_logps,
-            part["old_logps"],
+            old_logps,
             part["advantages"],
-            part["labels"] != IGNORE_INDEX,
+            mask,
             ref_logps=part.get("ref_logps"),
             beta=hp.beta,
             epsilon_low=hp.epsilon,
@@ -241,6 +288,8 @@ class GrpoModule(PmetalModule):
             num_sequences=num_sequences,
             num_tokens=num_tokens,
             importance_sampling_level=hp.importance_sampling_level,
+            entropy_mask=entropy_mask,
+            **tis,
         )
 
     @torch.no_grad()
@@ -379,3 +428,17 @@ class DapoModule(GrpoModule):
     ) -> None:
         super().__init__(model, epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type,
                          dynamic_sampling=dynamic_sampling, overlong_punishment=overlong_punishment, **kwargs)
+
+
+class RlooModule(GrpoModule):
+    """RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline, as GrpoModule's update with
+    `advantage_estimator="rloo"` and unscaled advantages. The same arguments as GrpoModule."""
+
+    def __init__(
+        self,
+        model: str = "default",
+        advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "rloo",
+        scale_rewards: Literal["group", "batch", "none"] = "none",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, advantage_estimator=advantage_estimator, scale_rewards=scale_rewards, **kwargs)

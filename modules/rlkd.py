@@ -111,10 +111,14 @@ class RlkdModule(GrpoModule):
                                                    pixel_inputs=teacher_pixels)  # [M, H]
             teacher_logits = teacher_head(teacher_hidden).float()  # [M, V']
 
-        sampled_logps = torch.log_softmax(student_logits / self._loss_temperature, dim=-1)
-        sampled_logps = sampled_logps.gather(1, targets[:, None]).squeeze(1)  # [M]
+        student_logps = torch.log_softmax(student_logits / self._loss_temperature, dim=-1)  # [M, V]
+        sampled_logps = student_logps.gather(1, targets[:, None]).squeeze(1)  # [M]
         token_logps = torch.zeros(scored.shape, dtype=sampled_logps.dtype, device=ids.device)
         token_logps = token_logps.masked_scatter(scored, sampled_logps)  # [n, T]
+        if hp.top_entropy_quantile < 1.0 and "token_entropy" not in part:  # GRPO's entropy mask, first pass
+            with torch.no_grad():
+                entropy = -(student_logps.exp() * student_logps).sum(-1)  # [M]
+            part["token_entropy"] = torch.zeros_like(token_logps).masked_scatter(scored, entropy)
         policy_loss, metrics = self.policy_loss(token_logps, part, num_sequences, num_tokens)
         vocab = min(len(self.tokenizer), student_logits.shape[-1], teacher_logits.shape[-1])  # padded heads differ
         distill = jsd_loss(student_logits[:, :vocab], teacher_logits[:, :vocab], beta=hp.distill_beta,

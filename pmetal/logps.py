@@ -39,6 +39,8 @@ class CompletionLogps(NamedTuple):
     token_logps: torch.Tensor | None  # [B, T] aligned with labels, 0 where not scored
     # [B, T] the mean over the vocabulary of each scored position's logits (TRL's `logits/*`), no gradient
     token_mean_logits: torch.Tensor | None = None
+    # [B, T] the entropy of each scored position's next-token distribution (at the temperature), no gradient
+    token_entropy: torch.Tensor | None = None
 
 
 def backbone_and_head(model) -> tuple[nn.Module, nn.Module]:
@@ -149,6 +151,20 @@ def _module_chunked_logps(hidden, head, targets, *, temperature, softcap, chunk_
 
 
 @torch.no_grad()
+def _token_entropies(hidden, head, *, temperature, softcap, chunk_tokens: int = 1024) -> torch.Tensor:
+    """The entropy of the next-token distribution of each row of hidden [M, H] -> [M] fp32, chunk by
+    chunk so one chunk's logits are alive at a time (GRPO's entropy masking)."""
+    parts = []
+    for i in range(0, hidden.shape[0], chunk_tokens):
+        logits = head(hidden[i : i + chunk_tokens].detach()).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        logps = torch.log_softmax(logits / temperature, dim=-1)
+        parts.append(-(logps.exp() * logps).sum(-1))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+@torch.no_grad()
 def _vocab_mean_logits(hidden, head, *, softcap, chunk_tokens: int = 1024) -> torch.Tensor:
     """The mean over the vocabulary of the logits of each row of hidden [M, H] -> [M] fp32.
 
@@ -202,6 +218,7 @@ def completion_logps(
     temperature: float = 1.0,
     return_token_logps: bool = False,
     return_mean_logits: bool = False,
+    return_token_entropy: bool = False,
     pixel_inputs: dict | None = None,
 ) -> CompletionLogps:
     """Sum / mean / per-token log-probs of the label tokens of each row.
@@ -217,6 +234,8 @@ def completion_logps(
         return_token_logps: also return token_logps [B, T].
         return_mean_logits: also return token_mean_logits [B, T] (the mean logit over the vocabulary
             at each scored position, before the temperature; a logged statistic, without gradient).
+        return_token_entropy: also return token_entropy [B, T] (the entropy of each scored position's
+            distribution at the temperature; without gradient).
         pixel_inputs: a VLM batch's image tensors (`pixel_values`, ...; see `pmetal.vlm`).
     """
     config = _config(model)
@@ -239,7 +258,11 @@ def completion_logps(
     if return_mean_logits:
         mean_logits = torch.zeros(mask.shape, dtype=torch.float32, device=logps.device)
         mean_logits = mean_logits.masked_scatter(mask, _vocab_mean_logits(hidden, head, softcap=softcap))
-    return CompletionLogps(sums, means, counts, token_logps if return_token_logps else None, mean_logits)
+    entropy = None
+    if return_token_entropy:
+        entropy = torch.zeros(mask.shape, dtype=torch.float32, device=logps.device).masked_scatter(
+            mask, _token_entropies(hidden, head, temperature=temperature, softcap=softcap).float())
+    return CompletionLogps(sums, means, counts, token_logps if return_token_logps else None, mean_logits, entropy)
 
 
 def lm_loss(model, batch: dict, *, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

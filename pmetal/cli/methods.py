@@ -45,6 +45,8 @@ METHODS: dict[str, Method] = {
                "GRPO: group-relative policy optimization with reward functions"),
         Method("dapo", "pmetal.modules.grpo:DapoModule", "pmetal.data.prompts:PromptDataModule", "dapo.yaml",
                "DAPO: GRPO with clip-higher, token-level loss, overlong shaping, dynamic sampling"),
+        Method("rloo", "pmetal.modules.grpo:RlooModule", "pmetal.data.prompts:PromptDataModule", "rloo.yaml",
+               "RLOO: REINFORCE with a leave-one-out baseline (GRPO's update with the RLOO estimator)"),
         Method("rlkd", "pmetal.modules.rlkd:RlkdModule", "pmetal.data.prompts:PromptDataModule", "rlkd.yaml",
                "RLKD: GRPO plus distillation from a frozen teacher"),
         Method("embed", "pmetal.modules.embed:EmbedModule", "pmetal.data.embedding:EmbeddingDataModule", "embed.yaml",

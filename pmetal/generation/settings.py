@@ -25,3 +25,4 @@ class RolloutSettings:
     compile_decode: bool | None = None  # the engine's torch.compile of its round (None: where graphs are captured)
     async_rewards: bool = False
     chunks: int = 1
+    advantage_estimator: str = "grpo"  # pmetal.losses.policy.estimate_advantages

@@ -49,8 +49,9 @@ def _printed_config(method: str, capsys) -> dict:
 
 
 def test_the_derived_commands_cover_the_language_and_embedding_methods():
-    assert set(DERIVED) == {"train", "grpo", "rlkd", "embed-train"}
-    assert COMMAND_OF == {"sft": "train", "grpo": "grpo", "dapo": "grpo", "rlkd": "rlkd", "embed": "embed-train"}
+    assert set(DERIVED) == {"train", "grpo", "rloo", "rlkd", "embed-train"}
+    assert COMMAND_OF == {"sft": "train", "grpo": "grpo", "dapo": "grpo", "rloo": "rloo", "rlkd": "rlkd",
+                          "embed": "embed-train"}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -41,7 +41,7 @@ def _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **module_kwargs):
         data = _write(tmp_path / "k.jsonl", [{"prompt": f"q{i}", "completion": f"c{i}", "label": i % 2 == 0}
                                              for i in range(4)])
         return module_cls(model=model), dm_cls(path=data, batch_size=4, val_fraction=0.0)
-    if method in ("grpo", "dapo", "rlkd"):
+    if method in ("grpo", "dapo", "rloo", "rlkd"):
         data = _write(tmp_path / "g.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)])
         kwargs = dict(model=model, reasoning_rewards=True, num_generations=4, max_completion_length=6,
                       micro_batch_size=2)
@@ -122,6 +122,21 @@ def test_grpo_async_rewards_overlapping_the_reference_and_update_is_mps_ready(ti
     module, datamodule = _build("grpo", tiny_model_dir, tiny_bert_dir, tmp_path, async_rewards=True,
                                 rollout_chunks=2, beta=0.04, reward_fns=[_length_parity])
     assert _guarded_step(module, datamodule, tmp_path), "the async-rewards step changed no parameter"
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="cispo", tis_cap=2.0, top_entropy_quantile=0.5),
+    dict(advantage_estimator="reinforce_pp", importance_sampling_level="sequence"),
+], ids=["cispo-tis-entropy", "reinforce_pp-gspo"])  # fmt: skip
+def test_grpo_loss_variants_are_mps_ready(options, tiny_model_dir, tiny_bert_dir, tmp_path):
+    """CISPO with truncated importance sampling and the entropy mask (the entropy over the
+    vocabulary), and REINFORCE++'s batch advantages under GSPO, take a step."""
+    import lightning as L
+
+    L.seed_everything(0)
+    module, datamodule = _build("grpo", tiny_model_dir, tiny_bert_dir, tmp_path, reward_fns=[_length_parity],
+                                **options)
+    assert _guarded_step(module, datamodule, tmp_path), f"{options}: the step changed no parameter"
 
 
 def test_orpo_full_nll_on_raw_text_is_mps_ready(tiny_model_dir, tmp_path):
