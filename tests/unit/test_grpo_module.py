@@ -209,3 +209,61 @@ def test_compile_rollouts_reaches_the_engine(tiny_model_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         installed._generate(module, {"prompt_ids": [[5, 6]]}, settings, stop_ids=[])
     assert seen["compile_decode"] is False
+
+
+def test_truncated_importance_sampling_keeps_the_trainer_side_across_passes(tiny_model_dir, prompt_file):
+    """With tis_cap the first pass's ratio is exactly 1 (the trainer's own log-probs are its old side,
+    the sampler's only weigh the tokens); the second pass reuses them, so its ratio moves."""
+    from pmetal.modules.grpo import GrpoModule
+
+    torch.manual_seed(1)
+    module = GrpoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=4,
+                        max_completion_length=6, num_iterations=2, micro_batch_size=4, learning_rate=0.05,
+                        lr_schedule="constant", gradient_checkpointing=False, tis_cap=2.0,
+                        top_entropy_quantile=0.5, loss_type="cispo")
+    trainer = _trainer(2)
+    trainer.fit(module, PromptDataModule(str(prompt_file), batch_size=2))
+    first, second = module.iteration_metrics
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6)  # trainer vs itself, not vs the engine
+    assert abs(second["ratio"] - 1.0) > 1e-3
+    assert 0.0 < first["tis/weight_mean"] <= 2.0 and first["tis/weight_mean"] == pytest.approx(1.0, abs=1e-2)
+    assert 0.4 <= first["entropy/kept_fraction"] <= 0.75  # the top half of the tokens (ties kept)
+    assert first["entropy/kept_fraction"] == pytest.approx(second["entropy/kept_fraction"])  # the mask is kept
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
+def test_the_advantage_estimator_reaches_the_rollout(tiny_model_dir, estimator):
+    from pmetal.callbacks.rollout import make_rollout
+    from pmetal.data.prompts import collate_prompts
+    from pmetal.data.render import render_prompt
+    from pmetal.losses.policy import estimate_advantages
+    from pmetal.modules.grpo import GrpoModule, RlooModule
+
+    torch.manual_seed(0)
+    if estimator == "rloo":
+        module = RlooModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=4,
+                            max_completion_length=6, gradient_checkpointing=False)
+        assert module.hparams.scale_rewards == "none"
+    else:
+        module = GrpoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=4,
+                            max_completion_length=6, gradient_checkpointing=False, advantage_estimator=estimator)
+    texts = ["What is 2+2?", "Name a colour."]
+    batch = collate_prompts([{"prompt_ids": render_prompt(module.tokenizer, [{"role": "user", "content": t}]),
+                              "prompt": t, "columns": {}, "index": i} for i, t in enumerate(texts)])
+    rollout = make_rollout(module, batch)
+    expected = estimate_advantages(rollout.rewards, 4, estimator=estimator, scale=module.hparams.scale_rewards)
+    torch.testing.assert_close(rollout.advantages, expected)
+    assert rollout.rewards.std() > 0  # a spread, so the estimators differ from zero
+
+
+def test_cli_rloo_runs_and_saves_the_adapter(tiny_model_dir, prompt_file, tmp_path, capsys):
+    from pmetal.cli import main
+
+    out = tmp_path / "run"
+    code = main(["rloo", "--model", str(tiny_model_dir), "--dataset", str(prompt_file), "--reward-fn",
+                 "tests.unit.test_grpo_module:char_parity_reward", "--num-generations", "2", "--batch-size", "2",
+                 "--max-completion-length", "4", "--max-steps", "1", "--no-gradient-checkpointing",
+                 "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out), "--logger", "csv"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert '"advantage_estimator": "rloo"' in (out / "final" / "pmetal_config.json").read_text()
