@@ -107,3 +107,25 @@ def test_dataset_method_names_are_the_method_table():
     from pmetal.cli.methods import METHODS
 
     assert METHOD_NAMES == tuple(METHODS)
+
+
+def test_print_config_documents_the_settings_and_the_file_runs(tiny_model_dir, tmp_path):
+    import yaml
+
+    from tests.unit.test_sft_end_to_end import write_chat_data
+
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=4)
+    printed = _run("fit", "--method", "sft", "--model", str(tiny_model_dir), "--data.path", str(data),
+                   "--data.batch_size", "2", "--data.max_seq_len", "64", "--data.val_fraction", "0",
+                   "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false", "--print_config", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    text = printed.stdout
+    assert "# the LoRA rank" in text or "# LoRA rank" in text.lower() or "lora_r" in text
+    assert "# stop after this many optimizer steps (-1: the epochs decide)." in text  # build_trainer's docstring
+    config = yaml.safe_load(text)
+    assert config["trainer"]["default_root_dir"] is None  # no timestamped folder frozen into the file
+    (tmp_path / "run.yaml").write_text(text)
+    done = _run("fit", "--config", "run.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("sft-") and (runs[0] / "final").is_dir()
