@@ -129,3 +129,19 @@ def test_print_config_documents_the_settings_and_the_file_runs(tiny_model_dir, t
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("sft-") and (runs[0] / "final").is_dir()
+
+
+def test_the_readme_rlkd_example_builds(tiny_model_dir, tmp_path, monkeypatch):
+    import shlex
+
+    import pmetal.cli.runner
+
+    line = next(l for l in (ROOT / "README.md").read_text().splitlines() if l.startswith("pmetal rlkd "))
+    argv = shlex.split(line.split("#")[0])[1:]
+    stand_ins = {"default": str(tiny_model_dir), "./teacher": str(tiny_model_dir),
+                 "math.jsonl": str(example_path("grpo.jsonl"))}
+    argv = [stand_ins.get(a, a) for a in argv] + ["--output-dir", str(tmp_path / "run")]
+    built = {}
+    monkeypatch.setattr(pmetal.cli.runner, "launch", lambda args, settings, method, module, dm: built.update(m=module))
+    assert main(argv) == 0
+    assert built["m"].rewards.names  # the example names its rewards
