@@ -39,10 +39,17 @@ PROMPT_FIELDS = ("prompt", "question", "problem")
 KTO_COMPLETION_FIELDS = ("completion", "response", "output")
 
 
-def detect_kind(rows: Sequence[dict], *, path: str | None = None) -> str:
-    """The kind of data (a key of `KINDS`) the first row's columns say the file holds."""
+def detect_kind(rows: Sequence[dict], *, path: str | None = None, prompt_column: str | None = None,
+                response_column: str | None = None) -> str:
+    """The kind of data (a key of `KINDS`) the first row's columns say the file holds.
+
+    RL prompts are told from SFT rows by what else the row holds: nothing but the prompt (and
+    images), or a column a built-in reward reads (`answer`, `solution`); `question, reply` stays
+    an unknown SFT layout rather than prompts with a stray column.
+    """
     from pmetal.data.embedding import PAIR_FIELDS
     from pmetal.data.formats import detect_format, row_error
+    from pmetal.rewards import REQUIRED_COLUMNS
 
     if not rows:
         raise DataError(path, "no rows", expected="at least one row")
@@ -54,13 +61,16 @@ def detect_kind(rows: Sequence[dict], *, path: str | None = None) -> str:
     if any(a in keys and b in keys for a, b in PAIR_FIELDS):
         return "embedding"
     try:
-        detect_format(rows, path=path)
+        detect_format(rows, path=path, prompt_column=prompt_column, response_column=response_column)
         return "sft"
     except DataError:
-        if keys & set(PROMPT_FIELDS):
-            return "prompts"
+        if prompt_column or response_column:
+            raise
+    reward_columns = {c for columns in REQUIRED_COLUMNS.values() for c in columns}
+    if keys & set(PROMPT_FIELDS) and (keys & reward_columns or keys <= {*PROMPT_FIELDS, "image", "images"}):
+        return "prompts"
     found = ", ".join(sorted(map(str, keys))) or "(none)"
-    raise row_error(rows, 0, f"cannot tell the kind of data from the columns: {found}", expected=KINDS_HELP,
+    raise row_error(rows, 0, f"cannot tell the data format from the columns: {found}", expected=KINDS_HELP,
                     path=path)
 
 

@@ -101,7 +101,8 @@ def _kind(args: argparse.Namespace, rows) -> str:
         return get_method(args.method).data_kind
     if rows is None:  # a hub dataset id: read by the SFT report below
         return "sft"
-    return detect_kind(rows, path=str(args.file))
+    return detect_kind(rows, path=str(args.file), prompt_column=args.prompt_column,
+                       response_column=args.response_column)
 
 
 def _report_other_kind(args: argparse.Namespace, rows, kind: str) -> int:
