@@ -288,13 +288,11 @@ def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None
 
 def fit(trainer, module, datamodule, *, ckpt_path: str | None = None) -> dict[str, Any]:
     """Run fit and return where the outputs went."""
-    from pmetal.callbacks.checkpoint import ExportOnTrainEnd
+    from pmetal.callbacks.checkpoint import ExportOnTrainEnd, checkpoint_problem
     from pmetal.callbacks.plots import LossHistory
 
-    from pmetal.callbacks.checkpoint import checkpoint_problem
-
     start = time.time()
-    resumed_at = (checkpoint_problem(ckpt_path)[1] or 0) if ckpt_path else 0
+    resumed_at = (checkpoint_problem(ckpt_path)[1] or 0) if ckpt_path else 0  # "done:" counts this run's steps
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     run_dir = Path(trainer.default_root_dir)
     # the callbacks build_trainer added keep what they wrote

@@ -5,7 +5,9 @@ method's kind): SFT conversations, preference pairs, KTO feedback, RL prompts an
 `detect_kind(rows)` tells them apart from the first row's columns; `check_rows(rows, kind)` runs
 the same row converters the DataModules run (so the same one-line `DataError` naming file,
 row and field) but without rendering or tokenizing, so `pmetal dataset validate` and the commands'
-up-front checks (`pmetal.cli.preflight`) find a bad row before any model loads.
+up-front checks (`pmetal.cli.preflight`) find a bad row before any model loads. Rows holding
+images (an `image`/`images` column, or content parts) are a vision-language model's: their
+converters need its processor, so they are checked when the DataModule renders them.
 """
 
 from __future__ import annotations
@@ -74,10 +76,25 @@ def detect_kind(rows: Sequence[dict], *, path: str | None = None, prompt_column:
                     path=path)
 
 
+def holds_images(row: dict) -> bool:
+    """An image column, or a message whose content is a list of parts (images among them)."""
+    from pmetal.data.images import image_column
+
+    if image_column(row) is not None:
+        return True
+    return any(isinstance(value, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list)
+                                               for m in value) for value in row.values())
+
+
 def check_rows(rows: Sequence[dict], kind: str, *, path: str | None = None, prompt_column: str | None = None,
                response_column: str | None = None, system_prompt: str | None = None,
                score_range: Any = (0.0, 5.0)) -> tuple[str, int]:
-    """(format or layout, usable examples) of `rows` read as `kind`; a bad row raises its `DataError`."""
+    """(format or layout, usable examples) of `rows` read as `kind`; a bad row raises its `DataError`.
+
+    Image rows are counted, not converted (see the module docstring).
+    """
+    if rows and holds_images(rows[0]):
+        return "with images (checked when rendered)", len(rows)
     if kind == "sft":
         from pmetal.data.formats import to_sft_examples
 

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -82,12 +81,18 @@ def _run(*argv, cwd=None, env=None, timeout=600):
 
 
 def test_fit_help_of_every_method_is_fast():
-    for method in ("dpo", "sft"):
-        start = time.perf_counter()
-        done = _run("fit", "--method", method, "--help")
-        seconds = time.perf_counter() - start
-        assert done.returncode == 0 and "--model.beta" in done.stdout if method == "dpo" else True
-        assert seconds < 3.0, f"pmetal fit --method {method} --help took {seconds:.1f} s"
+    # fast because nothing heavy is imported (timings on a shared machine would make a flaky test)
+    code = ("import sys, io, contextlib\nfrom pmetal.cli import main\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n    rc = main(sys.argv[1:])\n"
+            "heavy = sorted(m for m in ('lightning', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules)\n"
+            "print(rc, heavy, len(out.getvalue()))\nprint(out.getvalue())")
+    for method in ("dpo", "sft", "grpo"):
+        done = subprocess.run([sys.executable, "-c", code, "fit", "--method", method, "--help"], capture_output=True,
+                              text=True, timeout=300)
+        first, _, text = done.stdout.partition("\n")
+        assert first.startswith("0 []"), (method, first, done.stderr[-2000:])
+        assert "--model.learning_rate" in text and "--data.path" in text and "--trainer.max_steps" in text
+        assert ("--model.beta" in text) == (method in ("dpo", "grpo"))
 
 
 def test_reward_module_in_the_current_directory_is_found_by_the_pmetal_script(tmp_path):
@@ -145,3 +150,13 @@ def test_the_readme_rlkd_example_builds(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(pmetal.cli.runner, "launch", lambda args, settings, method, module, dm: built.update(m=module))
     assert main(argv) == 0
     assert built["m"].rewards.names  # the example names its rewards
+
+
+def test_image_rows_are_left_to_the_vision_language_renderer():
+    from pmetal.data.check import check_rows
+
+    sft = [{"images": ["a.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": "red"}]}]
+    assert check_rows(sft, "sft")[1] == 1
+    assert check_rows([{"image": "a.png", "prompt": "What colour?"}], "prompts")[1] == 1
