@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from tests.unit.test_run_safety import _fit, _trained_run
+from tests.unit.test_run_safety import _trained_run
 from tests.unit.test_sft_end_to_end import write_chat_data
 
 
@@ -83,8 +83,12 @@ def test_max_seq_len_one_names_its_flag(tiny_model_dir, tmp_path, capsys):
     assert "--max-seq-len 1: expected a number >= 2" in err
 
 
-def test_corrupt_last_checkpoint_is_set_aside_and_new_state_goes_to_last_ckpt(tiny_model_dir, tmp_path, caplog):
-    from pmetal.cli.runner import resolve_resume
+def test_corrupt_last_checkpoint_is_set_aside_and_done_counts_this_run(tiny_model_dir, tmp_path, caplog, capsys):
+    """After the fallback the new state goes to last.ckpt (not last-v1.ckpt), and the closing line
+    counts the steps of the resumed run only."""
+    from pmetal.cli.runner import build_trainer, fit, report_outputs, resolve_resume
+    from pmetal.data.datamodule import SftDataModule
+    from pmetal.modules import SftModule
 
     data, run, ckpts = _trained_run(tiny_model_dir, tmp_path, 4)
     last = ckpts / "last.ckpt"
@@ -94,10 +98,16 @@ def test_corrupt_last_checkpoint_is_set_aside_and_new_state_goes_to_last_ckpt(ti
     assert chosen == str(ckpts / "step-4.ckpt")
     assert not last.exists() and (ckpts / "last.ckpt.corrupt").is_file()
     assert "last.ckpt.corrupt" in caplog.text
-    _fit(tiny_model_dir, data, run, max_steps=6, every=2, ckpt_path=chosen)
+    trainer = build_trainer(run, max_steps=6, max_epochs=None, checkpoint_every_n_steps=2, enable_progress_bar=False)
+    result = fit(trainer, SftModule(model=str(tiny_model_dir)),
+                 SftDataModule(path=str(data), batch_size=2, max_seq_len=64, val_fraction=0.0), ckpt_path=chosen)
     names = sorted(p.name for p in ckpts.iterdir())
     assert "last.ckpt" in names and not any("-v1" in n for n in names), names
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+    assert result["steps"] == 2 and result["total_steps"] == 6
+    capsys.readouterr()
+    report_outputs(result)
+    assert "done: 2 optimizer steps (6 in total, resumed at step 4)" in capsys.readouterr().out
 
 
 def _killed_during_first_checkpoint(run):
@@ -122,19 +132,3 @@ def test_a_run_killed_during_its_first_checkpoint_write_can_be_rerun(tiny_model_
     assert "--overwrite" in capsys.readouterr().err
     check_output_dir(run, overwrite=True)  # what --overwrite does: the folder is cleared for the rerun
     assert not (run / "metrics.csv").exists() and not (run / "checkpoints").exists()
-
-
-def test_done_counts_only_the_steps_of_this_run_after_a_resume(tiny_model_dir, tmp_path, capsys):
-    from pmetal.cli.runner import build_trainer, fit, report_outputs
-    from pmetal.data.datamodule import SftDataModule
-    from pmetal.modules import SftModule
-
-    data, run, ckpts = _trained_run(tiny_model_dir, tmp_path, 4)
-    trainer = build_trainer(run, max_steps=6, max_epochs=None, checkpoint_every_n_steps=2, enable_progress_bar=False)
-    result = fit(trainer, SftModule(model=str(tiny_model_dir)),
-                 SftDataModule(path=str(data), batch_size=2, max_seq_len=64, val_fraction=0.0),
-                 ckpt_path=str(ckpts / "last.ckpt"))
-    assert result["steps"] == 2 and result["total_steps"] == 6
-    capsys.readouterr()
-    report_outputs(result)
-    assert "done: 2 optimizer steps (6 in total, resumed at step 4)" in capsys.readouterr().out
