@@ -104,7 +104,8 @@ def fit_help(subcommand: str, method_name: str) -> str:
 
     method = get_method(method_name)
     parser = argparse.ArgumentParser(
-        prog=f"pmetal {subcommand} --method {method_name}", usage="%(prog)s [--config CONFIG] [--SECTION.NAME VALUE ...]",
+        prog=f"pmetal {subcommand} --method {method_name}",
+        usage="%(prog)s [--config CONFIG] [--SECTION.NAME VALUE ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{method_name}: {method.summary}. Every setting is a flag and a YAML key "
                     f"(configs/{method.config} is an example config).",

@@ -69,8 +69,8 @@ def test_row_errors_come_before_the_model_loads(tmp_path, capsys, no_model_load)
     err = capsys.readouterr().err
     assert f"{data}, line 4" in err and "rejected" in err
     chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
-                    + "\n" + json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n")
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    chat.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n")
     assert main(["train", "--dataset", str(chat), "--output-dir", str(tmp_path / "run2")]) == 2
     assert f"{chat}, line 2" in capsys.readouterr().err
 
@@ -98,7 +98,8 @@ def test_fit_help_of_every_method_is_fast():
 def test_reward_module_in_the_current_directory_is_found_by_the_pmetal_script(tmp_path):
     from pmetal.cli.preflight import reward_functions
 
-    (tmp_path / "mymod_silent.py").write_text("def fn(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "mymod_silent.py").write_text("def fn(prompts, completions, **kw):\n"
+                                              "    return [1.0] * len(completions)\n")
     code = ("import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]\n"
             "from pmetal.cli.preflight import reward_functions\n"
             "print(reward_functions(['mymod_silent:fn'])[0]([], ['a', 'b']))")
