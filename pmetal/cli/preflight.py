@@ -225,6 +225,8 @@ def check_training_rows(rows: Any, kind: str, data: Mapping[str, Any], flag: str
     options = {k: data.get(k) for k in ("prompt_column", "response_column", "system_prompt") if data.get(k)}
     if kind == "embedding" and "score_range" in data:
         options["score_range"] = data["score_range"]
+    if kind in ("preference", "kto"):
+        options["raw"] = data.get("chat_template") is False
     try:
         check_rows(rows, kind, path=rows.locate(0)[0] if rows else None, **options)
     except DataError as exc:

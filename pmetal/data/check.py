@@ -88,9 +88,10 @@ def holds_images(row: dict) -> bool:
 
 def check_rows(rows: Sequence[dict], kind: str, *, path: str | None = None, prompt_column: str | None = None,
                response_column: str | None = None, system_prompt: str | None = None,
-               score_range: Any = (0.0, 5.0)) -> tuple[str, int]:
+               score_range: Any = (0.0, 5.0), raw: bool = False) -> tuple[str, int]:
     """(format or layout, usable examples) of `rows` read as `kind`; a bad row raises its `DataError`.
 
+    `raw`: preference/KTO prompts kept as text (`chat_template=False`), as their DataModule does.
     Image rows are counted, not converted (see the module docstring).
     """
     if rows and holds_images(rows[0]):
@@ -104,12 +105,12 @@ def check_rows(rows: Sequence[dict], kind: str, *, path: str | None = None, prom
     if kind == "preference":
         from pmetal.data.preference import to_preference_pairs
 
-        pairs, _ = to_preference_pairs(rows, system_prompt=system_prompt, path=path)
+        pairs, _ = to_preference_pairs(rows, system_prompt=system_prompt, path=path, raw=raw)
         return "prompt/chosen/rejected", len(pairs)
     if kind == "kto":
         from pmetal.data.kto import to_kto_examples
 
-        return "prompt/completion/label", len(to_kto_examples(rows, system_prompt=system_prompt, path=path))
+        return "prompt/completion/label", len(to_kto_examples(rows, system_prompt=system_prompt, path=path, raw=raw))
     if kind == "prompts":
         from pmetal.data.prompts import row_to_prompt
 
