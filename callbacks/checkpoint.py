@@ -173,6 +173,22 @@ def resumable_checkpoint(ckpt_dir: str | Path, *, clean: bool = True,
     return None, skipped
 
 
+def set_aside_unusable(skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Rename the checkpoints `resumable_checkpoint` skipped as unreadable to `<name>.corrupt`.
+
+    Left in place, a corrupt `last.ckpt` makes Lightning write the new state to `last-v1.ckpt`
+    (and a later `--resume` meet the corrupt one first); renamed rather than deleted, so nothing
+    is lost. Checkpoints skipped for non-finite values are `.diverged` ones' business (NanGuard).
+    """
+    moved = []
+    for path, why in skipped:
+        if why.startswith("unreadable") or why.startswith("not a Lightning checkpoint"):
+            target = path.with_name(path.name + ".corrupt")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
 def kept_message(kept: Path | None) -> str:
     if kept is None:
         return "No checkpoint with finite weights from before the divergence exists."

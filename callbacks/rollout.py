@@ -391,4 +391,28 @@ def _metrics(rows: list[RolloutRow], per_function: dict[str, list[float]], group
         finite = torch.tensor([s for s in scores if not math.isnan(s)], dtype=torch.float32)
         metrics[f"rewards/{name}/mean"] = float(finite.mean()) if len(finite) else float("nan")
         metrics[f"rewards/{name}/std"] = float(finite.std()) if len(finite) > 1 else 0.0
+    metrics.update(_nan_rewards(per_function, len(rows)))
+    return metrics
+
+
+def _nan_rewards(per_function: dict[str, list[float]], completions: int) -> dict[str, float]:
+    """`rewards/<name>/nan_fraction` per function and `rewards/nan_fraction` (completions no function
+    scored), with one warning a step naming the functions that returned NaN/None.
+
+    A NaN score means "does not apply" (TRL's convention, summed as nansum); a completion that no
+    function scores gets reward 0, so a function that fails on everything trains on nothing.
+    """
+    metrics, silent = {}, []
+    unscored = [True] * completions
+    for name, scores in per_function.items():
+        missing = [math.isnan(s) for s in scores]
+        unscored = [u and m for u, m in zip(unscored, missing)]
+        metrics[f"rewards/{name}/nan_fraction"] = sum(missing) / max(len(scores), 1)
+        if any(missing):
+            silent.append(f"{name} ({sum(missing)} of {len(scores)})")
+    metrics["rewards/nan_fraction"] = sum(unscored) / max(completions, 1) if per_function else 0.0
+    if silent:
+        log.warning("rewards: NaN/None scores this step from %s; %d of %d completions have no reward at all "
+                    "(they get 0 and teach nothing); a NaN means the function does not apply",
+                    ", ".join(silent), sum(unscored), completions)
     return metrics

@@ -1,9 +1,10 @@
 """Importing code the user names (`--reward-fn package.module:function`), saying where it came from.
 
-Under `python -m pmetal` the current directory is first on `sys.path`, so a local `mypkg/` or
-`mypkg.py` shadows an installed `mypkg`. `import_user_module` imports what the user names, as
-Python would, and logs the file when it lies in the current directory, with a warning naming the
-installed module it shadows.
+Under `python -m pmetal` the current directory is first on `sys.path`; under the `pmetal` script
+it is not. `import_user_module` puts it first in both (so `--reward-fn mymod:fn` finds a `mymod.py`
+beside the user however pmetal was started), imports what the user names, as Python would, and
+logs the file when it lies in the current directory, with a warning naming the installed module it
+shadows (a local `mypkg/` or `mypkg.py` shadows an installed `mypkg`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,18 @@ log = logging.getLogger("pmetal")
 
 
 def import_user_module(module_name: str) -> ModuleType:
+    current_directory_on_path()
     module = importlib.import_module(module_name)
     report_local_module(module_name, module)
     return module
+
+
+def current_directory_on_path() -> None:
+    """The current directory first on `sys.path`, as `python -m` has it (once; '' counts as it)."""
+    here = os.path.abspath(os.getcwd())
+    if not any(os.path.abspath(p or os.curdir) == here for p in sys.path):
+        sys.path.insert(0, here)
+        importlib.invalidate_caches()
 
 
 def report_local_module(module_name: str, module: ModuleType) -> None:

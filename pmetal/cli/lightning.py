@@ -10,6 +10,11 @@ argument passes through). `--resume` continues from the newest usable checkpoint
 `<default_root_dir>/checkpoints`; `--ckpt_path PATH` (Lightning's name) from the checkpoint named.
 `--overwrite` clears a `default_root_dir` that holds an earlier run (without it or `--resume`, such
 a folder is refused).
+
+`--help` is answered from the signatures read from source (`pmetal.cli.signatures`), without
+importing Lightning, transformers or PEFT (seconds); `--print_config` writes the YAML with each
+setting's documentation as a comment, and leaves `default_root_dir` null (a new
+`runs/<method>-<time>` for each run), so `fit --config` of that file runs again and again.
 """
 
 from __future__ import annotations
@@ -90,18 +95,67 @@ def rewrite_model_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def fit_help(subcommand: str, method_name: str) -> str:
+    """`pmetal fit|validate --method M --help`: the settings of the three signatures, read from source."""
+    import argparse
+
+    from pmetal.cli.flags import TRAINER, load
+    from pmetal.cli.signatures import REQUIRED, signature_settings, static_settings
+
+    method = get_method(method_name)
+    parser = argparse.ArgumentParser(
+        prog=f"pmetal {subcommand} --method {method_name}",
+        usage="%(prog)s [--config CONFIG] [--SECTION.NAME VALUE ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{method_name}: {method.summary}. Every setting is a flag and a YAML key "
+                    f"(configs/{method.config} is an example config).",
+        epilog="--trainer.* also takes every other lightning.Trainer argument (fast_dev_run, limit_train_batches, "
+               "...); `--print_config` writes every setting, with its documentation, as YAML.")
+    run = parser.add_argument_group("run")
+    run.add_argument("--method", help=f"training method: {', '.join(METHODS)} (default: sft, or a config's method:)")
+    run.add_argument("-c", "--config", metavar="CONFIG", help="a YAML config (repeatable; later values win)")
+    run.add_argument("--print_config", metavar="[=flags]", help="print the configuration as YAML (with each "
+                     "setting's documentation as a comment) and exit; flags: comments, skip_default, skip_unset")
+    run.add_argument("--seed_everything", metavar="SEED", help="seed everything with this value (default: true, "
+                     "a random seed)")
+    run.add_argument("--resume", metavar="[PATH]", help="continue a killed run: the newest usable checkpoint in "
+                     "<default_root_dir>/checkpoints, or the .ckpt named")
+    run.add_argument("--ckpt_path", metavar="PATH", help="a checkpoint to continue from (Lightning's name)")
+    run.add_argument("--overwrite", action="store_true", help="clear a default_root_dir holding an earlier run")
+    for section, target in (("model", method.module), ("data", method.datamodule), ("trainer", TRAINER)):
+        settings = static_settings(target) or signature_settings(load(target))
+        group = parser.add_argument_group(f"{section}: {target}")
+        for name, setting in settings.items():
+            text = setting.doc or name.replace("_", " ")
+            text += " (required)" if setting.default is REQUIRED else f" (default: {setting.default})"
+            group.add_argument(f"--{section}.{name}", metavar=_type_name(setting.annotation),
+                               help=text.replace("%", "%%"))
+    return parser.format_help()
+
+
+def _type_name(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    return (text or str(annotation)).replace("typing.", "").replace("NoneType", "None")
+
+
 def run_lightning_cli(argv: list[str], *, run: bool = True):
     """Parse `pmetal fit|validate ...` and run it (or only build the objects with run=False)."""
-    from lightning.pytorch.cli import LightningCLI
-
-    from pmetal.cli.runner import build_trainer, default_run_dir, fit, report_outputs, resolve_resume
-
     subcommand, rest = argv[0], argv[1:]
     method_name, rest = _pop_option(rest, "--method")
     method_name = method_name or _method_from_configs(rest) or "sft"
     if method_name not in METHODS:
         raise PmetalError(f"unknown --method {method_name!r}; available: {', '.join(METHODS)}")
     method = get_method(method_name)
+    if run and ("--help" in rest or "-h" in rest):
+        print(fit_help(subcommand, method_name), end="")
+        return None
+    # a bare --print_config documents every setting (jsonargparse's "comments", through ruamel.yaml)
+    rest = ["--print_config=comments" if arg == "--print_config" else arg for arg in rest]
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from pmetal.cli.runner import build_trainer, default_run_dir, fit, report_outputs, resolve_resume
+
     resume, rest = _pop_resume(rest)
     overwrite = "--overwrite" in rest
     rest = [arg for arg in rest if arg != "--overwrite"]
@@ -122,6 +176,8 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
             legacy = self.config.get("checkpoint_every_n_steps")
             if legacy is not None:
                 self.config["trainer"]["checkpoint_every_n_steps"] = legacy
+            if not self.config["trainer"].get("default_root_dir"):  # a new folder for every run of a config
+                self.config["trainer"]["default_root_dir"] = str(default_run_dir(method_name))
             check_fit_config(self.config, method_name, resume=resume or self.config.get("ckpt_path"),
                              overwrite=overwrite)
 
@@ -132,7 +188,6 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
         args=rest,  # run=False: LightningCLI has no subcommands; we call fit/validate ourselves
         run=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": str(default_run_dir(method_name))},
         # a config error's "tip: run ... --help" names the command that shows this method's settings
         parser_kwargs={"prog": f"pmetal {subcommand} --method {method_name}"},
         auto_configure_optimizers=False,

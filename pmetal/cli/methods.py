@@ -20,6 +20,7 @@ class Method:
     datamodule: str
     config: str  # file name under configs/
     summary: str
+    data_kind: str  # a key of pmetal.data.check.KINDS: what its data files hold
 
     def module_class(self):
         return _load(self.module, self.name)
@@ -32,25 +33,35 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("sft", "pmetal.modules.sft:SftModule", "pmetal.data.datamodule:SftDataModule", "sft.yaml",
-               "supervised fine-tuning, full or LoRA/DoRA/QLoRA"),
+               "supervised fine-tuning, full or LoRA/DoRA/QLoRA",
+               "sft"),
         Method("dpo", "pmetal.modules.dpo:DpoModule", "pmetal.data.preference:PreferenceDataModule", "dpo.yaml",
-               "Direct Preference Optimization (sigmoid, hinge, IPO, robust)"),
+               "Direct Preference Optimization (sigmoid, hinge, IPO, robust)",
+               "preference"),
         Method("simpo", "pmetal.modules.simpo:SimpoModule", "pmetal.data.preference:PreferenceDataModule",
-               "simpo.yaml", "SimPO: length-normalized, reference-free preference optimization"),
+               "simpo.yaml", "SimPO: length-normalized, reference-free preference optimization",
+               "preference"),
         Method("orpo", "pmetal.modules.orpo:OrpoModule", "pmetal.data.preference:PreferenceDataModule", "orpo.yaml",
-               "ORPO: SFT plus an odds-ratio preference term"),
+               "ORPO: SFT plus an odds-ratio preference term",
+               "preference"),
         Method("kto", "pmetal.modules.kto:KtoModule", "pmetal.data.kto:KtoDataModule", "kto.yaml",
-               "KTO: unpaired desirable/undesirable feedback"),
+               "KTO: unpaired desirable/undesirable feedback",
+               "kto"),
         Method("grpo", "pmetal.modules.grpo:GrpoModule", "pmetal.data.prompts:PromptDataModule", "grpo.yaml",
-               "GRPO: group-relative policy optimization with reward functions"),
+               "GRPO: group-relative policy optimization with reward functions",
+               "prompts"),
         Method("dapo", "pmetal.modules.grpo:DapoModule", "pmetal.data.prompts:PromptDataModule", "dapo.yaml",
-               "DAPO: GRPO with clip-higher, token-level loss, overlong shaping, dynamic sampling"),
+               "DAPO: GRPO with clip-higher, token-level loss, overlong shaping, dynamic sampling",
+               "prompts"),
         Method("rloo", "pmetal.modules.grpo:RlooModule", "pmetal.data.prompts:PromptDataModule", "rloo.yaml",
-               "RLOO: REINFORCE with a leave-one-out baseline (GRPO's update with the RLOO estimator)"),
+               "RLOO: REINFORCE with a leave-one-out baseline (GRPO's update with the RLOO estimator)",
+               "prompts"),
         Method("rlkd", "pmetal.modules.rlkd:RlkdModule", "pmetal.data.prompts:PromptDataModule", "rlkd.yaml",
-               "RLKD: GRPO plus distillation from a frozen teacher"),
+               "RLKD: GRPO plus distillation from a frozen teacher",
+               "prompts"),
         Method("embed", "pmetal.modules.embed:EmbedModule", "pmetal.data.embedding:EmbeddingDataModule", "embed.yaml",
-               "sentence-embedding training (InfoNCE, Triplet, CoSENT)"),
+               "sentence-embedding training (InfoNCE, Triplet, CoSENT)",
+               "embedding"),
     ]
 }
 

@@ -89,7 +89,7 @@ RANGES: dict[str, Range] = {
     "checkpoint_every_n_steps": _at_least(1, "optimizer steps between checkpoints"),
     "val_fraction": _fraction("the held-out share of the rows", high_open=True),
     "batch_size": _at_least(1, "rows per batch"),
-    "max_seq_len": _at_least(1, "tokens per row"),
+    "max_seq_len": _at_least(2, "tokens per row (a row of one token has no next token to learn)"),
     "max_length": _at_least(1, "tokens per row"),
     "max_prompt_length": _at_least(1, "prompt tokens"),
     "max_completion_length": _at_least(1, "new tokens per completion"),
@@ -210,6 +210,52 @@ def check_output_dir(run_dir: str | Path, *, resume: Any = None, overwrite: bool
         raise PmetalError(f"{flag} {run_dir}: not writable ({exc.strerror or exc})") from None
 
 
+def check_training_rows(rows: Any, kind: str, data: Mapping[str, Any], flag: str) -> None:
+    """Every row of a training file converts to the `kind` of example its method trains on.
+
+    The DataModule's own converters run here (without a tokenizer), so a bad row is reported
+    before any model loads. `rows` as `load_rows` returns them; None (a hub dataset) is left to
+    the DataModule.
+    """
+    if rows is None:
+        return
+    from pmetal.data.check import check_rows
+    from pmetal.errors import DataError
+
+    options = {k: data.get(k) for k in ("prompt_column", "response_column", "system_prompt") if data.get(k)}
+    if kind == "embedding" and "score_range" in data:
+        options["score_range"] = data["score_range"]
+    if kind in ("preference", "kto"):
+        options["raw"] = data.get("chat_template") is False
+    try:
+        check_rows(rows, kind, path=rows.locate(0)[0] if rows else None, **options)
+    except DataError as exc:
+        raise PmetalError(f"{flag}: {exc}") from None
+
+
+def check_epoch_batches(rows: Any, data: Mapping[str, Any], accumulate: Any, flag: str) -> None:
+    """Gradient accumulation no longer than an epoch.
+
+    Lightning steps the optimizer after `accumulate` batches or at the last batch of an epoch,
+    and divides every batch's loss by `accumulate`. With more batches to accumulate than an epoch
+    holds, each epoch is one optimizer step on a gradient scaled down by batches/accumulate: the
+    run computes a whole epoch (minutes on a CPU, without a step to show) for one tiny update.
+    """
+    if rows is None or not isinstance(accumulate, int) or accumulate <= 1:
+        return
+    from pmetal.data.base import held_out_split
+
+    val_fraction = 0.0 if data.get("eval_path") else float(data.get("val_fraction") or 0.0)
+    train_rows = len(held_out_split(range(len(rows)), val_fraction, int(data.get("seed") or 0))[0])
+    batch_size = int(data.get("batch_size") or 1)
+    batches = math.ceil(train_rows / batch_size)
+    if accumulate > batches:
+        raise PmetalError(
+            f"{flag} {accumulate}: larger than the {batches} batches of an epoch ({train_rows} training rows, "
+            f"batch size {batch_size}); each epoch would be one optimizer step on a gradient scaled by "
+            f"{batches}/{accumulate}; expected at most {batches} (or more rows, or a smaller batch size)")
+
+
 def check_model_name(name: str | None, flag: str = "--model") -> None:
     """A local-looking path exists; a hub id can be fetched (or is cached) before anything loads it."""
     if name is None:
@@ -259,12 +305,19 @@ def check_command(args: Any, settings: Any, method: str, *, flag_names: Any = No
     """
     from pmetal.cli.runner import run_dir_for
 
+    from pmetal.cli.methods import get_method
+
     name_of = (lambda name: flag_names(name)[0]) if flag_names else flag_name
     resume = getattr(args, "resume", None)
     check_ranges({**settings.model, **settings.data, **settings.trainer}, ranges, flag_of=name_of)
     if data_paths is None:
         data_paths = {name_of(key): settings.data.get(key) for key in ("path", "eval_path") if key in settings.data}
     rows = {flag: check_data_path(path, flag) for flag, path in data_paths.items()}
+    kind = get_method(method).data_kind
+    for flag, file_rows in rows.items():
+        check_training_rows(file_rows, kind, settings.data, flag)
+    check_epoch_batches(_training_rows(rows, settings.data, kind), settings.data,
+                        settings.trainer.get("accumulate_grad_batches"), name_of("accumulate_grad_batches"))
     for flag, name in (models if models is not None else {"--model": settings.model.get("model")}).items():
         check_model_name(name, flag)
     run_dir = run_dir_for(settings.trainer.get("default_root_dir"), resume, method)
@@ -272,6 +325,16 @@ def check_command(args: Any, settings: Any, method: str, *, flag_names: Any = No
     check_reward_columns(next(iter(rows.values()), None), rewards)
     settings.trainer["default_root_dir"] = str(run_dir)
     return run_dir
+
+
+def _training_rows(rows: Mapping[str, Any], data: Mapping[str, Any], kind: str) -> Any:
+    """The rows of the training file (the first checked), or of the shipped example when none is given."""
+    if data.get("path") is None:
+        from pmetal.data.check import KINDS
+        from pmetal.data.formats import example_path, load_rows
+
+        return load_rows(example_path(KINDS[kind].example))
+    return next(iter(rows.values()), None)
 
 
 def reward_functions(specs: Iterable[str], reasoning: bool = False) -> list:
@@ -289,8 +352,15 @@ def check_fit_config(config: Any, method: str, *, resume: Any = None, overwrite:
     for name, settings in sections.items():
         check_ranges(settings, ranges, prefix=f"--{name}.")
     check_ranges({"checkpoint_every_n_steps": config.get("checkpoint_every_n_steps")}, prefix="--")
+    from pmetal.cli.methods import get_method
+
+    kind = get_method(method).data_kind
+    rows = {}
     for key in ("path", "eval_path"):
-        check_data_path(sections["data"].get(key), f"--data.{key}")
+        rows[f"--data.{key}"] = check_data_path(sections["data"].get(key), f"--data.{key}")
+        check_training_rows(rows[f"--data.{key}"], kind, sections["data"], f"--data.{key}")
+    check_epoch_batches(_training_rows({"--data.path": rows["--data.path"]}, sections["data"], kind), sections["data"],
+                        sections["trainer"].get("accumulate_grad_batches"), "--trainer.accumulate_grad_batches")
     if method != "embed":
         check_model_name(sections["model"].get("model"))
     root = sections["trainer"].get("default_root_dir")

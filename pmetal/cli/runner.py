@@ -257,7 +257,7 @@ def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None
     skipped and why; stray `*.tmp` files of an interrupted write are removed. A path is used as
     is, once it reads.
     """
-    from pmetal.callbacks.checkpoint import checkpoint_problem, resumable_checkpoint
+    from pmetal.callbacks.checkpoint import checkpoint_problem, resumable_checkpoint, set_aside_unusable
     from pmetal.errors import PmetalError
 
     if not resume:
@@ -271,8 +271,10 @@ def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None
             if resume == "auto":
                 return None
             tried = f" (skipped {len(skipped)} that cannot be used)" if skipped else ""
-            raise PmetalError(f"--resume: no usable checkpoint in {ckpt_dir}{tried}; pass --resume PATH.ckpt "
-                              "or start a new run")
+            raise PmetalError(f"--resume: no usable checkpoint in {ckpt_dir}{tried}; pass --resume PATH.ckpt, "
+                              "or rerun without --resume and with --overwrite to start this run over")
+        for moved in set_aside_unusable(skipped):  # so the new state is last.ckpt again, not last-v1.ckpt
+            log.warning("--resume: moved the unusable %s aside to %s", moved.with_suffix(""), moved)
         log.info("--resume: continuing from %s%s", path, " (the newest usable checkpoint)" if skipped else "")
         return str(path)
     path = Path(resume)
@@ -286,10 +288,11 @@ def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None
 
 def fit(trainer, module, datamodule, *, ckpt_path: str | None = None) -> dict[str, Any]:
     """Run fit and return where the outputs went."""
-    from pmetal.callbacks.checkpoint import ExportOnTrainEnd
+    from pmetal.callbacks.checkpoint import ExportOnTrainEnd, checkpoint_problem
     from pmetal.callbacks.plots import LossHistory
 
     start = time.time()
+    resumed_at = (checkpoint_problem(ckpt_path)[1] or 0) if ckpt_path else 0  # "done:" counts this run's steps
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     run_dir = Path(trainer.default_root_dir)
     # the callbacks build_trainer added keep what they wrote
@@ -302,7 +305,8 @@ def fit(trainer, module, datamodule, *, ckpt_path: str | None = None) -> dict[st
         "plot": plot,
         "metrics": run_dir / "metrics.csv",
         "seconds": time.time() - start,
-        "steps": trainer.global_step,
+        "steps": trainer.global_step - resumed_at,  # this run's
+        "total_steps": trainer.global_step,
     }
 
 
@@ -333,7 +337,9 @@ def report_outputs(result: dict, kind: str = "adapter") -> None:
     if result.get("rank", 0) != 0:
         return
     run_dir = Path(result["run_dir"])
-    lines = [f"done: {result['steps']} optimizer steps in {result['seconds']:.0f} s"]
+    total = result.get("total_steps", result["steps"])
+    resumed = f" ({total} in total, resumed at step {total - result['steps']})" if total != result["steps"] else ""
+    lines = [f"done: {result['steps']} optimizer steps{resumed} in {result['seconds']:.0f} s"]
     if result.get("export_dir"):
         lines.append(f"  {kind}: {result['export_dir']}")
     if result.get("plot"):

@@ -21,12 +21,18 @@ between the two freely:
   `quantize_dynamic_blockwise`).
   Dequantized absmax = dynamic[code] * nested_absmax + offset, in fp32.
 
-Known disagreement: bitsandbytes 0.50's native CPU *dequantize* kernel indexes blocks within each
-row, so when the row length is not a multiple of the block size it decodes its own bytes with the
-wrong scales (its round-trip error on a 64x128 weight with block 256 is 1.19 against 0.46 here).
-pmetal follows the flat layout that bitsandbytes' quantizer, default backend and CUDA kernels use;
-tests compare against the native kernel where rows hold whole blocks, and against bitsandbytes'
-default-backend dequantizer everywhere.
+Known disagreement (a departure on purpose, pmetal being the side that is right): bitsandbytes
+0.50's native CPU *dequantize* kernel (`cdequantize_blockwise_cpu_{nf4,fp4}_*`, used when the last
+dimension is even) reads row r, column c with the scale absmax[r * (n // block_size) + c // block_size]
+for rows of n values, i.e. it assumes every row holds whole blocks. Its own quantizer stores the flat
+layout (block = flat index // block_size, a final partial block scaled by the absmax of its own
+values), so wherever n is not a multiple of the block size the native kernel decodes bitsandbytes'
+own bytes with the wrong scales: a (257, 96) weight with block 64 (385 whole blocks and a final 32
+values) comes back with a round-trip error ~4x the flat layout's, and a 64x128 weight with block 256
+~2.6x. pmetal follows the flat layout that bitsandbytes' quantizer, default backend (its CPU fallback
+for odd rows) and CUDA kernels use; tests compare against the native kernel where rows hold whole
+blocks, against bitsandbytes' default-backend dequantizer everywhere, and pin the native kernel's
+row-wise reading for (257, 96) so a bitsandbytes fix shows up.
 
 INT8 departs from bitsandbytes on purpose: bitsandbytes' blockwise 8-bit uses the non-linear dynamic
 map; pmetal's INT8 is symmetric linear int8 (q = round(x * 127 / absmax), round half to even, stored

@@ -166,7 +166,7 @@ class KnobModule(SftModule):
 
 def test_a_new_typed_parameter_gets_a_flag_with_no_edit(monkeypatch):
     monkeypatch.setitem(METHODS, "knob", Method("knob", f"{__name__}:KnobModule", METHODS["sft"].datamodule,
-                                                "sft.yaml", "test"))
+                                                "sft.yaml", "test", "sft"))
     flags = CommandFlags(methods=("knob",))
     parser = argparse.ArgumentParser()
     flags.add_to(parser)
@@ -179,7 +179,7 @@ def test_a_variant_method_adds_its_own_parameters(monkeypatch):
     from pmetal.errors import PmetalError
 
     monkeypatch.setitem(METHODS, "knob", Method("knob", f"{__name__}:KnobModule", METHODS["sft"].datamodule,
-                                                "sft.yaml", "test"))
+                                                "sft.yaml", "test", "sft"))
     flags = CommandFlags(methods=("sft", "knob"))  # as grpo's --dapo picks DapoModule
     parser = argparse.ArgumentParser()
     flags.add_to(parser)

@@ -41,7 +41,7 @@ def _one_error_line(capsys) -> str:
 @pytest.mark.parametrize("flags, expected", [
     (["--lora-r", "0"], "--lora-r 0: expected a number >= 1: the LoRA rank"),
     (["--learning-rate", "-1"], "--learning-rate -1: expected a number > 0"),
-    (["--max-seq-len", "0"], "--max-seq-len 0: expected a number >= 1"),
+    (["--max-seq-len", "0"], "--max-seq-len 0: expected a number >= 2"),
     (["--batch-size", "0"], "--batch-size 0: expected a number >= 1"),
     (["--epochs", "0"], "--epochs 0: expected a number >= 1"),
     (["--max-steps", "0"], "--max-steps 0: expected a number >= 1"),

@@ -1,8 +1,15 @@
-"""pmetal.quant.functional against bitsandbytes 0.50 on CPU (bit-exact) and a float64 reference."""
+"""pmetal.quant.functional against bitsandbytes on CPU (bit-exact) and a float64 reference.
+
+The bitsandbytes these tests compare with is the one `constraints.txt` pins (0.50.2 when written);
+`test_compares_against_the_pinned_bitsandbytes` fails when another version is installed, so a new
+release is compared on purpose, never by accident.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +19,24 @@ from pmetal.quant import functional as QF
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+def _pinned_bitsandbytes() -> str:
+    constraints = Path(__file__).resolve().parents[2] / "constraints.txt"
+    return re.search(r"^bitsandbytes==(\S+)$", constraints.read_text(), re.MULTILINE).group(1)
+
+
+BNB_PINNED = _pinned_bitsandbytes()
+
+
+def test_compares_against_the_pinned_bitsandbytes():
+    import bitsandbytes
+
+    assert BNB_PINNED == "0.50.2"
+    assert bitsandbytes.__version__ == BNB_PINNED, (
+        f"these tests compare with bitsandbytes {BNB_PINNED} (constraints.txt); "
+        f"{bitsandbytes.__version__} is installed"
+    )
 
 
 def _bnb_default_dequantize(packed, absmax, quant_type, block_size, shape, dtype):
@@ -34,6 +59,8 @@ def _weights():
         "heavy_tail_96x256": torch.randn(96, 256, generator=g) ** 3,
         "bf16_40x130": torch.randn(40, 130, generator=g).to(torch.bfloat16),
         "fp16_50x64": torch.randn(50, 64, generator=g).half(),
+        # 257 * 96 = 24672 values = 385.5 blocks of 64: a final partial block, rows not whole blocks
+        "partial_257x96": torch.randn(257, 96, generator=g),
     }
 
 
@@ -87,6 +114,35 @@ def test_bnb_native_cpu_dequantizer_misreads_blocks_spanning_rows():
     ours = (QF.dequantize_nf4(packed, state) - w).abs().max()
     native = (bnbf.dequantize_4bit(bnb_packed, bnb_state) - w).abs().max()
     assert ours < 0.6 < native
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_final_partial_block_follows_the_flat_layout(quant_type, double_quant):
+    # (257, 96), block 64: the bytes and absmax agree with bitsandbytes' quantizer; the values are
+    # code * absmax of the value's block in the flattened weight (the layout bnb's quantizer, CUDA and
+    # default backends use, and that its own round trip needs). bnb 0.50's native CPU dequantizer
+    # instead reads row r, column c with absmax[r * (96 // 64) + c // 64]: a documented departure.
+    w = torch.randn(257, 96, generator=torch.Generator().manual_seed(6))
+    packed, state = QF.quantize_4bit(w, quant_type, 64, double_quant)
+    bnb_packed, bnb_state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    assert torch.equal(packed, bnb_packed.view(-1)) and torch.equal(state.absmax, bnb_state.absmax)
+    absmax = state.absmax_fp32()
+    assert absmax.numel() == 386  # 385 whole blocks and the final 32 values
+    if not double_quant:  # the partial block's absmax is over its 32 values only
+        assert state.absmax[-1] == w.view(-1)[-32:].abs().amax()
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1).long()
+    values = QF.code_4bit(quant_type)[codes]
+    flat_block = torch.arange(w.numel()) // 64
+    expected = (values * absmax[flat_block]).view(w.shape)
+    ours = QF.dequantize_4bit(packed, state)
+    assert torch.equal(ours, expected)
+    assert torch.equal(ours, _bnb_default_dequantize(bnb_packed, absmax, quant_type, 64, w.shape, torch.float32))
+    assert (ours - w).abs().max() <= absmax.max() * 0.5  # within half a code step of the largest block
+    native = bnbf.dequantize_4bit(bnb_packed, bnb_state)
+    rows, cols = torch.meshgrid(torch.arange(257), torch.arange(96), indexing="ij")
+    assert torch.equal(native, values.view(w.shape) * absmax[rows * (96 // 64) + cols // 64])
+    assert (native - w).abs().max() > 2 * (ours - w).abs().max()
 
 
 def test_nested_absmax_codes_equal_bitsandbytes_quantize_blockwise():

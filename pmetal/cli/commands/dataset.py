@@ -1,7 +1,9 @@
 """Check a data file before training: pmetal dataset validate|preview FILE
 
-    pmetal dataset validate data.jsonl [--model M] [--max-seq-len 1024]
-        detected format, row counts, token length stats (min/mean/p95/max), truncated rows,
+    pmetal dataset validate data.jsonl [--method M] [--model M] [--max-seq-len 1024]
+        the kind of data (SFT conversations, preference pairs, KTO feedback, RL prompts, embedding
+        pairs: detected from the columns, or the one --method trains on), every row checked; for
+        SFT data also the format, token length stats (min/mean/p95/max), truncated rows,
         loss-token share, and one rendered example with the loss mask shown
     pmetal dataset preview data.jsonl [--n 2]
         the first N rows as written in the file and as the model sees them (loss mask shown)
@@ -18,6 +20,10 @@ import argparse
 import os
 import sys
 
+# the method table's names, spelled out so that `pmetal dataset --help` imports nothing;
+# tests/unit/test_tool_agrees.py keeps the two equal
+METHOD_NAMES = ("sft", "dpo", "simpo", "orpo", "kto", "grpo", "dapo", "rlkd", "embed")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset_command", metavar="{validate,preview}", required=True)
@@ -26,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preview.add_argument("--n", type=int, default=2, help="how many rows to show (default: 2)")
     for p in (validate, preview):
         p.add_argument("file", help="a .jsonl/.json/.parquet/.csv file (or a directory of them)")
+        p.add_argument("--method", default=None, choices=METHOD_NAMES,
+                       help="read the file as the data of this method (default: told from its columns)")
         p.add_argument("--model", default="default", help="whose tokenizer and chat template to use (default: "
                        "SmolLM2-135M-Instruct)")
         p.add_argument("--max-seq-len", type=int, default=1024, help="truncation length to check against")
@@ -45,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from pmetal.models import load_tokenizer
 
     check_ranges(args)
-    check_data_path(args.file, None)
+    rows = check_data_path(args.file, None)
+    kind = _kind(args, rows)
+    if kind != "sft":
+        return _report_other_kind(args, rows, kind)
     check_model_name(args.model)
     from pmetal.vlm import is_vlm
 
@@ -79,6 +90,40 @@ def run(args: argparse.Namespace) -> int:
         source = report.rows[report.rendered.source[k]]
         print(f"\n=== as written: {_short(source)}")
         print(report.example(k, tokenizer, color=color))
+    return 0
+
+
+def _kind(args: argparse.Namespace, rows) -> str:
+    from pmetal.cli.methods import get_method
+    from pmetal.data.check import detect_kind
+
+    if args.method is not None:
+        return get_method(args.method).data_kind
+    if rows is None:  # a hub dataset id: read by the SFT report below
+        return "sft"
+    return detect_kind(rows, path=str(args.file), prompt_column=args.prompt_column,
+                       response_column=args.response_column)
+
+
+def _report_other_kind(args: argparse.Namespace, rows, kind: str) -> int:
+    """Data of a non-SFT method: every row checked by the converter its DataModule uses."""
+    from pmetal.data.check import KINDS, check_rows
+    from pmetal.data.formats import load_rows
+
+    rows = rows if rows is not None else load_rows(args.file)
+    layout, usable = check_rows(rows, kind, path=str(args.file), prompt_column=args.prompt_column,
+                                system_prompt=args.system_prompt)
+    print(f"file:        {args.file}")
+    print(f"kind:        {KINDS[kind].describes}" + (f" (read as --method {args.method})" if args.method else ""))
+    print(f"format:      {layout}")
+    print(f"rows:        {len(rows)} ({usable} usable)")
+    if args.dataset_command == "validate":
+        print(f"ok: {usable} rows ready for training")
+        return 0
+    shown = min(args.n, len(rows))
+    print(f"showing {shown} as written")
+    for k in range(shown):
+        print(f"\n=== as written: {_short(rows[k])}")
     return 0
 
 
