@@ -108,13 +108,6 @@ def test_reward_module_in_the_current_directory_is_found_by_the_pmetal_script(tm
     assert reward_functions  # imported here too: the module is importable in-process
 
 
-def test_dataset_method_names_are_the_method_table():
-    from pmetal.cli.commands.dataset import METHOD_NAMES
-    from pmetal.cli.methods import METHODS
-
-    assert METHOD_NAMES == tuple(METHODS)
-
-
 def test_print_config_documents_the_settings_and_the_file_runs(tiny_model_dir, tmp_path):
     import yaml
 
