@@ -84,12 +84,17 @@ def create_app(models, scheduler, *, api_key: str | None = None) -> FastAPI:
 
     async def events(request: Request, queue: asyncio.Queue):
         """The job's events up to its end; stops early (returns) when the client has gone."""
+        checked = time.monotonic()
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:  # events may flow without a pause
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return
+            if event is None:
                 continue
             if event[0] == "error":
                 raise ApiError(500, f"generation failed: {event[2]}", type="server_error")

@@ -106,6 +106,7 @@ class Scheduler:
         self._pending: list[Job] = []
         self._admitted: set[int] = set()
         self.running = 0
+        self.batches, self.largest_batch = 0, 0  # engine calls so far, and the most requests in one
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="pmetal-serve", daemon=True)
@@ -132,7 +133,8 @@ class Scheduler:
     @property
     def load(self) -> dict:
         with self._cond:
-            return {"running": self.running, "queued": len(self._pending), "admitted": len(self._admitted)}
+            return {"running": self.running, "queued": len(self._pending), "admitted": len(self._admitted),
+                    "batches": self.batches, "largest_batch": self.largest_batch}
 
     def close(self) -> None:
         with self._cond:
@@ -156,6 +158,8 @@ class Scheduler:
             for job in batch:
                 self._pending.remove(job)
             self.running = len(batch)
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
             return batch
 
     def _loop(self) -> None:

@@ -8,9 +8,11 @@ at a time, no queue) for 401, 429 and disconnects.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -24,6 +26,64 @@ pytest.importorskip("fastapi")
 PROMPTS = [f"Question {i}: say something about the number {i * 7}." for i in range(16)]
 
 
+def test_serve_help_imports_nothing_heavy():
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, pmetal.cli.dispatch as d; d.build_parser('serve'); "
+         "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'uvicorn', 'peft') if m in sys.modules))"],
+        capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]", probe.stdout
+
+
+def test_tool_calls_are_parsed_from_tagged_json():
+    from pmetal.serve.text import parse_tool_calls
+
+    text = 'Let me look.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    content, calls = parse_tool_calls(text + "<tool_call>not json</tool_call>")
+    assert content == "Let me look.<tool_call>not json</tool_call>"
+    assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert parse_tool_calls("no calls here") == ("no calls here", [])
+
+
+class _CharTokenizer:
+    """Token id = a character code: what RowText needs (decode) without a real vocabulary."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def test_row_text_holds_back_what_may_become_a_stop_string_or_a_tool_call():
+    from pmetal.serve.text import RowText
+
+    row = RowText(_CharTokenizer(), stop=["END"])
+    sent = []
+    for piece in ["Hello E", "N", "D and more"]:
+        row.add([ord(c) for c in piece])
+        sent.append(row.ready())
+    assert sent == ["Hello ", "", ""] and row.hit_stop and row.text == "Hello "
+    tools = RowText(_CharTokenizer(), hold_tool_calls=True)
+    tools.add([ord(c) for c in 'Sure.<tool_call>{"name": "f", "arguments": {}}</tool_call>'])
+    assert tools.ready() == "Sure." and tools.ready(final=True) == ""
+    plain = RowText(_CharTokenizer(), hold_tool_calls=True)
+    plain.add([ord(c) for c in "a <tool_call> that is not one"])
+    assert plain.ready() == "a " and plain.ready(final=True) == "<tool_call> that is not one"
+
+
+def test_tools_are_described_for_a_template_without_them(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from pmetal.serve.text import chat_prompt_ids, template_takes_tools
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert not template_takes_tools(tokenizer)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": "{}"}}]},
+                {"role": "tool", "content": "sunny"}]
+    text = tokenizer.decode(chat_prompt_ids(tokenizer, messages, tools))
+    assert '"name": "get_weather"' in text and "<tool_call>" in text and "<tool_response>sunny</tool_response>" in text
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,8 +92,13 @@ def free_port() -> int:
 
 def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    # one torch thread: two servers and the test share a small CPU (oversubscribed threads slow every step)
+    # its output goes to a file: an unread pipe would block the server once full
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "pmetal", "serve", "--port", str(port), "--accelerator", "cpu",
-                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *flags], stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.log = log
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -42,18 +107,23 @@ def health(url: str) -> dict:
         return json.loads(r.read())
 
 
+def output(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{proc.stdout.read()}")
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n{output(proc)}")
         try:
             health(url)
             return
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"the server did not answer /health in {timeout} s:\n{proc.stdout.read()}")
+    raise RuntimeError(f"the server did not answer /health in {timeout} s:\n{output(proc)}")
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +158,7 @@ def servers(tiny_model_dir, adapter_dir):
         for proc in (open_proc, strict_proc):
             proc.kill()
             proc.wait()
+            proc.log.close()
 
 
 def client(url: str, key: str = "unused") -> openai.OpenAI:
@@ -151,6 +222,7 @@ def test_sixteen_concurrent_clients_get_their_sequential_answers(servers):
     for t in threads:
         t.join()
     assert [answers.get(i) for i in range(16)] == sequential
+    assert health(servers["open"])["largest_batch"] > 1  # they were answered together, not one by one
 
 
 def test_adapter_by_name_answers_differently(servers):
@@ -224,3 +296,18 @@ def test_full_server_says_429_and_a_disconnect_frees_the_slot(servers):
         assert time.monotonic() < deadline, f"the slot was not freed: {load}"
         time.sleep(0.1)
     assert chat(c, servers["model"], PROMPTS[5], max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_a_waiting_client_that_gives_up_frees_the_slot(servers):
+    """A non-streaming client that leaves mid-answer: its generation stops (well before it would end)."""
+    c = client(servers["strict"], "sekret")
+    start = time.monotonic()
+    chat(c, servers["model"], PROMPTS[6], max_tokens=600)
+    whole = time.monotonic() - start
+    with pytest.raises(openai.APITimeoutError):
+        chat(c.with_options(timeout=whole / 4), servers["model"], PROMPTS[6], max_tokens=600)
+    gone = time.monotonic()
+    while (load := health(servers["strict"]))["admitted"] or load["running"]:
+        assert time.monotonic() - gone < whole / 2, f"the slot was not freed: {load}"
+        time.sleep(0.02)
+    assert chat(client(servers["strict"], "sekret"), servers["model"], "hi", max_tokens=2).choices[0].message
