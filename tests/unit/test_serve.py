@@ -225,6 +225,19 @@ def test_sixteen_concurrent_clients_get_their_sequential_answers(servers):
     assert health(servers["open"])["largest_batch"] > 1  # they were answered together, not one by one
 
 
+def test_a_request_joins_the_running_rows_and_neither_answer_changes(servers):
+    c = client(servers["open"])
+    long_alone = chat(c, servers["model"], PROMPTS[7], max_tokens=160).choices[0].message.content
+    short_alone = chat(c, servers["model"], PROMPTS[8], max_tokens=4).choices[0].message.content
+    stream = chat(c, servers["model"], PROMPTS[7], max_tokens=160, stream=True)
+    chunks = iter(stream)
+    parts = [next(chunks).choices[0].delta.content or "", next(chunks).choices[0].delta.content or ""]
+    short = chat(client(servers["open"]), servers["model"], PROMPTS[8], max_tokens=4).choices[0].message.content
+    assert health(servers["open"])["admitted"] == 1  # answered while the long one is still in flight
+    parts += [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
+    assert short == short_alone and "".join(parts) == long_alone
+
+
 def test_adapter_by_name_answers_differently(servers):
     c = client(servers["open"])
     base = chat(c, servers["model"], PROMPTS[1]).choices[0].message.content
@@ -302,10 +315,10 @@ def test_a_waiting_client_that_gives_up_frees_the_slot(servers):
     """A non-streaming client that leaves mid-answer: its generation stops (well before it would end)."""
     c = client(servers["strict"], "sekret")
     start = time.monotonic()
-    chat(c, servers["model"], PROMPTS[6], max_tokens=600)
+    chat(c, servers["model"], PROMPTS[6], max_tokens=400)
     whole = time.monotonic() - start
     with pytest.raises(openai.APITimeoutError):
-        chat(c.with_options(timeout=whole / 4), servers["model"], PROMPTS[6], max_tokens=600)
+        chat(c.with_options(timeout=whole / 4), servers["model"], PROMPTS[6], max_tokens=400)
     gone = time.monotonic()
     while (load := health(servers["strict"]))["admitted"] or load["running"]:
         assert time.monotonic() - gone < whole / 2, f"the slot was not freed: {load}"

@@ -1,9 +1,9 @@
 """Serve a model, adapter or run over an OpenAI-compatible HTTP API: pmetal serve --model runs/sft-x
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streaming as server-sent events),
-GET /v1/models (the model and each --adapter by name), GET /health. Requests are micro-batched
-onto the rollout engine (see pmetal/serve/scheduler.py); `model` in a request picks the base or
-an adapter. Binds 127.0.0.1 unless --host says otherwise; --api-key requires
+GET /v1/models (the model and each --adapter by name), GET /health. Requests are batched onto
+the rollout engine, new ones joining the running rows every --join-every rounds
+(pmetal/serve/scheduler.py); `model` in a request picks the base or an adapter. Binds 127.0.0.1 unless --host says otherwise; --api-key requires
 `Authorization: Bearer KEY`. Needs the `serve` extra (pip install 'pmetal[serve]').
 """
 
@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the most requests waiting beyond those; more get HTTP 429 (default %(default)s)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long an idle server waits for requests to batch together (default %(default)s)")
+    p.add_argument("--join-every", type=int, default=8,
+                   help="rounds between the points where waiting requests join the running ones (0: never; default %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode round with torch.compile on CUDA (a compilation per batch shape)")
     p.add_argument("--accelerator", choices=["auto", "mps", "cuda", "cpu"], default="auto")
@@ -36,9 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from pmetal.errors import PmetalError
 
-    if args.max_concurrency < 1 or args.max_queue < 0:
-        raise PmetalError(f"--max-concurrency must be >= 1 and --max-queue >= 0, got {args.max_concurrency}, "
-                          f"{args.max_queue}")
+    if args.max_concurrency < 1 or args.max_queue < 0 or args.join_every < 0:
+        raise PmetalError(f"--max-concurrency must be >= 1, --max-queue and --join-every >= 0, got "
+                          f"{args.max_concurrency}, {args.max_queue}, {args.join_every}")
     try:
         import uvicorn
     except ImportError:
@@ -57,7 +59,8 @@ def run(args) -> int:
     tokenizer = models.tokenizer
     scheduler = Scheduler(models, stop_ids=stop_token_ids(tokenizer, models.model), pad_token_id=tokenizer.pad_token_id,
                           max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                          batch_window=args.batch_window_ms / 1000, compile_decode=args.compile)
+                          batch_window=args.batch_window_ms / 1000, join_every=args.join_every,
+                          compile_decode=args.compile)
     app = create_app(models, scheduler, api_key=args.api_key)
     logging.getLogger("pmetal").info("serving %s on %s (http://%s:%d/v1)", ", ".join(models.ids), choice.torch_device,
                                      args.host, args.port)
