@@ -100,6 +100,8 @@ class Scheduler:
         max_concurrency: the most requests generating at once (one engine call's requests).
         max_queue: the most requests waiting beyond those; `submit` raises QueueFull past both.
         batch_window: seconds an idle worker waits for more requests before starting a call.
+        join_every: rounds between the checks for waiting requests that join the running rows
+            (0: none join; a call runs until its rows are done).
         compile_decode: compile the engine's round (CUDA only; costs a compilation per shape).
     """
 
@@ -192,7 +194,7 @@ class Scheduler:
             self.largest_batch = max(self.largest_batch, len(jobs))
         while jobs:
             self._call(jobs)
-            jobs = [job for job in jobs if not all(job.finished)]
+            jobs = [job for job in jobs if not all(job.finished) and not job.cancelled.is_set()]
             with self._cond:
                 joining = self._joinable(key, len(jobs))
                 for job in joining:
@@ -221,6 +223,8 @@ class Scheduler:
         """One engine call over the unfinished rows of `jobs`, each continuing from the tokens it has."""
         first = jobs[0]
         slots = [(job, row) for job in jobs for row in range(job.n) if not job.finished[row]]
+        if not slots:
+            return
         # a row that has tokens already is prefilled with them (its prompt and answer so far)
         prompts = [job.prompt_ids + job.texts[row].ids for job, row in slots]
         budget = max(job.max_tokens - job.lengths[row] for job, row in slots)
