@@ -6,6 +6,7 @@
     pmetal dataset validate|preview FILE           what pmetal would see in a data file
     pmetal export MODEL_OR_ADAPTER --format coreml|gguf|hf --out PATH
     pmetal chat --model RUN_OR_MODEL               interactive chat (generate: one-shot)
+    pmetal serve --model RUN_OR_MODEL              an OpenAI-compatible HTTP server
 
 `fit`/`validate` are LightningCLI: `--method` picks the LightningModule class from the method
 table and `--model M` names the model to fine-tune (it becomes `--model.model M`). Heavy libraries
@@ -36,6 +37,7 @@ COMMANDS = {
     "generate": "pmetal.cli.commands.generate",
     "export": "pmetal.cli.commands.export",
     "chat": "pmetal.cli.commands.chat",
+    "serve": "pmetal.cli.commands.serve",
 }
 LIGHTNING_COMMANDS = ("fit", "validate")
 
