@@ -13,8 +13,10 @@ changed and whether a frozen one moved.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -283,12 +285,32 @@ def run_case(case: Case, precision: str | None, models: dict[str, str], data: di
     argv = case_argv(case, precision, models, data, out, accelerator=accelerator, steps=steps,
                      weight_dtype=weight_dtype)
     outcome = Outcome(case.name, precision)
+    stderr = _Tee(sys.stderr)
     try:
-        with watch_fit(outcome, mps_guard):
+        with watch_fit(outcome, mps_guard), contextlib.redirect_stderr(stderr):
             outcome.rc = main(argv)
     except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
         if not catch:
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
         outcome.error = f"{type(exc).__name__}: {first}"[:200]
+    if outcome.rc not in (0, None) and outcome.error is None:  # a user error: main printed "pmetal: error: ..."
+        errors = [line for line in stderr.lines if line.startswith("pmetal: error:")]
+        outcome.error = (errors[-1] if errors else f"exit code {outcome.rc}")[:200]
     return outcome
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to `stream` and keeps the lines (to report a command's error message)."""
+
+    def __init__(self, stream):
+        self.stream, self.lines, self._partial = stream, [], ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        *done, self._partial = (self._partial + text).split("\n")
+        self.lines += done
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
