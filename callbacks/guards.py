@@ -9,6 +9,7 @@ writes the curve of the steps that ran.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -18,13 +19,25 @@ from lightning.pytorch import Callback
 from pmetal.callbacks.checkpoint import kept_message, resumable_checkpoint, set_aside_diverged
 from pmetal.errors import NonFiniteLossError
 
+log = logging.getLogger("pmetal")
+
+
+# Under fp16 a gradient scaler skips a step whose gradients overflowed and halves its scale; this
+# many such steps in a row (the scale divided by 2^20) means the gradients are non-finite at any scale.
+MAX_SCALER_SKIPS = 20
+
 
 class NanGuard(Callback):
     """Raises `NonFiniteLossError` when the loss or the gradients stop being finite.
 
     The loss is checked before backward and the gradients before the optimizer step, so the
-    weights never take the non-finite update and no later checkpoint holds it.
+    weights never take the non-finite update and no later checkpoint holds it. Under a gradient
+    scaler (16-mixed) overflowing gradients are the scaler's to handle (it skips the step and lowers
+    its scale, as fp16 training expects in its first steps); only `MAX_SCALER_SKIPS` in a row stop.
     """
+
+    def __init__(self) -> None:
+        self.scaler_skips = 0  # consecutive steps the gradient scaler skipped
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
@@ -35,8 +48,17 @@ class NanGuard(Callback):
         if not grads:
             return
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
-        if not math.isfinite(norm.item()):
-            raise non_finite_stop(trainer, "the gradients became non-finite (NaN/inf)")
+        if math.isfinite(norm.item()):
+            self.scaler_skips = 0
+            return
+        if getattr(trainer.precision_plugin, "scaler", None) is not None and self.scaler_skips < MAX_SCALER_SKIPS:
+            self.scaler_skips += 1  # the scaler skips this update and lowers its scale
+            log.info("fp16 gradients overflowed at step %d: the gradient scaler skips this update and lowers its scale",
+                     trainer.global_step)
+            return
+        raise non_finite_stop(trainer, "the gradients became non-finite (NaN/inf)"
+                              + (f" in {MAX_SCALER_SKIPS} steps in a row under the gradient scaler"
+                                 if self.scaler_skips else ""))
 
 
 def non_finite_stop(trainer, what: str) -> NonFiniteLossError:

@@ -35,7 +35,8 @@ Where pmetal departs:
   accumulating gradients over micro-batches of ``micro_batch_size`` completions, so group and
   prompt batch sizes are independent of memory. ``max_steps`` counts optimizer steps.
 - Gradient clipping uses the Trainer's ``gradient_clip_val`` (the update is manual, so the module
-  takes the value over from the Trainer).
+  takes the value over from the Trainer and clips in `on_before_optimizer_step`, after a gradient
+  scaler's unscale).
 """
 
 from __future__ import annotations
@@ -384,10 +385,7 @@ class GrpoModule(PmetalModule):
                 totals["loss"] += float(loss.detach()) * scale
                 for name, value in metrics.items():
                     totals[name] += float(value) * share
-            if self._clip_val:
-                self.clip_gradients(optimizer, gradient_clip_val=self._clip_val,
-                                    gradient_clip_algorithm=self._clip_algorithm)
-            optimizer.step()
+            optimizer.step()  # clips in on_before_optimizer_step
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
@@ -399,6 +397,12 @@ class GrpoModule(PmetalModule):
         if rollout.started_at is not None:
             rollout.metrics["rollout/step_seconds"] = time.perf_counter() - rollout.started_at
         return dict(self.iteration_metrics[-1])
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this inside optimizer.step(), after a gradient scaler (16-mixed) has unscaled
+        # the gradients: clipping before the step would clip them times the scale (2^16), shrinking the update.
+        if self._clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self._clip_val, gradient_clip_algorithm=self._clip_algorithm)
 
     def _idle_loss(self) -> torch.Tensor:
         """A zero loss through a real forward (one pad token), for a rank without completions this step."""

@@ -173,7 +173,9 @@ def _vocab_mean_logits(hidden, head, *, softcap, chunk_tokens: int = 1024) -> to
     """
     hidden = hidden.detach()
     if _is_plain_linear(head) and softcap is None:
-        mean = hidden.float() @ head.weight.float().mean(0)
+        # autocast would run this matmul in bf16/fp16 (even on fp32 inputs): a [M, H] x [H] product, so fp32 costs nothing
+        with torch.autocast(hidden.device.type, enabled=False):
+            mean = hidden.float() @ head.weight.float().mean(0)
         return mean + head.bias.float().mean() if head.bias is not None else mean
     parts = []
     for i in range(0, hidden.shape[0], chunk_tokens):
@@ -257,7 +259,7 @@ def completion_logps(
     mean_logits = None
     if return_mean_logits:
         mean_logits = torch.zeros(mask.shape, dtype=torch.float32, device=logps.device)
-        mean_logits = mean_logits.masked_scatter(mask, _vocab_mean_logits(hidden, head, softcap=softcap))
+        mean_logits = mean_logits.masked_scatter(mask, _vocab_mean_logits(hidden, head, softcap=softcap).float())
     entropy = None
     if return_token_entropy:
         entropy = torch.zeros(mask.shape, dtype=torch.float32, device=logps.device).masked_scatter(

@@ -28,22 +28,26 @@ FAMILIES = ("idefics3", "qwen2_vl")  # the two families every VLM test covers
 ALL_FAMILIES = (*FAMILIES, "qwen2_5_vl", "qwen3_vl")  # also checked by the rollout and SFT tests
 
 
-def _tokenizer(extra_tokens):
+def _tokenizer(extra_tokens, base=None):
+    """SmolLM2's tokenizer (or a copy of `base`) with the family's image tokens added."""
+    import copy
+
     from transformers import AutoTokenizer
 
     from pmetal.models import default_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer = copy.deepcopy(base) if base is not None else AutoTokenizer.from_pretrained(default_model_path())
     tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
     return tokenizer
 
 
-def make_tiny_idefics3(path, *, hidden_size: int = 32, num_layers: int = 2, image_size: int = 32, seed: int = 0):
+def make_tiny_idefics3(path, *, hidden_size: int = 32, num_layers: int = 2, image_size: int = 32, seed: int = 0,
+                       tokenizer=None):
     """An Idefics3ForConditionalGeneration (a SmolVLM shape) with its processor, saved to `path`."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tokenizer = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"])
+    tokenizer = _tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"], tokenizer)
     tokenizer.chat_template = IDEFICS3_TEMPLATE
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = Idefics3Config(
@@ -69,13 +73,14 @@ def make_tiny_idefics3(path, *, hidden_size: int = 32, num_layers: int = 2, imag
     return path
 
 
-def make_tiny_qwen_vl(path, *, family: str = "qwen2_vl", hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
+def make_tiny_qwen_vl(path, *, family: str = "qwen2_vl", hidden_size: int = 32, num_layers: int = 2, seed: int = 0,
+                      tokenizer=None):
     """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL model with SmolLM2's tokenizer and a Qwen-VL image processor,
     saved to `path` (no processor files: transformers' Qwen-VL processors need torchvision)."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    tokenizer = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], tokenizer)
     tokenizer.chat_template = QWEN2VL_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                                               "<|video_pad|>")}

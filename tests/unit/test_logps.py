@@ -237,3 +237,22 @@ def test_token_mean_logits_are_trl_mean_logits(softcap):
     torch.testing.assert_close(out.token_mean_logits, expected, atol=1e-5, rtol=1e-5)
     assert not out.token_mean_logits.requires_grad
     assert completion_logps(model, input_ids, attention_mask, labels).token_mean_logits is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["linear-mean", "chunked-mean"])
+def test_autocast_results_are_fp32_and_close_to_fp32(dtype, softcap):
+    """Under autocast (bf16 on CUDA and recent MPS, fp16 on older MPS; CPU autocast stands in) every
+    result stays fp32: the mean logits once crashed masked_scatter (fp32 target, bf16 source)."""
+    model = _tiny_llama(final_logit_softcapping=softcap) if softcap else _tiny_llama()
+    input_ids, attention_mask, labels = _batch()
+    exact = completion_logps(model, input_ids, attention_mask, labels, return_token_logps=True, return_mean_logits=True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = completion_logps(model, input_ids, attention_mask, labels, return_token_logps=True,
+                               return_mean_logits=True)
+        loss, _ = lm_loss(model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    for name in ("sum", "mean", "token_logps", "token_mean_logits"):
+        value = getattr(out, name)
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, getattr(exact, name), atol=0.1, rtol=0.05, msg=name)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

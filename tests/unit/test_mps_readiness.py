@@ -5,6 +5,11 @@ is pmetal/mps_unsupported_ops.txt). Each step runs through Lightning exactly as 
 would: data loading, rollouts (GRPO/DAPO/RLKD), forward, backward, clipping, optimizer step.
 What this cannot prove: MPS numerics and speed, and ops whose MPS support depends on the macOS
 version; those need Apple hardware.
+
+Every mode of every method (DPO's losses, DoRA, GSPO, speculative rollouts, the embedding losses,
+...) also runs under the guard, under bf16 autocast, through the commands users type: the
+bf16-mixed column of tests/unit/test_precision_matrix.py. The steps here add what that matrix does
+not vary: QLoRA on pmetal's NF4 kernels for every method, both VLM families, the engine's modes.
 """
 
 from __future__ import annotations
