@@ -20,7 +20,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from pmetal.atomic import atomic_output
+from pmetal.atomic import atomic_output, default_mode
 
 log = logging.getLogger("pmetal")
 
@@ -44,7 +44,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary file
+            os.chmod(tmp, default_mode(directory=False))  # mkstemp makes 0600; a checkpoint is an ordinary file
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -164,13 +164,25 @@ def check_hub_model(repo_id: str, flag: str = "--model") -> None:
 
 
 def portable_base_name(model: str | Path, loaded_from: str | None) -> str | None:
-    """The base model an adapter should record: the hub id, or DEFAULT_HUB_ID for the embedded default.
+    """The base model an adapter should record: the hub id, DEFAULT_HUB_ID for the embedded default, or
+    the absolute path of a local model (its .gguf file for a GGUF base).
 
     Never the path of pmetal's converted copy in this machine's cache, which no other machine has.
     """
     if str(model) in DEFAULT_MODEL_NAMES or (loaded_from and Path(loaded_from) == default_model_dir()):
         return DEFAULT_HUB_ID
-    return loaded_from
+    local = absolute_model_name(model)
+    return local if local != str(model) else loaded_from
+
+
+def absolute_model_name(name: str | Path) -> str:
+    """A local model (directory or .gguf file) as its absolute, resolved path; anything else (a hub id,
+    "default") as it is. Records written beside a trained adapter use it, so the adapter loads from
+    any working directory (a relative `--model base` would otherwise name a folder of the caller's)."""
+    path = Path(str(name)).expanduser()
+    if str(name) not in DEFAULT_MODEL_NAMES and path.exists():
+        return str(path.resolve())
+    return str(name)
 
 
 def default_model_dir() -> Path:
