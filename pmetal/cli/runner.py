@@ -209,8 +209,10 @@ def build_trainer(
     """
     from pmetal.callbacks.checkpoint import AtomicCheckpointIO
 
+    from pmetal.runlock import hold_run_lock
+
     run_dir = Path(default_root_dir) if default_root_dir is not None else default_run_dir("run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(run_dir)  # one run per folder, for this process's life (taken already by the CLI's checks)
     if "LOCAL_RANK" not in os.environ:  # the processes Lightning launches for other devices write here too
         os.environ[RUN_DIR_VARIABLE] = str(run_dir)
     choice = choose_device(accelerator, precision)
