@@ -94,6 +94,7 @@ RANGES: dict[str, Range] = {
     "max_length": _at_least(1, "tokens per row"),
     "max_prompt_length": _at_least(1, "prompt tokens"),
     "max_completion_length": _at_least(1, "new tokens per completion"),
+    "max_new_tokens": _at_least(1, "tokens to generate"),
     "num_generations": _at_least(2, "completions per prompt; a group of 1 has no relative advantage"),
     "num_iterations": _at_least(1),
     "micro_batch_size": _at_least(1),
