@@ -88,3 +88,23 @@ def test_the_resume_command_keeps_the_flags_and_drops_overwrite():
         "pmetal train --output-dir 'a b' --resume"
     assert resume_command(["fit", "--ckpt_path", "x.ckpt", "--resume=last", "--method", "dpo"], "r") == \
         "pmetal fit --method dpo --trainer.default_root_dir r --resume"
+
+
+def test_a_second_request_stops_at_once_naming_the_newest_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from pmetal.callbacks.interrupt import InterruptCheckpoint
+    from pmetal.errors import Interrupted
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 4}, ckpts / "step-4.ckpt")
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), global_step=5,
+                              checkpoint_callback=SimpleNamespace(dirpath=str(ckpts)))
+    stopper = InterruptCheckpoint()
+    stopper.on_fit_start(trainer, None)
+    stopper.request_stop(signal.SIGINT)  # the first asks for a stop at the end of the step
+    with pytest.raises(Interrupted) as info:
+        stopper.request_stop(signal.SIGINT)
+    assert (info.value.exit_code, info.value.step, info.value.saved) == (130, 5, False)
+    assert info.value.checkpoint == ckpts / "step-4.ckpt"
