@@ -118,3 +118,14 @@ def test_a_hub_id_and_the_default_are_recorded_as_hub_ids(tmp_path):
 
     assert portable_base_name("default", None) == DEFAULT_HUB_ID
     assert portable_base_name("org/name", "org/name") == "org/name"
+
+
+def test_an_embedding_adapter_from_a_relative_base_records_its_absolute_path(tiny_bert_dir, tmp_path, monkeypatch):
+    from pmetal.modules.embed import EmbedModule
+
+    shutil.copytree(tiny_bert_dir, tmp_path / "A" / "bert")
+    monkeypatch.chdir(tmp_path / "A")
+    out = EmbedModule(model="bert", adapter="lora").save_pretrained(tmp_path / "A" / "out")
+    absolute = str((tmp_path / "A" / "bert").resolve())
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == absolute
+    assert json.loads((out / "pmetal_config.json").read_text())["model"] == absolute
