@@ -9,8 +9,10 @@ one that reads and holds finite values. Loading uses `torch.load(weights_only=Tr
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from pmetal.atomic import atomic_output
+from pmetal.atomic import atomic_output, default_mode
 
 log = logging.getLogger("pmetal")
 
@@ -44,14 +46,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary file
+            os.chmod(tmp, default_mode(directory=False))  # mkstemp makes 0600; a checkpoint is an ordinary file
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                raise disk_full_error(path, checkpoint, exc) from None
             raise
 
     def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def checkpoint_bytes(value: Any) -> int:
+    """The bytes of the tensors in a checkpoint (what its file needs, give or take the index)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(checkpoint_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in value)
+    return 0
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def disk_full_error(path: Path, checkpoint: dict[str, Any], exc: OSError):
+    """One line for a checkpoint write the disk had no room for: what, where, the space it needs and
+    the checkpoint kept (the write went to a temporary file, so the previous one is intact)."""
+    from pmetal.errors import PmetalError
+
+    kept = resumable_checkpoint(path.parent, clean=False)[0]
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+    keeping = f"the previous checkpoint is kept: {kept}" if kept else "no earlier checkpoint exists"
+    return PmetalError(f"{path.parent}: disk full while writing {path.name} at step {checkpoint.get('global_step')} "
+                       f"({exc.strerror}); it needs about {megabytes(checkpoint_bytes(checkpoint))}, "
+                       f"{megabytes(free)} are free; {keeping}; expected room for it: free some space, then --resume")
 
 
 def full_state_dict(module) -> dict | None:

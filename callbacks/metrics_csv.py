@@ -30,6 +30,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 
+from pmetal.atomic import default_mode
+
 
 class _StepRowsWriter:
     """Rows keyed by step, rewritten whole on each save (Lightning's `_ExperimentWriter` interface)."""
@@ -79,7 +81,7 @@ class _StepRowsWriter:
                 writer.writeheader()
                 for step in sorted(self.rows):
                     writer.writerow({"step": step, **self.rows[step]})
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, default_mode(directory=False))  # mkstemp makes 0600
             os.replace(tmp, self.metrics_file_path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

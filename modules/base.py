@@ -24,7 +24,7 @@ import torch
 
 from pmetal.device import choose_device
 from pmetal.errors import PmetalError
-from pmetal.models import apply_adapter, count_parameters, record_portable_base
+from pmetal.models import absolute_model_name, apply_adapter, count_parameters, record_portable_base
 from pmetal.optim import build_optimizer, build_scheduler
 from pmetal.modules.distributed import sync_metrics
 from pmetal.perf import enable_gradient_checkpointing, maybe_compile
@@ -92,7 +92,14 @@ class TrainableModule(L.LightningModule):
     def write_settings(self, out: Path) -> None:
         """pmetal_config.json in `out`: the method's class name and its plain-valued settings."""
         settings = {k: _plain(v) for k, v in dict(self.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list))}
+        for key in MODEL_SETTINGS:  # a relative model path would name a folder of whoever loads the adapter
+            if isinstance(settings.get(key), str):
+                settings[key] = absolute_model_name(settings[key])
         (out / "pmetal_config.json").write_text(json.dumps({"method": type(self).__name__, **settings}, indent=2))
+
+
+# Settings that name a model (a directory, .gguf file, hub id or "default").
+MODEL_SETTINGS = ("model", "teacher_model", "draft_model", "reward_model")
 
 
 def _plain(value: Any) -> Any:

@@ -49,7 +49,7 @@ from pmetal.embedding import (
 )
 from pmetal.errors import PmetalError
 from pmetal.losses.embedding import cosent_loss, duplicate_text_mask, info_nce_loss, triplet_loss
-from pmetal.models import count_parameters
+from pmetal.models import absolute_model_name, count_parameters
 from pmetal.modules.base import TrainableModule
 from pmetal.modules.distributed import distributed_mean, sync_metrics
 
@@ -292,7 +292,9 @@ class EmbedModule(TrainableModule):
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """A directory `SentenceTransformer(out_dir)` loads as it is (LoRA merged; adapter in `adapter/`)."""
         default = self.hparams.model in DEFAULT_EMBEDDING_MODEL_NAMES  # never record site-packages' path
-        out = save_sentence_transformer(self.encoder, out_dir, DEFAULT_EMBEDDING_HUB_ID if default else None)
+        # a local base by its absolute path: a relative one would name a folder of whoever loads the adapter
+        base = DEFAULT_EMBEDDING_HUB_ID if default else absolute_model_name(self.hparams.model)
+        out = save_sentence_transformer(self.encoder, out_dir, base)
         self.write_settings(out)
         return out
 

@@ -12,6 +12,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(*, directory: bool) -> int:
+    """The mode a plain `mkdir`/`open` would give under the current umask (0755/0644 under 022);
+    temporary paths are private (0700/0600) until they are renamed into place."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def apply_default_modes(root: Path) -> None:
+    """Give `root` and everything under it the umask's modes. mkdtemp makes 0700 and some writers
+    (safetensors) 0600, but an output is an ordinary file or folder: others may read it when the
+    umask says so, as they may read a checkpoint."""
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not path.is_symlink():
+            os.chmod(path, default_mode(directory=path.is_dir()))
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | Path, *, directory: bool) -> Iterator[Path]:
     """Yield a temporary path beside `out`; on success it is renamed to `out` (replacing an older
@@ -23,6 +45,7 @@ def atomic_output(out: str | Path, *, directory: bool) -> Iterator[Path]:
     aside = staging_dir.with_name(staging_dir.name + ".old")
     try:
         yield staging
+        apply_default_modes(staging)
         if out.is_dir() and not out.is_symlink():
             os.replace(out, aside)  # a rename cannot put a directory over a non-empty one
         elif directory and out.exists():

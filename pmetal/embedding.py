@@ -182,7 +182,7 @@ def save_sentence_transformer(model, path: str | Path, base_name: str | None = N
 
     With a PEFT adapter on the transformer, a copy with the adapter merged is saved (the trained
     model is left as it is) and the adapter alone goes to `path/adapter`, naming `base_name` (a hub
-    id) as its base when given instead of the local path it was loaded from.
+    id, or a local base's absolute path) as its base when given instead of the path it was loaded from.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

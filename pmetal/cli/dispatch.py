@@ -45,7 +45,9 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(format="%(message)s", level=logging.INFO if not verbose else logging.DEBUG)
     logging.getLogger("pmetal").setLevel(logging.INFO)
-    for noisy in ("bitsandbytes", "httpx", "urllib3", "lightning.pytorch.utilities.rank_zero"):
+    # the signal connector logs "Received SIGTERM" twice: pmetal says what it did in one line instead
+    for noisy in ("bitsandbytes", "httpx", "urllib3", "lightning.pytorch.utilities.rank_zero",
+                  "lightning.pytorch.trainer.connectors.signal_connector"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     silence_library_deprecations()
@@ -125,28 +127,39 @@ def _refuse_rollout_flags_without_rollouts(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pmetal.cli.interrupts import message, sigterm_raises
+    from pmetal.errors import Interrupted
+
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     configure_cuda_allocator()
     try:
-        if argv and argv[0] in LIGHTNING_COMMANDS:
-            from pmetal.cli.lightning import run_lightning_cli
-
-            run_lightning_cli(argv)
-            return 0
-        _refuse_rollout_flags_without_rollouts(argv)
-        parser = build_parser(argv[0] if argv else None)
-        args = parser.parse_args(argv)
-        if not getattr(args, "_run", None):
-            parser.print_help()
-            return 0 if not argv else 2
-        return int(args._run(args) or 0)
+        with sigterm_raises():  # as Ctrl+C does: cleanups (temporary outputs) run, then one line below
+            return _run(argv)
     except PmetalError as exc:
         print(f"pmetal: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pmetal: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        import signal
+
+        exc = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        print(message(exc, argv), file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+def _run(argv: list[str]) -> int:
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from pmetal.cli.lightning import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return 0
+    _refuse_rollout_flags_without_rollouts(argv)
+    parser = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,7 +3,8 @@
 A wrong flag should cost the user a second, not a model load: the numeric settings against a
 table of valid ranges (applied to whatever settings the command parsed, by name), the data files
 (they exist, their format reads, the columns the rewards need are there), the output folder
-(it can be created; it holds no earlier run unless `--resume` or `--overwrite`) and the model
+(it can be created; no other run holds its lock; it holds no earlier run unless `--resume` or
+`--overwrite`) and the model
 name (a missing local path, or a hub id that cannot be fetched offline). Each failure is a
 `PmetalError` with one line naming the flag and value and what was expected; the CLI prints it
 and exits 2.
@@ -93,6 +94,7 @@ RANGES: dict[str, Range] = {
     "max_length": _at_least(1, "tokens per row"),
     "max_prompt_length": _at_least(1, "prompt tokens"),
     "max_completion_length": _at_least(1, "new tokens per completion"),
+    "max_new_tokens": _at_least(1, "tokens to generate"),
     "num_generations": _at_least(2, "completions per prompt; a group of 1 has no relative advantage"),
     "num_iterations": _at_least(1),
     "micro_batch_size": _at_least(1),
@@ -180,28 +182,37 @@ def looks_like_local_path(name: str) -> bool:
 
 def check_output_dir(run_dir: str | Path, *, resume: Any = None, overwrite: bool = False,
                      flag: str = "--output-dir") -> None:
-    """The run folder can be created, and holds no earlier run unless resuming or overwriting.
+    """The run folder can be created, no other run is writing into it, and it holds no earlier run
+    unless resuming or overwriting.
 
-    `--overwrite` clears the folder first, so nothing of the old run (a `last.ckpt` that a later
-    `--resume` would pick, rows in metrics.csv) mixes with the new one.
+    The folder's lock (`pmetal.runlock`) is taken first and held until the process ends, so a second
+    run into it is refused before anything is written or cleared. `--overwrite` clears the folder
+    (all but the lock), so nothing of the old run (a `last.ckpt` that a later `--resume` would pick,
+    rows in metrics.csv) mixes with the new one.
     """
+    from pmetal.runlock import LOCK_FILE, hold_run_lock
+
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise PmetalError(f"{flag} {run_dir}: exists and is a file; expected a directory (or a new path)")
-    holds_run = run_dir.is_dir() and any(
-        (run_dir / name).exists() for name in ("checkpoints", "metrics.csv", "final", "loss_history.json")
-    )
-    if holds_run and not resume:
-        if not overwrite:
-            raise PmetalError(f"{flag} {run_dir} already holds a run; pass --resume to continue it, "
-                              f"--overwrite to replace it, or choose a new {flag}")
-        log.info("--overwrite: clearing %s", run_dir)
-        shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PmetalError(f"{flag} {run_dir}: cannot be created ({exc.strerror or exc}); "
                           "expected a writable location") from None
+    try:
+        hold_run_lock(run_dir, flag)
+    except OSError as exc:
+        raise PmetalError(f"{flag} {run_dir}: not writable ({exc.strerror or exc})") from None
+    holds_run = any((run_dir / name).exists() for name in ("checkpoints", "metrics.csv", "final", "loss_history.json"))
+    if holds_run and not resume:
+        if not overwrite:
+            raise PmetalError(f"{flag} {run_dir} already holds a run; pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose a new {flag}")
+        log.info("--overwrite: clearing %s", run_dir)
+        for entry in run_dir.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     probe = run_dir / ".pmetal-write-test"
     try:
         probe.write_bytes(b"")

@@ -82,6 +82,7 @@ def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "
 
     from pmetal.callbacks.checkpoint import ExportOnTrainEnd, RngCheckpoint
     from pmetal.callbacks.guards import NanGuard
+    from pmetal.callbacks.interrupt import InterruptCheckpoint
     from pmetal.callbacks.metrics_csv import OptimizerStepAxis
     from pmetal.callbacks.plots import LossHistory
 
@@ -101,6 +102,7 @@ def pmetal_callbacks(checkpoint_every_n_steps: int = 100, export_subdir: str = "
         RngCheckpoint(),
         LossHistory(),
         ExportOnTrainEnd(export_subdir),
+        InterruptCheckpoint(),  # SIGINT/SIGTERM: the current step's checkpoint, then stop
     ]
     try:
         from pmetal.callbacks.throughput import ThroughputMonitor
@@ -222,8 +224,10 @@ def build_trainer(
     """
     from pmetal.callbacks.checkpoint import AtomicCheckpointIO
 
+    from pmetal.runlock import hold_run_lock
+
     run_dir = Path(default_root_dir) if default_root_dir is not None else default_run_dir("run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(run_dir)  # one run per folder, for this process's life (taken already by the CLI's checks)
     if "LOCAL_RANK" not in os.environ:  # the processes Lightning launches for other devices write here too
         os.environ[RUN_DIR_VARIABLE] = str(run_dir)
     choice = choose_device(accelerator, precision)
@@ -308,9 +312,21 @@ def fit(trainer, module, datamodule, *, ckpt_path: str | None = None) -> dict[st
     from pmetal.callbacks.checkpoint import ExportOnTrainEnd, checkpoint_problem
     from pmetal.callbacks.plots import LossHistory
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from pmetal.callbacks.interrupt import InterruptCheckpoint
+    from pmetal.cli.interrupts import forwarded_to
+
     start = time.time()
     resumed_at = (checkpoint_problem(ckpt_path)[1] or 0) if ckpt_path else 0  # "done:" counts this run's steps
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    stopper = next((cb for cb in trainer.callbacks if isinstance(cb, InterruptCheckpoint)), None)
+    with forwarded_to(stopper.request_stop if stopper else None):
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:  # Lightning's own stop (SIGTERM outside a training step): exit status 0 else
+            import signal
+
+            raise (stopper.interrupted(signal.SIGTERM, saved=False) if stopper else SystemExit(143)) from None
     run_dir = Path(trainer.default_root_dir)
     # the callbacks build_trainer added keep what they wrote
     export = next((cb.export_dir for cb in trainer.callbacks if isinstance(cb, ExportOnTrainEnd)), None)

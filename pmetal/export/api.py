@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pmetal.export.common import ExportError, atomic_output, check_options, check_out
+from pmetal.export.common import ExportError, atomic_output, check_options, check_out, write_errors
 from pmetal.export.source import FusedModel, load_fused
 
 @dataclass
@@ -71,24 +71,25 @@ def export_model(
     elif coreml_options:
         raise ExportError(f"{', '.join(coreml_options)}: Core ML options, not for --format {format}")
     fused = source if isinstance(source, FusedModel) else load_fused(source, base=base, trust_remote_code=trust_remote_code)
-    if format == "hf":
-        with atomic_output(out, directory=True) as staging:
-            save_hf(fused, staging, dtype)
-    elif format == "gguf":
-        from pmetal.export.gguf import write_gguf
+    with write_errors(out, fused.model, quantize or dtype):  # a full disk or read-only target: one line
+        if format == "hf":
+            with atomic_output(out, directory=True) as staging:
+                save_hf(fused, staging, dtype)
+        elif format == "gguf":
+            from pmetal.export.gguf import write_gguf
 
-        if fused.embedding is not None:
-            raise ExportError("GGUF export writes causal language models; this is a sentence-embedding model "
-                              "(export it with --format coreml or hf)")  # fmt: skip
-        with atomic_output(out, directory=False) as staging:
-            write_gguf(fused.model, fused.tokenizer, staging, file_type=quantize or dtype)
-    else:
-        from pmetal.export.coreml import convert_to_coreml
+            if fused.embedding is not None:
+                raise ExportError("GGUF export writes causal language models; this is a sentence-embedding model "
+                                  "(export it with --format coreml or hf)")  # fmt: skip
+            with atomic_output(out, directory=False) as staging:
+                write_gguf(fused.model, fused.tokenizer, staging, file_type=quantize or dtype)
+        else:
+            from pmetal.export.coreml import convert_to_coreml
 
-        with atomic_output(out, directory=False) as staging:
-            convert_to_coreml(fused, staging, quantize=quantize, **coreml_options)
-        tokenizer_dir = tokenizer_path(out)  # the app needs the tokenizer; a package holds only the model
-        with atomic_output(tokenizer_dir, directory=True) as staging:
-            fused.tokenizer.save_pretrained(staging)
-        fused.notes.append(f"tokenizer saved beside the model: {tokenizer_dir}")
+            with atomic_output(out, directory=False) as staging:
+                convert_to_coreml(fused, staging, quantize=quantize, **coreml_options)
+            tokenizer_dir = tokenizer_path(out)  # the app needs the tokenizer; a package holds only the model
+            with atomic_output(tokenizer_dir, directory=True) as staging:
+                fused.tokenizer.save_pretrained(staging)
+            fused.notes.append(f"tokenizer saved beside the model: {tokenizer_dir}")
     return ExportResult(out, format, dtype, quantize, list(fused.notes))

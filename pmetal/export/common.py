@@ -3,7 +3,14 @@ table of formats and the quantizations each one has."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pmetal.atomic import atomic_output  # noqa: F401 - the exporters' temporary-path-then-rename write
 from pmetal.errors import PmetalError
@@ -42,10 +49,44 @@ def check_options(fmt: str, dtype: str | None, quantize: str | None) -> str:
 
 
 def check_out(out: str | Path, force: bool) -> Path:
-    """The output path, refused when it exists unless `force` (then it is replaced on success)."""
+    """The output path, refused when it exists unless `force` (then it is replaced on success), or
+    when its folder cannot be written (found now, not after minutes of loading)."""
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to replace it, or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".pmetal-write-test.", dir=out.parent))
+    except OSError as exc:
+        raise not_writable(out, exc) from None
     return out
+
+
+# bytes a weight takes in each written dtype or quantization (a q8_0 block: 32 int8 + one fp16 scale)
+BYTES_PER_WEIGHT = {"float32": 4, "f32": 4, "bfloat16": 2, "float16": 2, "f16": 2, "bf16": 2, "q8_0": 34 / 32,
+                    "q4_0": 18 / 32, "int8": 1, "int4": 0.5, "palettize8": 1, "palettize4": 0.5}
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def not_writable(out: Path, exc: OSError) -> ExportError:
+    return ExportError(f"--out {out}: {exc.strerror or exc} (in {out.parent}); expected a writable location")
+
+
+@contextlib.contextmanager
+def write_errors(out: Path, model: Any, written_as: str) -> Iterator[None]:
+    """A full disk or an unwritable target while writing `out` becomes one line: what, where, the
+    space the export needs (its weights as `written_as`) and what is free."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            needed = sum(p.numel() for p in model.parameters()) * BYTES_PER_WEIGHT.get(written_as, 4)
+            free = shutil.disk_usage(out.parent).free if out.parent.is_dir() else 0
+            raise ExportError(f"--out {out}: disk full while writing the export ({exc.strerror}); it needs about "
+                              f"{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free; nothing was written to --out; "
+                              "expected room for it: free some space or choose another --out") from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise not_writable(out, exc) from None
+        raise
 
 

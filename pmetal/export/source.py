@@ -44,9 +44,11 @@ def is_bnb_checkpoint(base: str | Path) -> bool:
     """True for a directory saved quantized by transformers + bitsandbytes."""
     from pmetal.quant.bnb_compat import bitsandbytes_bits
 
+    from pmetal.models import read_model_config
+
     config = Path(str(base)) / "config.json"
     # 8-bit too: pmetal's loader then says it reads bitsandbytes 4-bit only
-    return config.is_file() and bitsandbytes_bits(json.loads(config.read_text())) is not None
+    return config.is_file() and bitsandbytes_bits(read_model_config(config.parent)) is not None
 
 
 def adapter_settings(adapter: Path) -> dict:

@@ -1,4 +1,4 @@
-"""A callback that SIGKILLs its own process, for the kill-and-resume test (never used outside tests)."""
+"""Callbacks that kill or signal their own process, for the kill-and-resume tests (never used outside tests)."""
 
 import os
 import signal
@@ -15,3 +15,15 @@ class KillAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(Callback):
+    """Sends the process `signal` (a name: SIGTERM, SIGINT) when step `step` starts, as a scheduler
+    or a Ctrl+C would; the step then runs to its end."""
+
+    def __init__(self, step: int = 3, signal: str = "SIGTERM") -> None:
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))

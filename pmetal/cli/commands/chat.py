@@ -65,10 +65,12 @@ def run(args) -> int:
     import torch
 
     from pmetal.cli.commands.generate import load_for_inference
+    from pmetal.cli.preflight import check_ranges
     from pmetal.device import choose_device
     from pmetal.export.source import resolve_source
     from pmetal.generation import SamplingConfig
 
+    check_ranges(args)  # before the model loads
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k)  # fmt: skip
     if args.seed is not None:

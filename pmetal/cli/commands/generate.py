@@ -101,8 +101,10 @@ def generate(model, tokenizer, prompts: list[str], *, system=None, max_new_token
 
 
 def run(args) -> int:
+    from pmetal.cli.preflight import check_ranges
     from pmetal.device import choose_device
 
+    check_ranges(args)  # before the model loads
     choice = choose_device(args.accelerator)
     model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code,
                                           dtype=choice.weight_dtype)
