@@ -352,11 +352,28 @@ class RolloutEngine:
             self.capture_error = f"{type(exc).__name__}: {exc}"
             log.warning("rollout engine: CUDA graph capture failed (%s); decoding eagerly", self.capture_error)
             graph = False
+            self._pool = None  # a pool a failed capture touched is never shared again
+            release_failed_capture(self.device, step.generator)
         for name, t in ws.state.items():
             t.copy_(snapshot[name])
         ws.col.copy_(col)
         step.restore(extra)
         return graph
+
+
+def release_failed_capture(device: torch.device, generator: torch.Generator | None = None) -> None:
+    """Leave no random-number generator marked as capturing after a CUDA graph capture that failed.
+
+    A capture whose end raised (an allocator assert inside ``capture_end``, say) never runs the
+    generators' capture epilogue, so the device's default generator (and one registered with the
+    graph) stays marked as capturing, and every later random draw in the process fails with "Offset
+    increment outside graph capture". A state cloned from it keeps seed and offset and is not
+    capturing: setting it back makes the failure harmless for the rest of the run.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for gen in (torch.cuda.default_generators[index], generator):
+        if gen is not None and hasattr(gen, "graphsafe_set_state"):
+            gen.graphsafe_set_state(gen.clone_state())
 
 
 def _stream(on_tokens, tokens: torch.Tensor, lengths: torch.Tensor, streamed: list[int]) -> list[int]:
