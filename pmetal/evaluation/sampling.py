@@ -82,11 +82,18 @@ def prompt_eval(handle, rows, path: str, report, *, rewards=None, num_samples: i
             values |= {f"reward_{name}": _mean(scores) for name, scores in per_function.items()}
         if answers:
             correct = accuracy_reward(repeated, completions, answer=columns.get("answer"), solution=columns.get("solution"))
-            per_prompt = [int(sum(correct[j * num_samples : (j + 1) * num_samples])) for j in range(len(prompts))]
-            values["accuracy"] = sum(correct) / len(correct)  # = pass@1, the mean of c/n
-            for k in pass_ks(num_samples)[1:]:
-                values[f"pass@{k}"] = sum(pass_at_k(num_samples, c, k) for c in per_prompt) / len(per_prompt)
+            values |= answer_metrics(correct, num_samples)
         report.add(column, values)
+
+
+def answer_metrics(correct: Sequence[float], num_samples: int) -> dict[str, float]:
+    """Accuracy over all samples (= pass@1) and pass@k for k in `pass_ks(num_samples)[1:]`, from
+    the prompt-major 0/1 scores of `num_samples` completions per prompt."""
+    per_prompt = [int(sum(correct[j : j + num_samples])) for j in range(0, len(correct), num_samples)]
+    values = {"accuracy": sum(correct) / len(correct)}
+    for k in pass_ks(num_samples)[1:]:
+        values[f"pass@{k}"] = sum(pass_at_k(num_samples, c, k) for c in per_prompt) / len(per_prompt)
+    return values
 
 
 def _mean(scores: Sequence[float]) -> float | None:

@@ -16,34 +16,17 @@ import sys
 import pytest
 import torch
 
+from tests.tiny import save_random_lora
+
 IDS = torch.tensor([[1, 20, 300, 4000, 5, 6, 7000, 8]])
-
-
-def _make_adapter(base_dir, out, *, seed, r=4, base_name=None):
-    """A PEFT LoRA adapter over the tiny model with random B (so it changes the logits)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    peft_model.save_pretrained(out)
-    config = json.loads((out / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = base_name or str(base_dir)
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {"a": _make_adapter(tiny_model_dir, root / "a", seed=1), "b": _make_adapter(tiny_model_dir, root / "b", seed=2),
-            "r8": _make_adapter(tiny_model_dir, root / "r8", seed=3, r=8),
-            "other_base": _make_adapter(tiny_model_dir, root / "other", seed=4, base_name="some/other-model")}
+    return {"a": save_random_lora(tiny_model_dir, root / "a", seed=1), "b": save_random_lora(tiny_model_dir, root / "b", seed=2),
+            "r8": save_random_lora(tiny_model_dir, root / "r8", seed=3, r=8),
+            "other_base": save_random_lora(tiny_model_dir, root / "other", seed=4, base_name="some/other-model")}
 
 
 def _adapter_logits(base_dir, adapter_dir):
