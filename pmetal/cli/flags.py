@@ -47,6 +47,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "checkpoint_every_n_steps": ("--checkpoint-every",),
     "default_root_dir": ("--output-dir",),
     "enable_progress_bar": ("--progress-bar",),
+    "val_check_interval": ("--val-check-interval", "--eval-every"),
     "reward_fns": ("--reward-fn",),
     "reward_weights": ("--reward-weight",),
 }
