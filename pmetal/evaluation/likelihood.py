@@ -47,7 +47,7 @@ def sequence_logps(model, rows: Sequence[dict], *, pad_token_id: int, batch_size
         mask = _pad([[1] * len(s) for s in ids], 0).to(device)
         labels = _pad([r[f"{prefix}labels"] for r in chunk], IGNORE_INDEX).to(device)
         out = completion_logps(model, input_ids, mask, labels)
-        sums += out.sum.double().tolist()
+        sums += out.sum.float().tolist()  # Python floats: the totals add up in double precision off the device
         counts += out.num_tokens.tolist()
     return sums, counts
 

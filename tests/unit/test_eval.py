@@ -212,3 +212,23 @@ def test_nothing_to_evaluate_is_an_error(capsys):
 
     assert main(["eval", "--model", "default"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_the_evaluations_are_mps_ready(adapter, tiny_model_dir):
+    """SFT, preference and prompt evaluation of base and adapter under the MPS dispatch guard (no
+    float64, no op without an MPS kernel); loading happens outside it, as on a Mac it is the CPU's."""
+    from pmetal.evaluation.api import _run_task
+    from pmetal.evaluation.model import load_eval_model
+    from pmetal.mps_guard import MpsReadinessMode
+    from pmetal.rewards import RewardSet
+
+    handle = load_eval_model(str(adapter))
+    data = {task: load_rows(example_path(name))[:2] for task, name in
+            (("sft", "sft.jsonl"), ("preference", "dpo.jsonl"), ("prompt", "grpo.jsonl"))}  # fmt: skip
+    rewards = RewardSet.from_specs(["accuracy", "length"])
+    with MpsReadinessMode():
+        for task, rows in data.items():
+            report = _run_task(task, handle, rows, task, max_seq_len=128, batch_size=2, beta=0.1, rewards=rewards,
+                               num_samples=2, max_new_tokens=4, temperature=None, top_p=1.0, max_prompt_length=64,
+                               seed=0)  # fmt: skip
+            assert all(set(values) <= {"base", "adapter"} for values in report.metrics.values())
