@@ -134,6 +134,7 @@ def test_merged_adapter_loads_in_peft_and_fused_model_in_transformers(adapters, 
     (["--adapters", "{a}", "{b}", "--method", "dare_ties", "--density", "1.5"], "--density 1.5"),
     (["--adapters", "{a}", "{b}", "--density", "0.5"], "--density applies to ties"),
     (["--adapters", "{a}", "{tmp}"], "no adapter_config.json; expected a PEFT adapter directory"),
+    (["--adapter", "{a}", "--weights", "0.5"], "--weights applies to --adapters"),
 ])
 def test_bad_merges_get_one_line_errors(adapters, tmp_path, capsys, extra, message):
     from pmetal.cli import main

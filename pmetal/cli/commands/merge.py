@@ -80,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
         if args.fuse:
             _print_error(report)
         return 0
+    stray = [flag for flag, given in (("--weights", args.weights), ("--density", args.density), ("--fuse", args.fuse))
+             if given]  # fmt: skip
+    if stray:
+        from pmetal.errors import PmetalError
+
+        raise PmetalError(f"{stray[0]} applies to --adapters (combining several); --adapter merges one into its base")
     report = merge_adapter(
         args.adapter, args.out, base=args.base, quantization=args.quantization,
         quant_block_size=args.quant_block_size, double_quant=args.double_quant, dtype=args.dtype,
