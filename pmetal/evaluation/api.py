@@ -4,7 +4,6 @@ lm-evaluation-harness tasks on the same in-memory model. Its signature is `pmeta
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Optional
 
 from pmetal.errors import PmetalError
