@@ -6,6 +6,8 @@ TripletEvaluator (one triplet per hard negative)."""
 
 from __future__ import annotations
 
+import logging
+
 
 def _ids(texts) -> dict[str, str]:
     """text -> a stable id, equal texts sharing one (so a duplicated document is one document)."""
@@ -48,6 +50,12 @@ def embedding_eval(model_name: str, rows, path: str, report, *, batch_size: int 
     kind, examples = to_embedding_examples(rows, path=path)
     model = load_sentence_transformer(str(resolve_source(model_name)), normalize=True, trust_remote_code=trust_remote_code)
     evaluator = build_evaluator(kind, examples, batch_size=batch_size)
-    scores = evaluator(model)
+    quiet = logging.getLogger("sentence_transformers")  # its evaluators log their own report; pmetal prints the table
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        scores = evaluator(model)
+    finally:
+        quiet.setLevel(level)
     report.notes.append(f"{kind}: {len(examples)} rows through sentence-transformers' {type(evaluator).__name__}")
     report.add("model", {name.removeprefix("eval_"): value for name, value in scores.items()})
