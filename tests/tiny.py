@@ -142,3 +142,28 @@ def wordpiece_tokenizer(vocab_size: int = 2048):
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
                              cls_token="[CLS]", mask_token="[MASK]")
+
+
+def save_random_lora(base_dir, out, *, seed: int, r: int = 4, base_name=None, scale: float = 0.3,
+                     targets=("q_proj", "v_proj", "down_proj")):
+    """Save a PEFT LoRA adapter over the model in `base_dir` with random A and B (so it changes the
+    logits); its adapter_config.json names `base_name` (default `base_dir`) as the base."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    out = Path(out)
+    peft_model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base_name or base_dir)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out

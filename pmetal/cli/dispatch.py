@@ -33,6 +33,7 @@ COMMANDS = {
     "embed-train": "pmetal.cli.commands.embed_train",
     "dataset": "pmetal.cli.commands.dataset",
     "merge": "pmetal.cli.commands.merge",
+    "eval": "pmetal.cli.commands.eval",
     "bench": "pmetal.cli.commands.bench",
     "generate": "pmetal.cli.commands.generate",
     "export": "pmetal.cli.commands.export",

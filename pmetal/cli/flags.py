@@ -47,6 +47,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "checkpoint_every_n_steps": ("--checkpoint-every",),
     "default_root_dir": ("--output-dir",),
     "enable_progress_bar": ("--progress-bar",),
+    "val_check_interval": ("--val-check-interval", "--eval-every"),
     "reward_fns": ("--reward-fn",),
     "reward_weights": ("--reward-weight",),
 }
@@ -317,3 +318,30 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="last", default=None,
                         help="continue a killed run: its last checkpoint in --output-dir, or a .ckpt path")
+
+
+def add_function_flags(parser: argparse.ArgumentParser, target: str,
+                       aliases: dict[str, tuple[str, ...]] | None = None) -> dict[str, Setting]:
+    """One flag per parameter of the function "package.module:name" (a command that runs one core
+    function, like `pmetal eval`), typed, documented and defaulted from its signature as above.
+    Values the user gave land in the namespace under the parameter's name; the others are left out,
+    so calling the function with `function_values(args, settings)` keeps its own defaults."""
+    settings = static_settings(target) or signature_settings(load(target))
+    for name, setting in settings.items():
+        read = argparse_kwargs(setting)
+        if read is None:
+            continue
+        names = (aliases or {}).get(name) or ALIASES.get(name) or ("--" + name.replace("_", "-"),)
+        if "metavar" not in read and read.get("action") is not argparse.BooleanOptionalAction:
+            read["metavar"] = names[0].lstrip("-").replace("-", "_").upper()
+        text = setting.doc or name.replace("_", " ")
+        text += " Repeat the flag for each value." if read.get("action") == "append" else ""
+        text += f" (default {_show(setting.default)})" if setting.default is not REQUIRED else " (required)"
+        parser.add_argument(*names, dest=name, default=argparse.SUPPRESS, required=setting.default is REQUIRED,
+                            help=text.replace("%", "%%"), **read)
+    return settings
+
+
+def function_values(args: argparse.Namespace, settings: dict[str, Setting]) -> dict[str, Any]:
+    """The values the user gave for `add_function_flags`' parameters."""
+    return {name: value for name, value in vars(args).items() if name in settings}

@@ -29,6 +29,11 @@ QUANTIZATIONS = {
     "coreml": ("int8", "int4", "palettize4", "palettize8"),
 }
 
+# `pmetal merge --adapters --method`: PEFT add_weighted_adapter combination types (pmetal/export/merge.py)
+MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "svd", "cat")
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")  # those that trim to --density
+EQUAL_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties")  # those that combine factors entrywise
+
 
 class ExportError(PmetalError):
     """An export that cannot be done as asked; the message says what is supported."""

@@ -222,7 +222,8 @@ def _shape(setting):
 
 
 @pytest.mark.parametrize("target", sorted({t for m in METHODS.values() for t in (m.module, m.datamodule)}
-                                          | {"pmetal.cli.runner:build_trainer", f"{__name__}:KnobModule"}))
+                                          | {"pmetal.cli.runner:build_trainer", f"{__name__}:KnobModule",
+                                             "pmetal.evaluation.api:evaluate"}))
 def test_the_source_reader_sees_what_the_import_sees(target):
     """`pmetal train --help` reads signatures from source; they must equal the imported ones."""
     from pmetal.cli.flags import load
@@ -243,7 +244,7 @@ def test_building_a_command_parser_imports_no_heavy_library():
 
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, pmetal.cli; [pmetal.cli.build_parser(c) for c in "
-         "('train', 'grpo', 'rlkd', 'embed-train')]; "
+         "('train', 'grpo', 'rlkd', 'embed-train', 'eval', 'merge')]; "
          "print(sorted(m for m in ('lightning', 'peft', 'transformers', 'torch') if m in sys.modules))"],
         capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "[]", probe.stdout
