@@ -47,6 +47,7 @@ def export_model(
     force: bool = False,
     base: str | None = None,
     trust_remote_code: bool = False,
+    pre_tokenizer: str | None = None,
     **coreml_options,
 ) -> ExportResult:
     """Export a model, adapter or run directory (or an already loaded `FusedModel`).
@@ -60,6 +61,9 @@ def export_model(
         force: replace an existing `out`.
         base: the adapter's base model when it is not the one it records.
         trust_remote_code: allow the model repository's own code.
+        pre_tokenizer: gguf: llama.cpp's name for the tokenizer's pre-tokenizer (tokenizer.ggml.pre, e.g.
+            llama-bpe, qwen2, smollm, gpt-2), for a tokenizer pmetal does not recognise (default: found
+            from the tokenizer, as llama.cpp's converter finds it).
         coreml_options: `seq_lens`, `max_context`, `compute_units`, for `pmetal.export.coreml`.
     """
     dtype = check_options(format, dtype, quantize)
@@ -70,6 +74,8 @@ def export_model(
         check_coreml_available()  # before minutes of loading
     elif coreml_options:
         raise ExportError(f"{', '.join(coreml_options)}: Core ML options, not for --format {format}")
+    if pre_tokenizer and format != "gguf":
+        raise ExportError(f"--gguf-pre-tokenizer is for --format gguf, not --format {format}")
     fused = source if isinstance(source, FusedModel) else load_fused(source, base=base, trust_remote_code=trust_remote_code)
     if format == "hf":
         with atomic_output(out, directory=True) as staging:
@@ -81,7 +87,7 @@ def export_model(
             raise ExportError("GGUF export writes causal language models; this is a sentence-embedding model "
                               "(export it with --format coreml or hf)")  # fmt: skip
         with atomic_output(out, directory=False) as staging:
-            write_gguf(fused.model, fused.tokenizer, staging, file_type=quantize or dtype)
+            write_gguf(fused.model, fused.tokenizer, staging, file_type=quantize or dtype, pre_tokenizer=pre_tokenizer)
     else:
         from pmetal.export.coreml import convert_to_coreml
 
