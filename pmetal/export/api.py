@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from pmetal.export.common import ExportError, atomic_output, check_options, check_out
+from pmetal.atomic import write_text_atomic
+from pmetal.export.common import QUANTIZATIONS, ExportError, atomic_output, check_options, check_out
 from pmetal.export.source import FusedModel, load_fused
+
+if TYPE_CHECKING:
+    from pmetal.export.agreement import Agreement
+
 
 @dataclass
 class ExportResult:
@@ -21,6 +27,7 @@ class ExportResult:
     dtype: str
     quantize: str | None
     notes: list[str] = field(default_factory=list)
+    agreement: Agreement | None = None  # a quantized GGUF run in llama.cpp against its source model
 
 
 def save_hf(fused: FusedModel, path: Path, dtype: str = "float32") -> Path:
@@ -30,6 +37,31 @@ def save_hf(fused: FusedModel, path: Path, dtype: str = "float32") -> Path:
     model.save_pretrained(path, safe_serialization=True)
     fused.tokenizer.save_pretrained(path)
     return path
+
+
+def save_gguf(fused: FusedModel, out: Path, file_type: str, pre_tokenizer: str | None = None):
+    """The GGUF, its Ollama Modelfile beside it, and for a quantized type the agreement of the file,
+    run in llama.cpp, with the model it came from (None when not measured; `fused.notes` says why)."""
+    from pmetal.export.agreement import llama_cpp_available, measure_agreement
+    from pmetal.export.gguf import write_gguf
+    from pmetal.export.modelfile import modelfile_path, modelfile_text
+
+    with atomic_output(out, directory=False) as staging:
+        write_gguf(fused.model, fused.tokenizer, staging, file_type=file_type, pre_tokenizer=pre_tokenizer)
+    text, note = modelfile_text(out.name, fused.tokenizer)
+    write_text_atomic(modelfile_path(out), text)
+    fused.notes.append(f"Ollama Modelfile beside it: {modelfile_path(out)} (ollama create NAME -f {modelfile_path(out).name})")
+    if note:
+        fused.notes.append(note)
+    if file_type not in QUANTIZATIONS["gguf"]:
+        return None
+    if not llama_cpp_available():
+        fused.notes.append(f"{file_type} agreement with the source model not measured: install llama-cpp-python "
+                           "(the README's set-up) to run the file in llama.cpp")  # fmt: skip
+        return None
+    agreement = measure_agreement(out, fused.model, fused.tokenizer)
+    fused.notes.append(f"{file_type}: {agreement}")
+    return agreement
 
 
 def tokenizer_path(mlpackage: Path) -> Path:
@@ -76,18 +108,20 @@ def export_model(
         raise ExportError(f"{', '.join(coreml_options)}: Core ML options, not for --format {format}")
     if pre_tokenizer and format != "gguf":
         raise ExportError(f"--gguf-pre-tokenizer is for --format gguf, not --format {format}")
+    if format == "gguf":
+        from pmetal.export.modelfile import modelfile_path
+
+        check_out(modelfile_path(out), force)
+    agreement = None
     fused = source if isinstance(source, FusedModel) else load_fused(source, base=base, trust_remote_code=trust_remote_code)
     if format == "hf":
         with atomic_output(out, directory=True) as staging:
             save_hf(fused, staging, dtype)
     elif format == "gguf":
-        from pmetal.export.gguf import write_gguf
-
         if fused.embedding is not None:
             raise ExportError("GGUF export writes causal language models; this is a sentence-embedding model "
                               "(export it with --format coreml or hf)")  # fmt: skip
-        with atomic_output(out, directory=False) as staging:
-            write_gguf(fused.model, fused.tokenizer, staging, file_type=quantize or dtype, pre_tokenizer=pre_tokenizer)
+        agreement = save_gguf(fused, out, quantize or dtype, pre_tokenizer)
     else:
         from pmetal.export.coreml import convert_to_coreml
 
@@ -97,4 +131,4 @@ def export_model(
         with atomic_output(tokenizer_dir, directory=True) as staging:
             fused.tokenizer.save_pretrained(staging)
         fused.notes.append(f"tokenizer saved beside the model: {tokenizer_dir}")
-    return ExportResult(out, format, dtype, quantize, list(fused.notes))
+    return ExportResult(out, format, dtype, quantize, list(fused.notes), agreement)
