@@ -30,10 +30,18 @@ class ExportResult:
     agreement: Agreement | None = None  # a quantized GGUF run in llama.cpp against its source model
 
 
-def save_hf(fused: FusedModel, path: Path, dtype: str = "float32") -> Path:
-    """Fused safetensors and the tokenizer: `AutoModelForCausalLM.from_pretrained(path)` loads it
-    (`AutoModel` for an embedding model)."""
+def save_hf(fused: FusedModel, path: Path, dtype: str = "float32", trust_remote_code: bool = False) -> Path:
+    """Fused safetensors and the tokenizer: `AutoModelForCausalLM.from_pretrained(path)` loads it.
+    An embedding model is also a sentence-transformers directory (its pooling and normalization
+    kept), so `SentenceTransformer(path)` gives the same embeddings and `AutoModel` loads it too."""
     model = fused.model.to(getattr(torch, dtype))
+    if fused.embedding is not None:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(fused.source, device="cpu", trust_remote_code=trust_remote_code)
+        st[0].auto_model = model
+        st.save(str(path))
+        return path
     model.save_pretrained(path, safe_serialization=True)
     fused.tokenizer.save_pretrained(path)
     return path
@@ -116,7 +124,7 @@ def export_model(
     fused = source if isinstance(source, FusedModel) else load_fused(source, base=base, trust_remote_code=trust_remote_code)
     if format == "hf":
         with atomic_output(out, directory=True) as staging:
-            save_hf(fused, staging, dtype)
+            save_hf(fused, staging, dtype, trust_remote_code)
     elif format == "gguf":
         if fused.embedding is not None:
             raise ExportError("GGUF export writes causal language models; this is a sentence-embedding model "
