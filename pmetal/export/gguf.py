@@ -84,13 +84,16 @@ def tensor_bytes(name: str, array: np.ndarray, file_type: str):
         return array.astype(np.float16), None
     if file_type == "bf16":
         return quants.quantize(array.astype(np.float32), Q.BF16), Q.BF16
-    qtype = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[file_type]
+    qtype = getattr(Q, file_type.upper())
     if array.shape[-1] % QUANT_BLOCK:
         return array.astype(np.float16), None  # rows that are not whole blocks: llama.cpp's fallback too
     return quants.quantize(array.astype(np.float32), qtype), qtype
 
 
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+# --dtype / --quantize value -> gguf.LlamaFileType member (the quantized ones: blockwise types the
+# gguf package can quantize and llama.cpp reads; which are offered is QUANTIZATIONS["gguf"])
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str | None = None) -> None:
