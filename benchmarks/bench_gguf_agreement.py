@@ -26,6 +26,10 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="model directory (default: the embedded SmolLM2)")
     parser.add_argument("--types", nargs="+", default=list(FILE_TYPES), choices=list(FILE_TYPES))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dither", type=float, default=0.0,
+                        help="add N(0, (DITHER * row std)^2) to every matrix first: the embedded SmolLM2 comes "
+                             "from a Q4_1 file, so its layer weights lie on Q4_1's grid and q4_1 would store "
+                             "them exactly; the dithered model (the source the types are compared with) does not")
     parser.add_argument("--markdown", default=None, help="append the table to this file")
     args = parser.parse_args()
 
@@ -42,6 +46,12 @@ def main() -> None:
     source = default_model_path() if args.model == "default" else Path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    if args.dither:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.add_(torch.randn_like(p) * args.dither * p.std(dim=1, keepdim=True))
     lines = ["| type | top-1 agreement | max abs logit gap | positions | MB | write s |", "|---|---:|---:|---:|---:|---:|"]
     for file_type in args.types:
         with tempfile.TemporaryDirectory() as tmp:
