@@ -97,7 +97,7 @@ def export_model(
         format: "coreml", "gguf" or "hf".
         out: the output path (`.mlpackage`, `.gguf`, or a directory); written atomically.
         dtype: weights: hf float32/bfloat16/float16; gguf f16/f32/bf16; coreml float16.
-        quantize: gguf q8_0/q4_1/q4_0; coreml int8/int4/palettize4/palettize8 (coremltools.optimize).
+        quantize: gguf q8_0/q5_1/q4_1/q4_0; coreml int8/int4/palettize4/palettize8 (coremltools.optimize).
         force: replace an existing `out`.
         base: the adapter's base model when it is not the one it records.
         trust_remote_code: allow the model repository's own code.

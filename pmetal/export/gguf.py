@@ -1,7 +1,7 @@
 """GGUF for llama.cpp, Ollama and LM Studio, written with the `gguf` package's writer.
 
 Architectures: the llama-family decoders transformers' own GGUF reader knows: Llama (SmolLM
-included), Qwen2 and Qwen3. Weights in f32, f16, bf16 or a block type (q8_0, q4_1, q4_0; 2-D weights whose rows are
+included), Qwen2 and Qwen3. Weights in f32, f16, bf16 or a block type (q8_0, q5_1, q4_1, q4_0; 2-D weights whose rows are
 a whole number of 32-value blocks; norms and any other tensor stay f32, as llama.cpp's converter
 keeps them). The token embedding (and a tied output) is stored at the file's type too, as that
 converter stores it: keeping it f32 was measured not to close the gap to fp32

@@ -227,7 +227,7 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(tiny_model_dir, tmp_path
         assert main(list(argv)) == 2
         return capsys.readouterr().err
 
-    assert "--format gguf has no quantization 'int4'; it supports: q8_0, q4_1, q4_0" in error(
+    assert "--format gguf has no quantization 'int4'; it supports: q8_0, q5_1, q4_1, q4_0" in error(
         "export", str(tiny_model_dir), "--format", "gguf", "--quantize", "int4", "--out", str(tmp_path / "a.gguf"))
     assert "--format hf has no quantization 'q8_0'; it supports: none" in error(
         "export", str(tiny_model_dir), "--format", "hf", "--quantize", "q8_0", "--out", str(tmp_path / "h"))
