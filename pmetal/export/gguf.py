@@ -1,16 +1,17 @@
 """GGUF for llama.cpp, Ollama and LM Studio, written with the `gguf` package's writer.
 
 Architectures: the llama-family decoders transformers' own GGUF reader knows: Llama (SmolLM
-included), Qwen2 and Qwen3. Weights in f32, f16, bf16, q8_0 or q4_0 (2-D weights whose rows are
+included), Qwen2 and Qwen3. Weights in f32, f16, bf16 or a block type (q8_0, q5_1, q4_1, q4_0; 2-D weights whose rows are
 a whole number of 32-value blocks; norms and any other tensor stay f32, as llama.cpp's converter
 keeps them). The token embedding (and a tied output) is stored at the file's type too, as that
 converter stores it: keeping it f32 was measured not to close the gap to fp32
 (benchmarks/bench_gguf_precision.py, RESULTS.md). The byte-level BPE tokenizer, its special tokens and the chat template go into the
 metadata, so the file is self-contained.
 
-Departures from llama.cpp's `convert_hf_to_gguf.py`: the pre-tokenizer name is read from the
-tokenizer's own pre-tokenizer (not from a hash of a test string), and sentencepiece vocabularies
-and RoPE scaling (Llama 3.1's `rope_freqs`) are refused with a clear error rather than written.
+The pre-tokenizer name llama.cpp needs comes from `pmetal.export.pretokenizer` (llama.cpp's probe
+hash, checked against the tokenizer's split rule). Departures from llama.cpp's `convert_hf_to_gguf.py`:
+sentencepiece vocabularies and RoPE scaling (Llama 3.1's `rope_freqs`) are refused with a clear
+error rather than written.
 """
 
 from __future__ import annotations
@@ -83,43 +84,23 @@ def tensor_bytes(name: str, array: np.ndarray, file_type: str):
         return array.astype(np.float16), None
     if file_type == "bf16":
         return quants.quantize(array.astype(np.float32), Q.BF16), Q.BF16
-    qtype = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[file_type]
+    qtype = getattr(Q, file_type.upper())
     if array.shape[-1] % QUANT_BLOCK:
         return array.astype(np.float16), None  # rows that are not whole blocks: llama.cpp's fallback too
     return quants.quantize(array.astype(np.float32), qtype), qtype
 
 
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+# --dtype / --quantize value -> gguf.LlamaFileType member (the quantized ones: blockwise types the
+# gguf package can quantize and llama.cpp reads; which are offered is QUANTIZATIONS["gguf"])
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
 
 
-def _split_patterns(node) -> list[str]:
-    if isinstance(node, dict):
-        found = [node["pattern"]["Regex"]] if node.get("type") == "Split" and "Regex" in (node.get("pattern") or {}) else []
-        return found + [p for value in node.values() for p in _split_patterns(value)]
-    if isinstance(node, list):
-        return [p for value in node for p in _split_patterns(value)]
-    return []
-
-
-def pre_tokenizer_name(spec: dict) -> str:
-    """llama.cpp's name for the way a byte-level BPE splits text before merging (the names and
-    patterns transformers' GGUF reader maps back to a pre-tokenizer; SmolLM's digit split; gpt2)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    patterns = _split_patterns(spec.get("pre_tokenizer"))
-    preferred = ("llama-bpe", "qwen2", "gpt-4o", "tekken")
-    for name in preferred + tuple(GGUF_PRE_TOKENIZER_SPLITS):
-        if GGUF_PRE_TOKENIZER_SPLITS.get(name) in patterns:
-            return name
-    text = json.dumps(spec.get("pre_tokenizer") or {})
-    if '"Digits"' in text and '"individual_digits": true' in text:
-        return "smollm"
-    return "gpt2"
-
-
-def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+def add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str | None = None) -> None:
     """Tokens, token types, merges, special ids and chat template as GGUF metadata."""
     from gguf import TokenType
+
+    from pmetal.export.pretokenizer import pre_tokenizer_name
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
@@ -142,7 +123,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
                          TokenType.CONTROL if added[token].special else TokenType.USER_DEFINED)  # fmt: skip
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(spec))
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer, spec, pre_tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -157,8 +138,10 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def write_gguf(model, tokenizer, path: str | Path, *, file_type: str = "f16", name: str | None = None) -> Path:
-    """Write `model` (a plain transformers causal LM) and `tokenizer` to the GGUF file `path`."""
+def write_gguf(model, tokenizer, path: str | Path, *, file_type: str = "f16", name: str | None = None,
+               pre_tokenizer: str | None = None) -> Path:
+    """Write `model` (a plain transformers causal LM) and `tokenizer` to the GGUF file `path`;
+    `pre_tokenizer` overrides llama.cpp's name for the tokenizer (`pmetal.export.pretokenizer`)."""
     import gguf
 
     if file_type not in FILE_TYPES:
@@ -186,7 +169,7 @@ def write_gguf(model, tokenizer, path: str | Path, *, file_type: str = "f16", na
     writer.add_vocab_size(vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[file_type]).value)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tokenizer(writer, tokenizer, vocab_size)
+    add_tokenizer(writer, tokenizer, vocab_size, pre_tokenizer)
     state = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
     for hf_name, tensor in state.items():

@@ -56,7 +56,10 @@ def test_gguf_f16_round_trip_through_transformers(kind, tmp_path, smollm2_tokeni
 
     model = _tiny(kind, tmp_path / "m", smollm2_tokenizer)
     out = tmp_path / "m.gguf"
-    result = export_model(str(tmp_path / "m"), "gguf", out)
+    # transformers loads a Qwen2 model directory's tokenizer as Qwen2Tokenizer, which splits text by
+    # Qwen2's rule whatever tokenizer.json says: SmolLM2's vocabulary split that way is no tokenizer
+    # llama.cpp lists, so its name is given
+    result = export_model(str(tmp_path / "m"), "gguf", out, pre_tokenizer=None if kind == "llama" else "qwen2")
     assert result.dtype == "f16" and out.is_file()
     loaded, tokenizer = _load_gguf(out, tokenizer=kind == "llama")  # the same tokenizer: read it back once
     assert type(loaded).__name__ == type(model).__name__
@@ -224,7 +227,7 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(tiny_model_dir, tmp_path
         assert main(list(argv)) == 2
         return capsys.readouterr().err
 
-    assert "--format gguf has no quantization 'int4'; it supports: q8_0, q4_0" in error(
+    assert "--format gguf has no quantization 'int4'; it supports: q8_0, q5_1, q4_1, q4_0" in error(
         "export", str(tiny_model_dir), "--format", "gguf", "--quantize", "int4", "--out", str(tmp_path / "a.gguf"))
     assert "--format hf has no quantization 'q8_0'; it supports: none" in error(
         "export", str(tiny_model_dir), "--format", "hf", "--quantize", "q8_0", "--out", str(tmp_path / "h"))
@@ -259,3 +262,61 @@ def test_export_of_a_bnb_4bit_checkpoint_is_dequantized_and_says_so(tiny_model_d
     packed = load_quantized_model(tmp_path / "bnb").eval()  # the 4-bit checkpoint as pmetal trains on it
     with torch.no_grad():  # the same function, now in plain float32 weights
         assert torch.allclose(plain(ids).logits, packed(ids).logits.float(), atol=1e-4)
+
+
+def _gguf_field(path, key: str):
+    from gguf import GGUFReader
+
+    return GGUFReader(str(path)).fields[key].contents()
+
+
+def test_gguf_names_the_pre_tokenizer_llama_cpp_knows(tiny_model_dir, tmp_path):
+    """Regression (issue 24): pmetal wrote `gpt2`, a name llama.cpp refuses; SmolLM2's tokenizer is
+    llama.cpp's `smollm` (the shipped SmolLM2 GGUF says so too)."""
+    from pmetal.export import export_model
+    from pmetal.models import _smollm2_gguf
+
+    export_model(str(tiny_model_dir), "gguf", tmp_path / "m.gguf", dtype="f32")
+    assert _gguf_field(tmp_path / "m.gguf", "tokenizer.ggml.pre") == "smollm"
+    assert _gguf_field(_smollm2_gguf(), "tokenizer.ggml.pre") == "smollm"
+
+
+def _with_pre_tokenizer(tokenizer, pre_tokenizer: dict):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)  # fmt: skip
+
+
+def test_an_unknown_pre_tokenizer_is_a_clear_error_naming_the_override(tiny_model_dir, tmp_path, capsys):
+    """A tokenizer llama.cpp's table does not know is refused with the flag to pass; passing it writes
+    that name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pmetal.cli import main
+    from pmetal.export import export_model
+    from pmetal.export.source import FusedModel
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    llama3_split = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}  # fmt: skip
+    tokenizer = _with_pre_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir), llama3_split)
+    source = tmp_path / "src"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(source), "--format", "gguf", "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert "--gguf-pre-tokenizer NAME" in message and "pre_tokenizer=NAME" in message
+    assert "names with its split rule: " in message and "llama-bpe" in message
+    assert not out.exists()
+    assert main(["export", str(source), "--format", "gguf", "--out", str(out), "--gguf-pre-tokenizer", "llama-bpe"]) == 0
+    assert _gguf_field(out, "tokenizer.ggml.pre") == "llama-bpe"
+    fused = FusedModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tokenizer, str(source))
+    export_model(fused, "gguf", tmp_path / "py.gguf", pre_tokenizer="llama-bpe")
+    assert _gguf_field(tmp_path / "py.gguf", "tokenizer.ggml.pre") == "llama-bpe"

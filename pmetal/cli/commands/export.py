@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{f}: {', '.join(q)}" for f, q in QUANTIZATIONS.items() if q))
     p.add_argument("--force", action="store_true", help="replace --out when it exists")
     p.add_argument("--base", default=None, help="the adapter's base model, when not the one it records")
+    g = p.add_argument_group("GGUF")
+    g.add_argument("--gguf-pre-tokenizer", dest="pre_tokenizer", default=None, metavar="NAME",
+                   help=export_model_doc("pre_tokenizer"))
     c = p.add_argument_group("Core ML")
     c.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help="query lengths the model accepts (fixed or enumerated; default 1 64 for a decoder: "
@@ -39,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--max-context", type=int, default=512, help="tokens the KV cache holds (default 512)")
     c.add_argument("--compute-units", default="CPU_AND_NE", choices=["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"])
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def export_model_doc(name: str) -> str:
+    """A parameter's help from `export_model`'s docstring (read from source: `--help` stays fast)."""
+    from pmetal.cli.signatures import static_settings
+
+    return static_settings("pmetal.export.api:export_model")[name].doc
 
 
 def coreml_options(args) -> dict:
@@ -52,6 +62,7 @@ def run(args) -> int:
 
     result = export_model(args.source, args.format, args.out, dtype=args.dtype, quantize=args.quantize,
                           force=args.force, base=args.base, trust_remote_code=args.trust_remote_code,
+                          pre_tokenizer=args.pre_tokenizer,
                           **coreml_options(args))  # fmt: skip
     for note in result.notes:
         print(f"  {note}")
