@@ -28,6 +28,7 @@ COMMANDS = {
     "train": "pmetal.cli.commands.train",
     "grpo": "pmetal.cli.commands.grpo",
     "rlkd": "pmetal.cli.commands.rlkd",
+    "reward-train": "pmetal.cli.commands.reward_train",
     "embed-train": "pmetal.cli.commands.embed_train",
     "dataset": "pmetal.cli.commands.dataset",
     "merge": "pmetal.cli.commands.merge",

@@ -47,6 +47,8 @@ METHODS: dict[str, Method] = {
                "DAPO: GRPO with clip-higher, token-level loss, overlong shaping, dynamic sampling"),
         Method("rlkd", "pmetal.modules.rlkd:RlkdModule", "pmetal.data.prompts:PromptDataModule", "rlkd.yaml",
                "RLKD: GRPO plus distillation from a frozen teacher"),
+        Method("reward", "pmetal.modules.reward:RewardModule", "pmetal.data.preference:PreferenceDataModule",
+               "reward.yaml", "reward model: Bradley-Terry scorer on preference pairs"),
         Method("embed", "pmetal.modules.embed:EmbedModule", "pmetal.data.embedding:EmbeddingDataModule", "embed.yaml",
                "sentence-embedding training (InfoNCE, Triplet, CoSENT)"),
     ]
