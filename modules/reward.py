@@ -13,8 +13,9 @@ rejected), `margin`, `min_reward`, `mean_reward`, `max_reward` (under train/ and
 
 The saved model is the sequence classifier with the adapter merged in (safetensors, with the
 tokenizer): `AutoModelForSequenceClassification.from_pretrained` loads it, and so does
-`pmetal grpo --reward-model DIR`. Prompts are rendered as in DPO (the chat template, with the
-assistant turn closed), which is how `--reward-model` renders conversational prompts too.
+`pmetal grpo --reward-model DIR`. Each row is scored on the tokens that scorer sees: the whole
+conversation as the chat template renders it, or, for raw-text rows (`chat_template=False`),
+`prompt + completion` without the EOS the data appends (`RewardModule.as_scored`).
 """
 
 from __future__ import annotations
@@ -70,13 +71,23 @@ class RewardModule(PreferenceModule):
     def pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores `[B]` of the chosen and the rejected sequences, from one `[2B, T]` forward (fp32)."""
         input_ids, attention_mask, _ = concat_sides(batch, "chosen_", "rejected_")
-        if "_turn_suffix" not in self.__dict__:
-            self._turn_suffix = chat_turn_suffix(self.tokenizer)
-        input_ids, attention_mask = append_after_turn(input_ids, attention_mask, *self._turn_suffix,
-                                                      pad_token_id=self.tokenizer.pad_token_id)
+        input_ids, attention_mask = self.as_scored(input_ids, attention_mask)
         scores = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         chosen, rejected = scores[:, 0].float().chunk(2)
         return chosen, rejected
+
+    def as_scored(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preference rows ending where `--reward-model` reads the score: chat rows gain what the template
+        writes after the closed turn; raw-text rows (the DataModule's `chat_template=False`) lose the EOS
+        the data appends, since the scorer reads `prompt + completion` as it is."""
+        pad = self.tokenizer.pad_token_id
+        if "_row_ends" not in self.__dict__:  # the tokenizer and the DataModule's rendering are fixed per fit
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            raw = getattr(datamodule, "chat_template", None) is False
+            self._row_ends = ("raw", self.tokenizer.eos_token_id) if raw else ("chat", *chat_turn_suffix(self.tokenizer))
+        if self._row_ends[0] == "raw":
+            return drop_final_token(input_ids, attention_mask, self._row_ends[1], pad_token_id=pad)
+        return append_after_turn(input_ids, attention_mask, *self._row_ends[1:], pad_token_id=pad)
 
     def compute_loss(self, batch):
         chosen, rejected = self.pair_rewards(batch)
@@ -153,4 +164,16 @@ def append_after_turn(input_ids: torch.Tensor, attention_mask: torch.Tensor, end
     tokens = torch.tensor(suffix, dtype=input_ids.dtype, device=input_ids.device).expand(len(positions), n)
     input_ids = torch.where(ends_turn[:, None], input_ids.scatter(1, positions, tokens), input_ids)
     attention_mask = torch.where(ends_turn[:, None], attention_mask.scatter(1, positions, 1), attention_mask)
+    return input_ids, attention_mask
+
+
+def drop_final_token(input_ids: torch.Tensor, attention_mask: torch.Tensor, token: int | None, *,
+                     pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows `[N, T]` without their last real token where it is `token` (turned into padding)."""
+    if token is None:
+        return input_ids, attention_mask
+    last = (attention_mask.sum(-1) - 1).clamp_min(0)[:, None]
+    drop = (input_ids.gather(1, last) == token) & (attention_mask.gather(1, last) == 1)
+    input_ids = torch.where(drop, input_ids.scatter(1, last, pad_token_id), input_ids)
+    attention_mask = torch.where(drop, attention_mask.scatter(1, last, 0), attention_mask)
     return input_ids, attention_mask

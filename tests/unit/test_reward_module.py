@@ -108,6 +108,23 @@ def test_chat_turn_suffix_scores_where_the_scorer_reads(tiny_model_dir):
     assert suffix and new_ids[0, new_mask[0].bool()].tolist() == tok(whole)["input_ids"]
 
 
+def test_raw_rows_score_prompt_and_completion_as_the_scorer_tokenizes_them(tiny_model_dir):
+    """chat_template=False rows are `prompt + completion + EOS`; `--reward-model` scores a plain-string
+    prompt as `prompt + completion`, so training drops that EOS."""
+    from pmetal.data.render import render_raw_prompt_completion
+    from pmetal.models import load_tokenizer
+    from pmetal.modules.reward import drop_final_token
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, _, _ = render_raw_prompt_completion(tok, "Rate item 1.", " good")
+    assert ids[-1] == tok.eos_token_id
+    rows = torch.tensor([ids + [tok.pad_token_id], ids[:-1] + [tok.pad_token_id] * 2])
+    mask = (torch.arange(rows.shape[1]) < torch.tensor([[len(ids)], [len(ids) - 1]])).long()
+    new_ids, new_mask = drop_final_token(rows, mask, tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    expected = tok("Rate item 1. good")["input_ids"]
+    assert [new_ids[k, new_mask[k].bool()].tolist() for k in range(2)] == [expected, expected]
+
+
 def test_margin_column_reaches_the_batch_and_bad_margins_name_the_row(tmp_path):
     from pmetal.data.formats import load_rows
     from pmetal.data.preference import to_preference_pairs
