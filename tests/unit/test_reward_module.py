@@ -189,8 +189,9 @@ def test_cli_reward_train_then_grpo_scores_with_the_reward_model(tiny_model_dir,
 
 @pytest.mark.slow
 def test_smollm2_reward_model_ranks_held_out_pairs_above_chance(smollm2_dir, tmp_path):
-    """The embedded SmolLM2 learns the example set's preference (the answer in capitals) from 32 pairs
-    in 8 steps; on 16 held-out pairs it ranks chosen above rejected more often than chance."""
+    """The embedded SmolLM2 learns the example set's preference (the answer in capitals) from 24 pairs
+    in 6 steps; on 16 held-out pairs it ranks chosen above rejected more often than chance and than
+    before training. Raw-text rows (no chat template, so no system prompt): ~15 tokens a sequence."""
     import lightning as L
 
     from pmetal.data.formats import example_path, load_rows
@@ -198,12 +199,13 @@ def test_smollm2_reward_model_ranks_held_out_pairs_above_chance(smollm2_dir, tmp
     from pmetal.modules.reward import RewardModule
 
     rows = list(load_rows(example_path("dpo.jsonl")))
-    train, held_out = _write(tmp_path / "t.jsonl", rows[:32]), _write(tmp_path / "v.jsonl", rows[100:116])
+    train, held_out = _write(tmp_path / "t.jsonl", rows[:24]), _write(tmp_path / "v.jsonl", rows[100:116])
     L.seed_everything(0)
-    module = RewardModule(model=str(smollm2_dir), learning_rate=3e-4, lr_schedule="constant", lora_r=8,
+    module = RewardModule(model=str(smollm2_dir), learning_rate=1e-3, lr_schedule="constant", lora_r=8,
                           gradient_checkpointing=False)
-    datamodule = PreferenceDataModule(path=str(train), eval_path=str(held_out), batch_size=4, max_seq_len=96)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
+    datamodule = PreferenceDataModule(path=str(train), eval_path=str(held_out), batch_size=4, max_seq_len=48,
+                                      chat_template=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(tmp_path))
     before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/accuracy"]
