@@ -189,19 +189,20 @@ def test_cli_reward_train_then_grpo_scores_with_the_reward_model(tiny_model_dir,
 
 @pytest.mark.slow
 def test_smollm2_reward_model_ranks_held_out_pairs_above_chance(smollm2_dir, tmp_path):
-    """The embedded SmolLM2 learns the example set's preference (the answer in capitals) from 24 pairs
-    in 6 steps; on 16 held-out pairs it ranks chosen above rejected more often than chance and than
-    before training. Raw-text rows (no chat template, so no system prompt): ~15 tokens a sequence."""
+    """The embedded SmolLM2 learns a preference from 24 pairs in 6 steps: on 16 held-out pairs it ranks
+    chosen above rejected more often than chance. The example set's pairs are swapped (the answer in
+    lower case preferred): its fresh score head ranks every held-out pair the other way (accuracy 0),
+    so the accuracy must move. Raw-text rows (no chat template, no system prompt): ~15 tokens each."""
     import lightning as L
 
     from pmetal.data.formats import example_path, load_rows
     from pmetal.data.preference import PreferenceDataModule
     from pmetal.modules.reward import RewardModule
 
-    rows = list(load_rows(example_path("dpo.jsonl")))
+    rows = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in load_rows(example_path("dpo.jsonl"))]
     train, held_out = _write(tmp_path / "t.jsonl", rows[:24]), _write(tmp_path / "v.jsonl", rows[100:116])
     L.seed_everything(0)
-    module = RewardModule(model=str(smollm2_dir), learning_rate=1e-3, lr_schedule="constant", lora_r=8,
+    module = RewardModule(model=str(smollm2_dir), learning_rate=2e-3, lr_schedule="constant", lora_r=8,
                           gradient_checkpointing=False)
     datamodule = PreferenceDataModule(path=str(train), eval_path=str(held_out), batch_size=4, max_seq_len=48,
                                       chat_template=False)
