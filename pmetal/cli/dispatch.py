@@ -30,6 +30,7 @@ COMMANDS = {
     "grpo": "pmetal.cli.commands.grpo",
     "rlkd": "pmetal.cli.commands.rlkd",
     "rloo": "pmetal.cli.commands.rloo",
+    "reward-train": "pmetal.cli.commands.reward_train",
     "embed-train": "pmetal.cli.commands.embed_train",
     "dataset": "pmetal.cli.commands.dataset",
     "merge": "pmetal.cli.commands.merge",

@@ -14,6 +14,10 @@ Without a prompt field, conversational chosen/rejected lists carry the prompt th
 "implicit prompt" of Anthropic-HH-style data): everything before the last assistant turn, which
 must be the same in both.
 
+**Margin.** An optional numeric `margin` column (how strongly chosen beats rejected; Llama 2's
+reward-model margin, read by `pmetal fit --method reward`) travels with each pair as `margin`.
+When one row has it every row of that file must, as a finite number.
+
 **Bad rows.** A missing or empty field, a message list that does not end in an assistant turn, or
 an unknown KTO label raises `DataError` naming the file, row and field. A pair whose chosen and
 rejected completions are identical carries no preference: it is skipped and counted (one warning
@@ -31,6 +35,7 @@ and reported once per split.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -62,6 +67,7 @@ class PreferencePair:
     prompt: list[dict[str, str]] | str
     chosen: str
     rejected: str
+    margin: float | None = None
 
 
 def _first_field(row: dict, names: Sequence[str]) -> str | None:
@@ -126,6 +132,18 @@ def _completion(rows, i, field: str, path) -> tuple[list[dict[str, str]], str]:
     return context, text
 
 
+def _margin(rows, i, path, required: bool) -> float | None:
+    """The row's `margin` as a float (None when the file has no margin column)."""
+    value = rows[i].get("margin")
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        found = "missing" if value is None else f"{value!r} is not a finite number"
+        raise row_error(rows, i, f"margin {found}", field="margin", path=path,
+                        expected="a finite number in every row once one row has a margin")
+    return float(value)
+
+
 def _missing(rows, i, names: Sequence[str], path) -> DataError:
     columns = ", ".join(sorted(map(str, rows[i]))) or "(none)"
     return row_error(rows, i, f"no {names[0]} field (columns: {columns})", field=names[0],
@@ -147,6 +165,7 @@ def to_preference_pairs(rows: Sequence[dict], *, system_prompt: str | None = Non
             end in an assistant turn, or chosen/rejected conversations that disagree before it.
     """
     pairs, skipped = [], []
+    has_margin = any(row.get("margin") is not None for row in rows)
     for i, row in enumerate(rows):
         chosen_field, rejected_field = _first_field(row, CHOSEN_FIELDS), _first_field(row, REJECTED_FIELDS)
         if chosen_field is None:
@@ -166,7 +185,7 @@ def to_preference_pairs(rows: Sequence[dict], *, system_prompt: str | None = Non
         if chosen.strip() == rejected.strip():
             skipped.append(locate(rows, i, path)[1])
             continue
-        pairs.append(PreferencePair(prompt, chosen, rejected))
+        pairs.append(PreferencePair(prompt, chosen, rejected, _margin(rows, i, path, has_margin)))
     if skipped:
         shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
         log.warning("%s: skipped %d of %d rows whose chosen and rejected completions are identical (rows %s)",
@@ -219,6 +238,8 @@ def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_seq_len: int,
         rejected_ids, rejected_labels = _render(tokenizer, pair.prompt, pair.rejected, max_seq_len, stats)
         items.append({"index": first_index + k, "chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
                       "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels})
+        if pair.margin is not None:
+            items[-1]["margin"] = pair.margin
     return items
 
 
@@ -254,7 +275,7 @@ class PreferenceCollator:
 
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         batch = _pad_group(items, self.sides, self.pad_token_id)
-        for key in (k for k in items[0] if not k.endswith(("input_ids", "labels"))):  # index, desirable
+        for key in (k for k in items[0] if not k.endswith(("input_ids", "labels"))):  # index, desirable, margin
             batch[key] = torch.tensor([item[key] for item in items])
         return batch
 

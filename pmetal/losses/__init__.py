@@ -10,6 +10,7 @@ to their submodule on first use, so importing this package stays cheap:
   (`chunked_linear_logps`, `chunked_linear_cross_entropy`).
 - `pmetal.losses.preference`: DPO, SimPO, ORPO, KTO.
 - `pmetal.losses.policy`: group advantages, GRPO / DAPO.
+- `pmetal.losses.reward`: the Bradley–Terry loss of a pairwise reward model.
 - `pmetal.losses.distill`: generalized JSD for on-policy distillation.
 - `pmetal.losses.embedding`: InfoNCE (MultipleNegativesRanking), triplet, CoSENT.
 """
@@ -29,6 +30,7 @@ _EXPORTS = {
     "zero_spread_groups": "pmetal.losses.policy",
     "grpo_loss": "pmetal.losses.policy",
     "jsd_loss": "pmetal.losses.distill",
+    "bradley_terry_loss": "pmetal.losses.reward",
     "info_nce_loss": "pmetal.losses.embedding",
     "triplet_loss": "pmetal.losses.embedding",
     "cosent_loss": "pmetal.losses.embedding",

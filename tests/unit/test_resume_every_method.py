@@ -1,4 +1,4 @@
-"""Kill-and-resume for DPO, KTO, GRPO (with DAPO's dynamic sampling) and embeddings.
+"""Kill-and-resume for DPO, KTO, GRPO (with DAPO's dynamic sampling), reward models and embeddings.
 
 Each method trains 6 steps straight; then the same run is SIGKILLed when step 5 starts (a forked
 child: no second import of the libraries), after the step-4 checkpoint, and resumed from it
@@ -42,12 +42,15 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
     from pmetal.modules.embed import EmbedModule
     from pmetal.modules.grpo import GrpoModule
     from pmetal.modules.kto import KtoModule
+    from pmetal.modules.reward import RewardModule
 
     lm = dict(model=str(tiny_model_dir), learning_rate=1e-2, gradient_checkpointing=False)
     # 3 batches per epoch: the kill falls in the second epoch, mid-way
     builders = {
         "dpo": lambda: (DpoModule(lora_dropout=0.1, **lm),
                         PreferenceDataModule(_head("dpo", tmp, 6), batch_size=2, max_seq_len=48, seed=1)),
+        "reward": lambda: (RewardModule(lora_dropout=0.1, **lm),  # LoRA plus the fully trained score head
+                           PreferenceDataModule(_head("dpo", tmp, 6), batch_size=2, max_seq_len=48, seed=1)),
         "kto": lambda: (KtoModule(**lm), KtoDataModule(_head("kto", tmp, 6), batch_size=2, max_seq_len=48, seed=1)),
         "grpo": lambda: (GrpoModule(num_generations=2, max_completion_length=4, reward_fns=["length"],
                                     dynamic_sampling=True, max_sampling_rounds=2, micro_batch_size=2, **lm),
@@ -100,7 +103,7 @@ def _csv_steps(run_dir: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "embed"])
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "reward", "embed"])
 def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_dir, tiny_bert_dir, tmp_path):
     spec = (method, str(tiny_model_dir), str(tiny_bert_dir), tmp_path)
     _fit(spec, tmp_path / "straight")
@@ -129,5 +132,6 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_di
     if method != "embed":
         from safetensors.torch import load_file
 
-        x, y = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("straight", "killed"))
+        saved = "model.safetensors" if method == "reward" else "adapter_model.safetensors"  # reward: merged
+        x, y = (load_file(tmp_path / run / "final" / saved) for run in ("straight", "killed"))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
