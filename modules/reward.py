@@ -65,7 +65,11 @@ class RewardModule(PreferenceModule):
         classifier = sequence_classifier_from_causal_lm(model, num_labels=1)
         if self.hparams.adapter == "full":
             return super().wrap_adapter(classifier)
-        return super().wrap_adapter(classifier, task_type="SEQ_CLS", modules_to_save=["score"])
+        policy = super().wrap_adapter(classifier, task_type="SEQ_CLS", modules_to_save=["score"])
+        for p in policy.parameters():  # the trained head's copy starts in the base's (bf16/fp16) dtype:
+            if p.requires_grad and p.dtype != torch.float32:  # master weights stay fp32, as LoRA's do
+                p.data = p.data.float()  # (fp16 gradients cannot be unscaled under 16-mixed)
+        return policy
 
     # ------------------------------------------------------------------ steps
     def pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
