@@ -100,3 +100,19 @@ def report(text: str, markdown: str | None) -> None:
     if markdown:
         with open(markdown, "a") as f:
             f.write("\n" + text)
+
+
+def load_fp32_causal_lm(model: str, threads: int | None = None):
+    """(tokenizer, fp32 causal LM in eval mode) of a model directory, or "default" (the embedded
+    SmolLM2), for the GGUF benchmarks' source model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pmetal.models import default_model_path
+
+    if threads:
+        torch.set_num_threads(threads)
+    source = default_model_path() if model == "default" else Path(model)
+    return (AutoTokenizer.from_pretrained(source),
+            AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval())
+

@@ -34,18 +34,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from _common import report  # benchmarks/ is on sys.path when run as a script
+    from _common import load_fp32_causal_lm, report  # benchmarks/ is on sys.path when run as a script
     from pmetal.export import write_gguf
     from pmetal.export.agreement import measure_agreement
-    from pmetal.models import default_model_path
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    source = default_model_path() if args.model == "default" else Path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer, model = load_fp32_causal_lm(args.model, args.threads)
     if args.dither:
         torch.manual_seed(0)
         with torch.no_grad():

@@ -104,17 +104,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pmetal.export import write_gguf
-    from pmetal.models import default_model_path
-    from _common import report  # benchmarks/ is on sys.path when run as a script
+    from _common import load_fp32_causal_lm, report  # benchmarks/ is on sys.path when run as a script
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    source = default_model_path() if args.model == "default" else Path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer, model = load_fp32_causal_lm(args.model, args.threads)
     probe = Probe(model, tokenizer, args.max_new_tokens)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     lines = ["| type | stored | max abs logit diff | mean abs logit diff | greedy tokens kept | MB |",
