@@ -276,6 +276,10 @@ class PmetalModule(TrainableModule):
     def on_fit_start(self) -> None:
         if self.needs_reference and self.hparams.adapter == "full":
             self._reference_model()  # copy the weights before the first update
+
+    def on_train_start(self) -> None:
+        # Here, not in on_fit_start: the run's length builds the train dataloader, which must happen
+        # after a checkpoint's loop and sampler state is restored (else a resumed run is not exact).
         if self.hparams.compile is None:
             self._auto_compile()
 
