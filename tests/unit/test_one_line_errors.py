@@ -61,8 +61,8 @@ def test_export_to_a_full_disk_or_a_read_only_target_is_one_line(tiny_model_dir,
     if failure == "disk full":
         real = api.save_hf
 
-        def full(fused, path, dtype):
-            real(fused, path, dtype)
+        def full(fused, path, *args):
+            real(fused, path, *args)
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(api, "save_hf", full)
