@@ -155,6 +155,14 @@ def argparse_kwargs(setting: Setting) -> dict[str, Any] | None:
             convert = first
     else:
         return None
+    if bool in members:  # `bool | str`: true/false are the booleans, any other text goes to the string
+        text_only = convert
+
+        def convert(text: str, _text=text_only):
+            return text.lower() == "true" if text.lower() in ("true", "false") else _text(text)
+
+        convert.__name__ = getattr(text_only, "__name__", "value")
+        convert.choices = getattr(text_only, "choices", None)  # type: ignore[attr-defined]
     if nullable:
         inner = convert
 

@@ -284,3 +284,13 @@ def test_fit_accepts_ckpt_path_and_trainer_settings(tiny_model_dir, tmp_path, ca
     assert checkpoint._every_n_train_steps == 7
     assert [type(x).__name__ for x in cli.trainer.loggers] == ["RunCSVLogger"]  # the CSV logger that appends across --resume
     assert any(type(cb).__name__ == "SaveConfigCallback" for cb in cli.trainer.callbacks)
+
+
+def test_a_bool_or_text_setting_reads_true_and_false_as_booleans():
+    """`chat_template: bool | str | None`: `--chat-template false` is False (raw text), not the
+    template text "false"; other text stays text and `none` is None."""
+    parser = _parser("reward-train")
+    flags = DERIVED["reward-train"].FLAGS
+    for given, expected in (("false", False), ("TRUE", True), ("chatml", "chatml"), ("none", None)):
+        resolved = flags.resolve(parser.parse_args(["--chat-template", given]), "reward")
+        assert resolved.data["chat_template"] == expected, given
