@@ -362,14 +362,9 @@ class RolloutEngine:
 
 
 def release_failed_capture(device: torch.device, generator: torch.Generator | None = None) -> None:
-    """Leave no random-number generator marked as capturing after a CUDA graph capture that failed.
-
-    A capture whose end raised (an allocator assert inside ``capture_end``, say) never runs the
-    generators' capture epilogue, so the device's default generator (and one registered with the
-    graph) stays marked as capturing, and every later random draw in the process fails with "Offset
-    increment outside graph capture". A state cloned from it keeps seed and offset and is not
-    capturing: setting it back makes the failure harmless for the rest of the run.
-    """
+    """Leave no generator marked as capturing after a failed CUDA graph capture: one whose end raised
+    (an allocator assert in ``capture_end``) skips the generators' epilogue, and every later random
+    draw fails ("Offset increment outside graph capture"). A cloned state keeps seed and offset."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     for gen in (torch.cuda.default_generators[index], generator):
         if gen is not None and hasattr(gen, "graphsafe_set_state"):
