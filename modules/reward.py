@@ -60,7 +60,7 @@ class RewardModule(PreferenceModule):
 
     def wrap_adapter(self, model: torch.nn.Module, **kwargs) -> torch.nn.Module:
         """The causal LM as a one-score sequence classifier; LoRA on its body, the score head trained fully."""
-        from pmetal.models import sequence_classifier_from_causal_lm
+        from pmetal.classifier import sequence_classifier_from_causal_lm
 
         classifier = sequence_classifier_from_causal_lm(model, num_labels=1)
         if self.hparams.adapter == "full":
