@@ -163,6 +163,11 @@ class PmetalModule(TrainableModule):
     #: run their own compiled decode rounds over the same layers).
     auto_compile = False
 
+    @property
+    def eager_only(self) -> str:
+        """The settings of this run that keep its layers eager ("" when none): no automatic compile."""
+        return ""
+
     def __init__(
         self,
         model: str = "default",
@@ -291,6 +296,7 @@ class PmetalModule(TrainableModule):
             eligible=self.auto_compile and not self.hparams.quantization and not self.is_vlm,
             device_type=self.device.type,
             steps=steps,
+            eager=self.eager_only,
         )
         log.info("compile %s: %s", "on" if on else "off", why)
         if on and maybe_compile(self.policy, scope=self.hparams.compile_scope):

@@ -1,9 +1,10 @@
 """Speed and memory switches for training: selective gradient checkpointing and regional
 `torch.compile`.
 
-There is no Liger switch: pmetal's chunked linear cross-entropy (`pmetal.losses.lm`) is Liger's
-fused-linear-cross-entropy trick in plain PyTorch, and regional `torch.compile` fuses the
-RMSNorm/SwiGLU/RoPE element-wise work that Liger's other kernels hand-write, on every device.
+pmetal's chunked linear cross-entropy (`pmetal.losses.lm`) is Liger's fused-linear-cross-entropy
+trick in plain PyTorch; regional `torch.compile` fuses the RMSNorm/SwiGLU/RoPE element-wise work,
+and in layers left eager on CUDA Liger's own kernels do (`pmetal.kernels`). Activation offload and
+the chunked MLP for long rows live in `pmetal.activations`.
 
 Gradient checkpointing is non-reentrant (`torch.utils.checkpoint(use_reentrant=False)`): it needs no
 `enable_input_require_grads` hack for frozen embeddings under LoRA and composes with `torch.compile`.
@@ -93,8 +94,11 @@ def enable_gradient_checkpointing(model, layers: str | list[int] | None = None) 
 AUTO_COMPILE_MIN_STEPS = 100
 
 
-def auto_compile_decision(*, eligible: bool, device_type: str, steps: float) -> tuple[bool, str]:
-    """Whether a run left at `compile=None` compiles, and why (for the log line)."""
+def auto_compile_decision(*, eligible: bool, device_type: str, steps: float, eager: str = "") -> tuple[bool, str]:
+    """Whether a run left at `compile=None` compiles, and why (for the log line); `eager` names the
+    settings that keep the layers eager, if any."""
+    if eager:
+        return False, f"{eager} run eager"
     if not eligible:
         return False, "not chosen automatically for this method or model (pass --compile to force it)"
     if device_type != "cuda":
