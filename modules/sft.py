@@ -57,8 +57,13 @@ class SftModule(PmetalModule):
                               "turn gradient checkpointing on")
         super().__init__(**kwargs)
         from pmetal.activations import chunk_mlps, offload_checkpointed_inputs
+        from pmetal.device import choose_device
+        from pmetal.kernels import apply_kernels
 
-        if mlp_chunk_size is not None:
+        # The device this machine trains on; the fused forwards also check each tensor's device, so a
+        # run sent elsewhere (--trainer.accelerator cpu on a CUDA machine) takes HF's path.
+        apply_kernels(self.policy, kernels, choose_device().accelerator)
+        if mlp_chunk_size is not None:  # after the kernels: the chunks run the fused MLP
             chunk_mlps(self.policy, mlp_chunk_size)
         if offload_activations:
             offload_checkpointed_inputs(self.policy)
@@ -68,12 +73,6 @@ class SftModule(PmetalModule):
         hp = self.hparams
         return " and ".join(name for name, on in (("--offload-activations", hp.offload_activations),
                                                   ("--mlp-chunk-size", hp.mlp_chunk_size is not None)) if on)
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        from pmetal.kernels import apply_kernels
-
-        apply_kernels(self.policy, self.hparams.kernels, self.device.type)
 
     def compute_loss(self, batch):
         from pmetal.logps import lm_loss

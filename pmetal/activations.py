@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
 
 import torch
 from torch import nn
@@ -104,17 +103,20 @@ class HostOffload:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
-def _offloading(checkpoint_fn, offload: HostOffload):
-    @functools.wraps(checkpoint_fn)
-    def checkpoint_offloaded(function, *args, **kwargs):
-        # The checkpoint saves its inputs before it installs its own hooks for the layer's insides:
-        # under these hooks only the layer's inputs are packed; recomputation happens in backward,
-        # outside them, so the recomputed activations stay on the device.
-        with offload.hooks():
-            return checkpoint_fn(function, *args, **kwargs)
+class _OffloadedCheckpoint:
+    """A layer's checkpoint function whose saved inputs go through `offload`'s hooks.
 
-    checkpoint_offloaded._pmetal_offload = offload
-    return checkpoint_offloaded
+    The checkpoint saves its inputs before it installs its own hooks for the layer's insides: under
+    these hooks only the layer's inputs are packed; the recomputation runs in backward, outside
+    them, so the recomputed activations stay on the device.
+    """
+
+    def __init__(self, checkpoint_fn, offload: HostOffload) -> None:
+        self.checkpoint_fn, self.offload = checkpoint_fn, offload
+
+    def __call__(self, function, *args, **kwargs):
+        with self.offload.hooks():
+            return self.checkpoint_fn(function, *args, **kwargs)
 
 
 def offload_checkpointed_inputs(model: nn.Module, offload: HostOffload | None = None) -> HostOffload:
@@ -130,29 +132,28 @@ def offload_checkpointed_inputs(model: nn.Module, offload: HostOffload | None = 
     offload = offload or HostOffload()
     for block in blocks:
         current = block._gradient_checkpointing_func
-        if hasattr(current, "_pmetal_offload"):
-            continue
-        block._gradient_checkpointing_func = _offloading(current, offload)
+        if not isinstance(current, _OffloadedCheckpoint):
+            block._gradient_checkpointing_func = _OffloadedCheckpoint(current, offload)
     return offload
 
 
-def _chunked_forward(self, x: torch.Tensor, *args, **kwargs):
-    """The MLP over `_pmetal_chunk` tokens at a time (dimension -2), each chunk checkpointed."""
-    original, chunk = self._pmetal_mlp_forward, self._pmetal_chunk
+def _chunked_forward(body, chunk: int, x: torch.Tensor, *args, **kwargs):
+    """`body` (an MLP's forward) over `chunk` tokens at a time (dimension -2), each chunk checkpointed."""
     if args or kwargs or x.dim() < 2 or x.shape[-2] <= chunk:
-        return original(x, *args, **kwargs)
+        return body(x, *args, **kwargs)
     parts = x.split(chunk, dim=-2)
     if torch.is_grad_enabled():
-        run = functools.partial(torch.utils.checkpoint.checkpoint, original, use_reentrant=False)
+        run = functools.partial(torch.utils.checkpoint.checkpoint, body, use_reentrant=False)
         return torch.cat([run(part) for part in parts], dim=-2)
-    return torch.cat([original(part) for part in parts], dim=-2)
+    return torch.cat([body(part) for part in parts], dim=-2)
 
 
 def chunk_mlps(model: nn.Module, chunk_size: int) -> int:
     """Run the MLP (`layer.mlp`) of every decoder layer over at most `chunk_size` tokens at a time.
 
     Returns the number of MLPs chunked. Raises PmetalError for a chunk size below 1 or a model
-    without per-layer MLPs. Calling it again changes the chunk size.
+    without per-layer MLPs. Calling it again changes the chunk size. Fuse kernels
+    (`pmetal.kernels`) before, not after.
     """
     if chunk_size < 1:
         raise PmetalError(f"mlp chunk size {chunk_size}: expected a number of tokens >= 1")
@@ -160,8 +161,8 @@ def chunk_mlps(model: nn.Module, chunk_size: int) -> int:
     if not mlps:
         raise PmetalError(f"{type(model).__name__} has no per-layer MLP (layer.mlp) to chunk")
     for mlp in mlps:
-        if not hasattr(mlp, "_pmetal_mlp_forward"):
-            mlp._pmetal_mlp_forward = mlp.forward
-            mlp.forward = types.MethodType(_chunked_forward, mlp)
-        mlp._pmetal_chunk = chunk_size
+        body = mlp.forward
+        if isinstance(body, functools.partial) and body.func is _chunked_forward:
+            body = body.args[0]
+        mlp.forward = functools.partial(_chunked_forward, body, chunk_size)
     return len(mlps)

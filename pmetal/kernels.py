@@ -20,9 +20,9 @@ RMSNorm `weight * x.to(dtype)`, `down(silu(gate(x)) * up(x))` MLPs, HF's `apply_
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
-import types
 
 import torch
 from torch import nn
@@ -33,7 +33,6 @@ log = logging.getLogger("pmetal")
 
 #: transformers model families whose RMSNorm, MLP and rotary embedding have Liger's semantics.
 KERNEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-_PATCHED = "_pmetal_fused"
 
 
 def liger_available() -> bool:
@@ -106,17 +105,17 @@ def _liger_rope(q, k, cos, sin):
     return LigerRopeFunction.apply(q, k, cos, sin)
 
 
-def _fused_rms_norm(self, hidden_states):
-    if not _fusable(hidden_states, self.weight):
-        return self._pmetal_original_forward(hidden_states)
-    return _liger_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+def _fused_rms_norm(module, original, hidden_states):
+    if not _fusable(hidden_states, module.weight):
+        return original(hidden_states)
+    return _liger_rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
 
-def _fused_swiglu_mlp(self, x):
-    gate, up = self.gate_proj(x), self.up_proj(x)
+def _fused_swiglu_mlp(module, original, x):
+    gate, up = module.gate_proj(x), module.up_proj(x)
     if not _fusable(gate, up):
-        return self.down_proj(self.act_fn(gate) * up)
-    return self.down_proj(_liger_silu_mul(gate, up))
+        return module.down_proj(module.act_fn(gate) * up)
+    return module.down_proj(_liger_silu_mul(gate, up))
 
 
 def _is_llama_rms_norm(module: nn.Module) -> bool:
@@ -131,24 +130,25 @@ def _is_swiglu_mlp(module: nn.Module, config) -> bool:
             and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")))
 
 
-def _replace_forward(module: nn.Module, forward) -> None:
-    if getattr(module, _PATCHED, False):
-        return
-    # an MLP chunked by pmetal.activations.chunk_mlps keeps its chunking around the fused forward
-    inner = "_pmetal_mlp_forward" if hasattr(module, "_pmetal_mlp_forward") else "forward"
-    module._pmetal_original_forward = getattr(module, inner)
-    setattr(module, inner, types.MethodType(forward, module))
-    setattr(module, _PATCHED, True)
+def _replace_forward(module: nn.Module, fused) -> None:
+    current = module.forward
+    if isinstance(current, functools.partial) and current.func is fused:
+        return  # fused already
+    if "forward" in vars(module):  # e.g. chunked by pmetal.activations.chunk_mlps, which must come after
+        raise PmetalError(f"{type(module).__name__}'s forward is replaced already; fuse kernels before chunking the MLP")
+    module.forward = functools.partial(fused, module, current)
 
 
-def _rope_dispatcher(original):
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+class _RopeDispatcher:
+    """A modeling module's `apply_rotary_pos_emb`: Liger's kernel where it applies, else HF's."""
+
+    def __init__(self, original) -> None:
+        self.original = original
+
+    def __call__(self, q, k, cos, sin, *args, **kwargs):
         if args or kwargs or not _fusable(q, k, cos, sin):  # position_ids / unsqueeze_dim variants: HF's
-            return original(q, k, cos, sin, *args, **kwargs)
+            return self.original(q, k, cos, sin, *args, **kwargs)
         return _liger_rope(q, k, cos, sin)
-
-    apply_rotary_pos_emb._pmetal_original = original
-    return apply_rotary_pos_emb
 
 
 def _patch_rope(family: str) -> bool:
@@ -157,8 +157,8 @@ def _patch_rope(family: str) -> bool:
     current = getattr(modeling, "apply_rotary_pos_emb", None)
     if current is None:
         return False
-    if not hasattr(current, "_pmetal_original"):
-        modeling.apply_rotary_pos_emb = _rope_dispatcher(current)
+    if not isinstance(current, _RopeDispatcher):
+        modeling.apply_rotary_pos_emb = _RopeDispatcher(current)
     return True
 
 

@@ -24,6 +24,8 @@ def test_the_decision_and_its_reasons():
         assert not on and device in why and "--compile" in why
     on, why = auto_compile_decision(eligible=False, device_type="cuda", steps=10**6)
     assert not on and "--compile" in why
+    on, why = auto_compile_decision(eligible=True, device_type="cuda", steps=10**6, eager="--offload-activations")
+    assert not on and why == "--offload-activations run eager"
 
 
 def test_only_teacher_forced_methods_compile_automatically():
@@ -71,7 +73,7 @@ def test_auto_compile_follows_the_decision_in_fit(tiny_model_dir, monkeypatch, c
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pmetal"):
         _fit(module, tiny_model_dir, steps=2)
-    assert seen == dict(eligible=True, device_type="cpu", steps=2)
+    assert seen == dict(eligible=True, device_type="cpu", steps=2, eager="")
     assert all(layer._compiled_call_impl is not None for layer in decoder_layers(module.policy))
     assert "first step with torch.compile took" in caplog.text
 

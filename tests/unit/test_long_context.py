@@ -4,6 +4,8 @@ tiny models), keep LoRA/DoRA adapters as PEFT built them, and are chosen only wh
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -57,8 +59,8 @@ def test_chunked_mlp_gives_the_plain_loss_and_gradients(adapter, checkpoint):
     mlp.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
     assert chunk_mlps(model, 7) == 2
     inner = []
-    wrapped = mlp._pmetal_mlp_forward
-    mlp._pmetal_mlp_forward = lambda x: inner.append(x.shape[-2]) or wrapped(x)
+    body = mlp.forward.args[0]
+    mlp.forward = functools.partial(mlp.forward.func, lambda x: inner.append(x.shape[-2]) or body(x), 7)
     _assert_same(reference, _loss_and_grads(model))
     assert calls[0] == 24 and inner[:4] == [7, 7, 7, 3]  # the MLP saw the whole row, its body 7 tokens at a time
     with pytest.raises(PmetalError, match="chunk size 0"):
@@ -144,7 +146,7 @@ def fused_on_cpu(monkeypatch):
 
     def rope(q, k, cos, sin):
         calls["rope"] += 1
-        return modeling.apply_rotary_pos_emb._pmetal_original(q, k, cos, sin)
+        return modeling.apply_rotary_pos_emb.original(q, k, cos, sin)
 
     monkeypatch.setattr(kernels, "_liger_rms_norm", rms_norm)
     monkeypatch.setattr(kernels, "_liger_silu_mul", silu_mul)
@@ -199,8 +201,12 @@ def test_fused_mlp_keeps_its_chunking(fused_on_cpu):
 
     reference = _loss_and_grads(_model())
     model = _model()
+    apply_liger_kernels(model)  # the order SftModule uses: fuse, then chunk
     chunk_mlps(model, 10)
-    apply_liger_kernels(model)
+    chunked = _model()
+    chunk_mlps(chunked, 10)
+    with pytest.raises(PmetalError, match="before chunking"):
+        apply_liger_kernels(chunked)
     _assert_same(reference, _loss_and_grads(model))
     assert fused_on_cpu["swiglu"] >= 2 * 3  # each MLP ran its body per chunk (24 tokens: 10, 10, 4)
 
