@@ -116,3 +116,46 @@ def load_fp32_causal_lm(model: str, threads: int | None = None):
     return (AutoTokenizer.from_pretrained(source),
             AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval())
 
+
+
+# Llama-3.1-8B's shape (random weights: no download); Unsloth's maximum-context figure is for it.
+LLAMA31_8B_SHAPE = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+                        max_position_embeddings=131072, rope_theta=500_000.0)
+RANDOM_SHAPES = {"qwen3-0.6b": ("qwen3", QWEN3_06B_SHAPE), "llama3.1-8b": ("llama", LLAMA31_8B_SHAPE)}
+
+
+def random_causal_lm(name: str, dtype, device, attn: str = "sdpa"):
+    """A causal LM of one of `RANDOM_SHAPES`, random weights built in place on `device` (an 8B model
+    in bf16 takes 16 GB there and seconds, not a download)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    family, shape = RANDOM_SHAPES[name]
+    config_class, model_class = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    torch.manual_seed(0)
+    with torch.device(device):  # built in `dtype` directly: no fp32 copy of an 8B model
+        return model_class._from_config(config_class(**shape), attn_implementation=attn, dtype=dtype)
+
+
+def bnb_quantize_linears(model, compute_dtype):
+    """Every linear layer of the decoder (not the LM head) replaced by a bitsandbytes NF4 `Linear4bit`
+    holding the same weights, in place: what `from_pretrained(quantization_config=BitsAndBytesConfig(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))` builds, for a model
+    that exists only in memory. PEFT puts its bitsandbytes LoRA layers on them (HF QLoRA)."""
+    import bitsandbytes as bnb
+    import torch
+
+    for name, linear in list(model.named_modules()):
+        if not isinstance(linear, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+        quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to(linear.weight.device)
+        if linear.bias is not None:
+            quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized)
+    return model

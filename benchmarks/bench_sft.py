@@ -16,6 +16,11 @@ Variants (an ablation: each adds one thing):
   pmetal-nockpt  chunked + bf16 weights + bf16 autocast, no checkpointing
   pmetal       chunked + bf16 weights + bf16 autocast + checkpointing (--ckpt-layers)
   pmetal+compile  pmetal + regional torch.compile of the decoder layers
+  pmetal+liger   pmetal + Liger's fused RMSNorm/RoPE/SwiGLU (`--kernels liger`)
+  pmetal-default what `pmetal train` does without flags on this device: kernels "auto" and, on CUDA,
+               the compile a run of 100+ steps gets (pmetal.perf.auto_compile_decision)
+  pmetal+offload pmetal-default's kernels + layer inputs offloaded to host memory + the MLP chunked
+               over `--mlp-chunk` tokens (`--offload-activations --mlp-chunk-size N`: eager)
   trl          TRL's SFTTrainer with its defaults (checkpointing and bf16 on), when trl is installed
   trl+liger    the same with `use_liger_kernel=True` (Liger's fused RMSNorm, RoPE, SwiGLU and linear
                cross-entropy), when liger-kernel is installed
@@ -48,17 +53,16 @@ VARIANTS = {
     "pmetal-nockpt": dict(loss="chunked", weights="bf16", amp=True, ckpt="none"),
     "pmetal": dict(loss="chunked", weights="bf16", amp=True, ckpt="@"),
     "pmetal+compile": dict(loss="chunked", weights="bf16", amp=True, ckpt="@", compile=True),
+    "pmetal+liger": dict(loss="chunked", weights="bf16", amp=True, ckpt="@", kernels="liger"),
+    "pmetal-default": dict(loss="chunked", weights="bf16", amp=True, ckpt="@", kernels="auto", compile="auto"),
+    "pmetal+offload": dict(loss="chunked", weights="bf16", amp=True, ckpt="@", kernels="auto", offload=True),
     "trl": dict(loss="trl"),
     "trl+liger": dict(loss="trl", liger=True),
 }
 DEFAULT_VARIANTS = {
     "cpu": "hf,hf-amp,chunked,pmetal-nockpt,pmetal,trl",
-    "cuda": "hf-amp,hf+ckpt,chunked,pmetal-nockpt,pmetal,pmetal+compile,trl,trl+liger",
+    "cuda": "hf-amp,hf+ckpt,chunked,pmetal-nockpt,pmetal,pmetal+compile,pmetal-default,trl,trl+liger",
 }
-QWEN3_0_6B = dict(
-    hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-    intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=40960,
-)
 GIB = 1024**3
 
 
@@ -86,17 +90,18 @@ def _device(name):
 
 
 def _build_model(args, variant, device):
+    """(model, LoraConfig): a random-shape model built on the device (`_common.RANDOM_SHAPES`) or a
+    local one; with `--quantization nf4`, pmetal's variants on pmetal's NF4 layers, the others on
+    bitsandbytes' (HF QLoRA)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    weights = torch.bfloat16 if variant.get("weights") == "bf16" else torch.float32
+    from _common import RANDOM_SHAPES, bnb_quantize_linears, random_causal_lm
+
+    weights = torch.bfloat16 if variant.get("weights") == "bf16" or args.quantization else torch.float32
     torch.manual_seed(0)
-    if args.model == "qwen3-0.6b":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        config = Qwen3Config(**QWEN3_0_6B, attn_implementation=args.attn)
-        with torch.device(device):
-            model = Qwen3ForCausalLM(config).to(weights)
+    if args.model in RANDOM_SHAPES:
+        model = random_causal_lm(args.model, weights, device, args.attn)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -107,8 +112,18 @@ def _build_model(args, variant, device):
             path = str(default_model_path())
         model = AutoModelForCausalLM.from_pretrained(path, dtype=weights, attn_implementation=args.attn).to(device)
     model.config.use_cache = False
+    if args.quantization and variant.get("loss") == "chunked":
+        from pmetal.quant.model import quantize_model
+
+        quantize_model(model, args.quantization)
+    elif args.quantization:
+        bnb_quantize_linears(model, torch.bfloat16)
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
+    if args.quantization and variant.get("loss") == "chunked":
+        from pmetal.quant.peft import register_quant_lora
+
+        register_quant_lora(lora)
     return model, lora
 
 
@@ -191,7 +206,19 @@ def _train_loop(args, variant, device, micro_batch):
     ckpt = variant["ckpt"].replace("@", args.ckpt_layers)
     if ckpt != "none":
         enable_gradient_checkpointing(model, ckpt)
-    if variant.get("compile"):
+    if variant.get("kernels") or variant.get("offload"):  # SftModule's own call
+        from pmetal.activations import configure_long_rows
+
+        configure_long_rows(model, kernels=variant.get("kernels", "off"), device_type=device.type,
+                            offload_activations=variant.get("offload", False),
+                            mlp_chunk_size=args.mlp_chunk if variant.get("offload") else None)
+    if variant.get("compile") == "auto":  # as a run of AUTO_COMPILE_MIN_STEPS steps decides
+        from pmetal.perf import AUTO_COMPILE_MIN_STEPS, auto_compile_decision
+
+        eligible = not args.quantization  # as SftModule: no automatic compile on a quantized base
+        if auto_compile_decision(eligible=eligible, device_type=device.type, steps=AUTO_COMPILE_MIN_STEPS)[0]:
+            maybe_compile(model)
+    elif variant.get("compile"):
         maybe_compile(model)
     if variant["loss"] == "chunked" and args.data == "variable":
         batches, bins = _packed_batches(rows, args.batch, args.seq)
@@ -318,6 +345,7 @@ def _defaults(args):
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     gpu = args.device == "cuda"
     args.model = args.model or ("qwen3-0.6b" if gpu else "default")
+    args.mlp_chunk = args.mlp_chunk or 4096
     args.seq = args.seq or (2048 if gpu else 512)
     args.batch = args.batch or (16 if gpu else 2)
     args.steps = args.steps or (6 if gpu else 3)
@@ -367,7 +395,7 @@ def _worker_command(args, name) -> list[str]:
     """The command line of one worker: every benchmark option, spelled out."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", name]
     for key in ("device", "model", "seq", "batch", "steps", "warmup", "data", "lora_r", "ckpt_layers", "ce_chunk",
-                "attn", "threads"):
+                "attn", "threads", "quantization", "mlp_chunk"):
         value = getattr(args, key)
         if value is not None:
             command += ["--" + key.replace("_", "-"), str(value)]

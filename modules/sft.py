@@ -56,17 +56,13 @@ class SftModule(PmetalModule):
             raise PmetalError("--offload-activations moves the inputs of checkpointed layers to host memory: "
                               "turn gradient checkpointing on")
         super().__init__(**kwargs)
-        from pmetal.activations import chunk_mlps, offload_checkpointed_inputs
+        from pmetal.activations import configure_long_rows
         from pmetal.device import choose_device
-        from pmetal.kernels import apply_kernels
 
         # The device this machine trains on; the fused forwards also check each tensor's device, so a
         # run sent elsewhere (--trainer.accelerator cpu on a CUDA machine) takes HF's path.
-        apply_kernels(self.policy, kernels, choose_device().accelerator)
-        if mlp_chunk_size is not None:  # after the kernels: the chunks run the fused MLP
-            chunk_mlps(self.policy, mlp_chunk_size)
-        if offload_activations:
-            offload_checkpointed_inputs(self.policy)
+        configure_long_rows(self.policy, kernels=kernels, device_type=choose_device().accelerator,
+                            offload_activations=offload_activations, mlp_chunk_size=mlp_chunk_size)
 
     @property
     def eager_only(self) -> str:

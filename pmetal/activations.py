@@ -166,3 +166,17 @@ def chunk_mlps(model: nn.Module, chunk_size: int) -> int:
             body = body.args[0]
         mlp.forward = functools.partial(_chunked_forward, body, chunk_size)
     return len(mlps)
+
+
+def configure_long_rows(model: nn.Module, *, kernels: str, device_type: str, offload_activations: bool = False,
+                        mlp_chunk_size: int | None = None) -> None:
+    """SFT's long-row settings on `model`, in the order they compose: fused kernels
+    (`pmetal.kernels.apply_kernels`), then the chunked MLP (its chunks run the fused MLP), then the
+    offload of checkpointed layer inputs. SftModule and the benchmarks both call this."""
+    from pmetal.kernels import apply_kernels
+
+    apply_kernels(model, kernels, device_type)
+    if mlp_chunk_size is not None:
+        chunk_mlps(model, mlp_chunk_size)
+    if offload_activations:
+        offload_checkpointed_inputs(model)

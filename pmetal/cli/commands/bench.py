@@ -32,8 +32,13 @@ def _load_script():
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's flags (benchmarks/bench_sft.py parses its own command line with these too)."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    parser.add_argument("--model", default=None, help="'default' (SmolLM2-135M), 'qwen3-0.6b' (random weights, "
-                        "Qwen3-0.6B shape), or a local HF directory; default: qwen3-0.6b on cuda, else default")
+    parser.add_argument("--model", default=None, help="'default' (SmolLM2-135M), 'qwen3-0.6b' or 'llama3.1-8b' "
+                        "(random weights of that shape, built on the device), or a local HF directory; default: "
+                        "qwen3-0.6b on cuda, else default")
+    parser.add_argument("--quantization", choices=["nf4"], default=None, help="QLoRA: the base in NF4 (pmetal's "
+                        "layers for pmetal's variants, bitsandbytes' for HF and TRL)")
+    parser.add_argument("--mlp-chunk", type=int, default=None, help="tokens per MLP chunk of pmetal+offload "
+                        "(default 4096)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048 on cuda, else 512)")
     parser.add_argument("--batch", type=int, default=None, help="rows per optimizer step (default 16 on cuda, else 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 6 on cuda, else 3)")
