@@ -7,8 +7,9 @@ steps. A length "trains" when its worker finishes; out of device memory, a kille
 memory) or a probe over `--probe-timeout` seconds ends the search upward. The search doubles from
 `--start` until a length fails or `--max-tokens` is reached, then bisects between the last length
 that trained and the first that failed until they are `--resolution` tokens apart (lengths are
-multiples of 256). `--budget` bounds each variant's search in seconds: the table then says what
-was reached.
+multiples of 256). `--budget` bounds each variant's search in seconds (a probe is not started when
+the last one's time, scaled for the longer row, would end past it): the table then says what was
+reached.
 
 Variants (bench_sft.py's): pmetal+offload (pmetal's long-row settings: fused kernels on CUDA,
 layer inputs in host memory, the MLP chunked over the sequence), pmetal-default (no flags),
@@ -105,11 +106,14 @@ def search(args, variant: str, run_probe=probe, clock=time.perf_counter) -> dict
     began, probes = clock(), []
     best, failed = None, None
 
-    def over_budget() -> bool:
-        return args.budget is not None and clock() - began > args.budget
+    def over_budget(growth: float = 0.0) -> bool:
+        """The next probe would end past the budget: the last one's time times `growth` (attention is
+        quadratic: about 4 for a doubling, 1.5 for a bisection step)."""
+        last = probes[-1]["seconds"] if probes else 0.0
+        return args.budget is not None and clock() - began + last * growth > args.budget
 
     length, cap = _round(args.start), _round(args.max_tokens)
-    while length <= cap and not over_budget():
+    while length <= cap and not over_budget(4.0):
         result = run_probe(args, variant, length)
         probes.append(result)
         _show(variant, result)
@@ -120,7 +124,7 @@ def search(args, variant: str, run_probe=probe, clock=time.perf_counter) -> dict
         if length == cap:
             break
         length = min(_round(length * 2), cap)
-    while best is not None and failed is not None and not over_budget():
+    while best is not None and failed is not None and not over_budget(1.5):
         low, high = best["length"], failed["length"]
         resolution = args.resolution or max(GRANULE, low // 8)
         middle = _round((low + high) // 2)
