@@ -62,9 +62,6 @@ CASES = [
     Case("sft-lora", "train", "sft", "sft"),
     Case("sft-dora", "fit", "sft", "sft", ("--model.adapter", "dora")),
     Case("sft-qlora-nf4", "train", "sft", "sft", ("--quantization", "nf4")),
-    # long rows: layer inputs offloaded to the host (pinned, async on CUDA), the MLP run 16 tokens at a time
-    Case("sft-long-rows", "train", "sft", "sft",
-         ("--gradient-checkpointing", "--offload-activations", "--mlp-chunk-size", "16")),
     *[Case(f"dpo-{loss}", "fit", "dpo", "pref", ("--model.loss_type", loss), fp16_steps=8 if loss == "ipo" else 4)
       for loss in ("sigmoid", "hinge", "ipo", "robust")],  # IPO starts at (1 / 2 beta)^2 = 25: five skips
     Case("simpo", "fit", "simpo", "pref"),
