@@ -270,3 +270,25 @@ def test_sft_settings_are_checked_before_the_model_loads():
         SftModule(model="/nonexistent", offload_activations=True, gradient_checkpointing=False)
     with pytest.raises(PmetalError, match="not understood"):
         SftModule(model="/nonexistent", kernels="fast")
+
+
+def test_long_row_settings_are_mps_ready():
+    """The chunked MLP, the offload hooks (their copying path) and the fused forwards (HF's path off
+    CUDA) under bf16 autocast and the MPS guard: no float64, no operator without an MPS kernel."""
+    from pmetal.activations import HostOffload, chunk_mlps, offload_checkpointed_inputs
+    from pmetal.kernels import apply_liger_kernels
+    from pmetal.mps_guard import MpsReadinessMode
+
+    import transformers.models.llama.modeling_llama as modeling
+
+    original_rope = modeling.apply_rotary_pos_emb
+    try:
+        model = _model()
+        apply_liger_kernels(model)
+        chunk_mlps(model, 7)
+        offload_checkpointed_inputs(model, HostOffload(min_bytes=0, copy_off_cuda=True))
+        with MpsReadinessMode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, grads = _loss_and_grads(model)
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    finally:
+        modeling.apply_rotary_pos_emb = original_rope
