@@ -137,8 +137,12 @@ def offload_checkpointed_inputs(model: nn.Module, offload: HostOffload | None = 
     return offload
 
 
-def _chunked_forward(body, chunk: int, x: torch.Tensor, *args, **kwargs):
-    """`body` (an MLP's forward) over `chunk` tokens at a time (dimension -2), each chunk checkpointed."""
+def _chunked_forward(mlp: nn.Module, chunk: int, x: torch.Tensor, *args, **kwargs):
+    """`mlp`'s class forward over `chunk` tokens at a time (dimension -2), each chunk checkpointed.
+
+    The class forward is looked up at each call, so fused kernels applied before or after
+    (`pmetal.kernels`, which patches the class) run inside the chunks."""
+    body = functools.partial(type(mlp).forward, mlp)
     if args or kwargs or x.dim() < 2 or x.shape[-2] <= chunk:
         return body(x, *args, **kwargs)
     parts = x.split(chunk, dim=-2)
@@ -152,8 +156,7 @@ def chunk_mlps(model: nn.Module, chunk_size: int) -> int:
     """Run the MLP (`layer.mlp`) of every decoder layer over at most `chunk_size` tokens at a time.
 
     Returns the number of MLPs chunked. Raises PmetalError for a chunk size below 1 or a model
-    without per-layer MLPs. Calling it again changes the chunk size. Fuse kernels
-    (`pmetal.kernels`) before, not after.
+    without per-layer MLPs. Calling it again changes the chunk size.
     """
     if chunk_size < 1:
         raise PmetalError(f"mlp chunk size {chunk_size}: expected a number of tokens >= 1")
@@ -161,10 +164,7 @@ def chunk_mlps(model: nn.Module, chunk_size: int) -> int:
     if not mlps:
         raise PmetalError(f"{type(model).__name__} has no per-layer MLP (layer.mlp) to chunk")
     for mlp in mlps:
-        body = mlp.forward
-        if isinstance(body, functools.partial) and body.func is _chunked_forward:
-            body = body.args[0]
-        mlp.forward = functools.partial(_chunked_forward, body, chunk_size)
+        mlp.forward = functools.partial(_chunked_forward, mlp, chunk_size)
     return len(mlps)
 
 

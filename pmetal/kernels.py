@@ -1,9 +1,9 @@
 """Fused Triton kernels for a causal LM's RMSNorm, rotary embedding and SwiGLU MLP on CUDA, from
 Liger Kernel (Hsu et al. 2024, "Liger Kernel: Efficient Triton Kernels for LLM Training").
 
-Applied at the functional level, per module instance, never by swapping classes: an RMSNorm's or an
-MLP's `forward` is replaced by one that feeds the module's own weight and submodules through Liger's
-kernel. An adapter inside an MLP (LoRA, DoRA, a QLoRA base under its gate/up/down projections) keeps
+Applied at the functional level, never by swapping classes: the forward of each RMSNorm and MLP class
+becomes a dispatcher that, for the module instances fused here, feeds the module's own weight and
+submodules through Liger's kernel, and runs the class's own forward for every other instance. An adapter inside an MLP (LoRA, DoRA, a QLoRA base under its gate/up/down projections) keeps
 running as PEFT built it; only the element-wise work between the projections is fused. The rotary
 embedding is a function of each modeling module; it is replaced by one that sends CUDA tensors to
 Liger's kernel and every other tensor to the original, so a CPU model in the same process is
@@ -12,8 +12,9 @@ same result: tensors off CUDA, mixed dtypes (an fp32 norm weight on a bf16 row k
 output), and inside a `torch.compile` region, where the compiler fuses the same element-wise work
 itself and a hand-written kernel would only break the graph.
 
-Departures from Liger's own `apply_liger_kernel_to_*`: no class or module-wide patch of RMSNorm/MLP
-(instances only), and no Liger cross-entropy: pmetal's chunked linear cross-entropy
+Departures from Liger's own `apply_liger_kernel_to_*`: fused per instance (other models of the same
+class keep HF's path; the rotary function is per modeling module, routed by device), and no Liger
+cross-entropy: pmetal's chunked linear cross-entropy
 (`pmetal.losses.lm`) stays the loss. Supported model families: `KERNEL_FAMILIES` (Llama-style
 RMSNorm `weight * x.to(dtype)`, `down(silu(gate(x)) * up(x))` MLPs, HF's `apply_rotary_pos_emb`).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -105,13 +107,13 @@ def _liger_rope(q, k, cos, sin):
     return LigerRopeFunction.apply(q, k, cos, sin)
 
 
-def _fused_rms_norm(module, original, hidden_states):
+def _fused_rms_norm(module, hidden_states):
     if not _fusable(hidden_states, module.weight):
-        return original(hidden_states)
+        return None
     return _liger_rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
 
-def _fused_swiglu_mlp(module, original, x):
+def _fused_swiglu_mlp(module, x):
     gate, up = module.gate_proj(x), module.up_proj(x)
     if not _fusable(gate, up):
         return module.down_proj(module.act_fn(gate) * up)
@@ -130,13 +132,36 @@ def _is_swiglu_mlp(module: nn.Module, config) -> bool:
             and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")))
 
 
-def _replace_forward(module: nn.Module, fused) -> None:
-    current = module.forward
-    if isinstance(current, functools.partial) and current.func is fused:
-        return  # fused already
-    if "forward" in vars(module):  # e.g. chunked by pmetal.activations.chunk_mlps, which must come after
-        raise PmetalError(f"{type(module).__name__}'s forward is replaced already; fuse kernels before chunking the MLP")
-    module.forward = functools.partial(fused, module, current)
+#: the module instances whose class forward takes the fused path (others of the class keep HF's)
+_FUSED_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+#: each patched class's own forward, by class
+_CLASS_FORWARDS: dict[type, object] = {}
+
+
+def _dispatching_forward(original, fused):
+    """A class forward: the fused one for the instances in `_FUSED_MODULES`, outside torch.compile.
+
+    One function per class, not a forward per instance: compiled decoder layers share one graph only
+    if their submodules' forwards are the same object (an instance attribute would be guarded by
+    identity and recompile every layer)."""
+
+    @functools.wraps(original)
+    def forward(self, x, *args, **kwargs):
+        if not args and not kwargs and not torch.compiler.is_compiling() and self in _FUSED_MODULES:
+            out = fused(self, x)
+            if out is not None:
+                return out
+        return original(self, x, *args, **kwargs)
+
+    return forward
+
+
+def _fuse(module: nn.Module, fused) -> None:
+    cls = type(module)
+    if cls not in _CLASS_FORWARDS:
+        _CLASS_FORWARDS[cls] = cls.forward
+        cls.forward = _dispatching_forward(cls.forward, fused)
+    _FUSED_MODULES.add(module)
 
 
 class _RopeDispatcher:
@@ -176,10 +201,10 @@ def apply_liger_kernels(model: nn.Module) -> dict[str, int]:
             continue
         families.add(family)
         if _is_llama_rms_norm(module):
-            _replace_forward(module, _fused_rms_norm)
+            _fuse(module, _fused_rms_norm)
             counts["rms_norm"] += 1
         elif _is_swiglu_mlp(module, getattr(module, "config", None) or _config_of(model)):
-            _replace_forward(module, _fused_swiglu_mlp)
+            _fuse(module, _fused_swiglu_mlp)
             counts["swiglu"] += 1
     counts["rope"] = int(bool(families) and all(_patch_rope(f) for f in families))
     return counts
