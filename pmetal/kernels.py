@@ -1,9 +1,10 @@
 """Fused Triton kernels for a causal LM's RMSNorm, rotary embedding and SwiGLU MLP on CUDA, from
 Liger Kernel (Hsu et al. 2024, "Liger Kernel: Efficient Triton Kernels for LLM Training").
 
-Applied at the functional level, never by swapping classes: the forward of each RMSNorm and MLP class
-becomes a dispatcher that, for the module instances fused here, feeds the module's own weight and
-submodules through Liger's kernel, and runs the class's own forward for every other instance. An adapter inside an MLP (LoRA, DoRA, a QLoRA base under its gate/up/down projections) keeps
+Applied at the functional level, never by swapping classes: the forward of each RMSNorm and MLP
+class becomes a dispatcher that, for the module instances fused here, feeds the module's own weight
+and submodules through Liger's kernel, and runs the class's own forward for every other instance.
+An adapter inside an MLP (LoRA, DoRA, a QLoRA base under its gate/up/down projections) keeps
 running as PEFT built it; only the element-wise work between the projections is fused. The rotary
 embedding is a function of each modeling module; it is replaced by one that sends CUDA tensors to
 Liger's kernel and every other tensor to the original, so a CPU model in the same process is
@@ -223,7 +224,8 @@ def apply_kernels(model: nn.Module, setting: str, device_type: str) -> dict[str,
         return {}
     counts = apply_liger_kernels(model)
     if not any(counts.values()):
-        log.info("fused kernels off: no Liger kernels for %s (families %s)", type(model).__name__, ", ".join(KERNEL_FAMILIES))
+        log.info("fused kernels off: no Liger kernels for %s (families %s)", type(model).__name__,
+                 ", ".join(KERNEL_FAMILIES))
     else:
         log.info("fused kernels on: %s; %d RMSNorm, %d SwiGLU MLP, rotary embedding %s", why, counts["rms_norm"],
                  counts["swiglu"], "fused" if counts["rope"] else "as is")
