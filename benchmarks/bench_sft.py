@@ -17,10 +17,8 @@ Variants (an ablation: each adds one thing):
   pmetal       chunked + bf16 weights + bf16 autocast + checkpointing (--ckpt-layers)
   pmetal+compile  pmetal + regional torch.compile of the decoder layers
   pmetal+liger   pmetal + Liger's fused RMSNorm/RoPE/SwiGLU (`--kernels liger`)
-  pmetal-default what `pmetal train` does without flags on this device: kernels "auto" and, on CUDA,
-               the compile a run of 100+ steps gets (pmetal.perf.auto_compile_decision)
-  pmetal+offload pmetal-default's kernels + layer inputs offloaded to host memory + the MLP chunked
-               over `--mlp-chunk` tokens (`--offload-activations --mlp-chunk-size N`: eager)
+  pmetal-default `pmetal train` without flags: kernels "auto", compiled as a 100+ step run on CUDA
+  pmetal+offload kernels "auto", layer inputs in host memory, MLP in `--mlp-chunk`-token chunks (eager)
   trl          TRL's SFTTrainer with its defaults (checkpointing and bf16 on), when trl is installed
   trl+liger    the same with `use_liger_kernel=True` (Liger's fused RMSNorm, RoPE, SwiGLU and linear
                cross-entropy), when liger-kernel is installed
@@ -124,6 +122,9 @@ def _build_model(args, variant, device):
         from pmetal.quant.peft import register_quant_lora
 
         register_quant_lora(lora)
+    if device.type == "cuda":  # the peak is training's, not the build's (an 8B model is 16 GB in bf16 first)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     return model, lora
 
 
@@ -271,7 +272,6 @@ def _padding_tokenizer():
 def _trl_loop(args, device, liger=False):
     import tempfile
 
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
