@@ -17,7 +17,7 @@ Variants (an ablation: each adds one thing):
   pmetal       chunked + bf16 weights + bf16 autocast + checkpointing (--ckpt-layers)
   pmetal+compile  pmetal + regional torch.compile of the decoder layers
   pmetal+liger   pmetal + Liger's fused RMSNorm/RoPE/SwiGLU (`--kernels liger`)
-  pmetal-default `pmetal train` without flags: kernels "auto", compiled as a 100+ step run on CUDA
+  pmetal-default `pmetal train`'s CUDA defaults: kernels "auto", compiled as a 100+ step run is
   pmetal+offload kernels "auto", layer inputs in host memory, MLP in `--mlp-chunk`-token chunks (eager)
   trl          TRL's SFTTrainer with its defaults (checkpointing and bf16 on), when trl is installed
   trl+liger    the same with `use_liger_kernel=True` (Liger's fused RMSNorm, RoPE, SwiGLU and linear
