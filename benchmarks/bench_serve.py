@@ -4,7 +4,9 @@ The server runs as users run it (`python -m pmetal serve`, its own process); `--
 numbers of concurrent clients (threads, each with its own `openai` client) that each send
 `--requests-per-client` chat requests back to back, greedy, `--max-tokens` new tokens at most
 (answers may stop earlier at the end of the turn: tokens/s counts the tokens the server reports in
-`usage`). The baseline answers the same prompts one at a time with `model.generate` (greedy, the
+`usage`). The same load then goes to llama.cpp's own server (llama-cpp-python's `python -m llama_cpp.server`,
+one request at a time) on the model exported by `pmetal export` to GGUF (`--llama-cpp-type`, f16 by
+default; `none` skips it), temperature 0 without its default repeat penalty. The baseline answers the same prompts one at a time with `model.generate` (greedy, the
 same budget, stopping at the same end-of-turn tokens) in this process, before the server starts,
 so the two never share the machine. One untimed request warms each side up first.
 
@@ -76,22 +78,13 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "pmetal", "serve", "--model", args.model, "--port", str(port),
                              "--accelerator", args.device, "--max-concurrency", str(max(args.clients)),
                              "--join-every", str(args.join_every)], env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2).read()
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start in 600 s")
+    return proc, wait_until_serving(proc, f"http://127.0.0.1:{port}", "/health")
 
 
-def served_load(url: str, clients: int, texts: list[str], max_tokens: int) -> tuple[float, int]:
-    """(seconds, new tokens) for `clients` threads sharing `texts`, each request after the previous."""
+def served_load(url: str, clients: int, texts: list[str], max_tokens: int,
+                extra_body: dict | None = None) -> tuple[float, int]:
+    """(seconds, new tokens) for `clients` threads sharing `texts`, each request after the previous;
+    `extra_body` adds server-specific request fields."""
     import openai
 
     parts = [texts[i::clients] for i in range(clients)]
@@ -103,7 +96,8 @@ def served_load(url: str, clients: int, texts: list[str], max_tokens: int) -> tu
         try:
             for text in parts[i]:
                 r = c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": text}],
-                                              temperature=0, max_tokens=max_tokens)
+                                              temperature=0, max_tokens=max_tokens,
+                                              extra_body=extra_body)
                 tokens[i] += r.usage.completion_tokens
         except BaseException as e:  # noqa: BLE001 - reported after the threads join
             errors.append(e)
@@ -120,6 +114,65 @@ def served_load(url: str, clients: int, texts: list[str], max_tokens: int) -> tu
 
 
 MODEL_ID = "default"
+# llama-cpp-python's server penalizes repeats by default (1.1); 1.0 makes its temperature-0 answers plain
+# greedy decoding, as pmetal serve's are.
+LLAMA_CPP_REQUEST = {"repeat_penalty": 1.0}
+
+
+def export_gguf(args, out_dir: str) -> str:
+    """The benchmark's model as a GGUF file of `--llama-cpp-type`, written by `pmetal export`."""
+    path = os.path.join(out_dir, f"model-{args.llama_cpp_type}.gguf")
+    kind = "--quantize" if args.llama_cpp_type.startswith("q") else "--dtype"
+    subprocess.run([sys.executable, "-m", "pmetal", "export", args.model, "--format", "gguf", "--out", path,
+                    kind, args.llama_cpp_type], check=True)
+    return path
+
+
+def start_llama_cpp_server(args, gguf: str) -> tuple[subprocess.Popen, str]:
+    """llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`) on `gguf`, with the chat
+    template the file carries. It answers one request at a time: concurrent clients queue."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)] if args.threads else []
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", MODEL_ID,
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "false",
+                             *threads])
+    return proc, wait_until_serving(proc, f"http://127.0.0.1:{port}", "/v1/models")
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, path: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"{url}{path}", timeout=2).read()
+            return url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the server did not start in {timeout:.0f} s")
+
+
+def llama_cpp_rows(args) -> list[tuple]:
+    """The same client load against llama.cpp's server on the model exported to GGUF: one row per
+    number of clients."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-gguf-") as out_dir:
+        proc, url = start_llama_cpp_server(args, export_gguf(args, out_dir))
+        try:
+            served_load(url, 1, ["Hello"], args.max_tokens, LLAMA_CPP_REQUEST)  # warm-up
+            for clients in args.clients:
+                count = clients * args.requests_per_client
+                seconds, tokens = served_load(url, clients, prompts(count), args.max_tokens, LLAMA_CPP_REQUEST)
+                rows.append((f"llama.cpp server ({args.llama_cpp_type} GGUF)", clients, count, seconds, tokens))
+        finally:
+            proc.kill()
+            proc.wait()
+    return rows
 
 
 def main() -> None:
@@ -134,6 +187,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads on both sides (0: torch's default; 1 avoids oversubscribing a shared CPU)")
     p.add_argument("--join-every", type=int, default=8, help="the server's --join-every (0: plain micro-batching)")
+    p.add_argument("--llama-cpp-type", default="f16",
+                   help="also serve the model with llama.cpp's server (llama-cpp-python), exported by `pmetal "
+                        "export` as this GGUF type (f32, f16, bf16, q8_0, ...); 'none' skips it")
     p.add_argument("--markdown", default=None)
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -156,6 +212,8 @@ def main() -> None:
     finally:
         proc.kill()
         proc.wait()
+    if args.llama_cpp_type != "none":
+        rows += llama_cpp_rows(args)
     header = ["contender", "clients", "requests", "seconds", "requests/s", "new tokens/s", "req/s vs HF"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += [f"| {name} | {c} | {n} | {s:.2f} | {n / s:.2f} | {t / s:.1f} | {n / s / base_rps:.2f}x |"

@@ -19,6 +19,30 @@ if not torch.cuda.is_available():
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def _share_the_cores_between_xdist_workers() -> None:
+    """Under pytest-xdist (`-n 2`), each worker gets its share of the cores: N workers each running torch
+    on every core would oversubscribe the CPU and slow every step. Subprocesses inherit it through
+    OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+_share_the_cores_between_xdist_workers()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup`, a unit-test file runs whole on one worker (its module-scoped fixtures,
+    such as test_serve's servers or test_distributed's two-process launch, are built once and its tests
+    never race each other); the long learning tests are spread one by one."""
+    for item in items:
+        if "learning" not in item.path.parts:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A directory holding a tiny random Llama (2 layers, hidden 32) and SmolLM2's tokenizer."""

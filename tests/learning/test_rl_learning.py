@@ -19,7 +19,10 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-STEPS = 10
+# 6 steps (10 before: CI time). Measured with these seeds, first 3 -> last 3 steps' mean reward: GRPO
+# -0.38 -> 0.06, DAPO -0.21 -> 0.26, RLOO -0.34 -> 0.08, RLKD -0.38 -> -0.01 (its bar 0.15); at 10 steps
+# GRPO reached 0.66. CISPO rose only 0.17 in 6 steps, so it keeps 10.
+STEPS = 6
 SETTINGS = dict(reward_fns=["accuracy", "overlong"], num_generations=4, max_completion_length=16, temperature=0.7,
                 micro_batch_size=16, learning_rate=3e-4, lr_schedule="constant", lora_r=16,
                 gradient_checkpointing=False)
@@ -62,7 +65,8 @@ def _fit(module, data_path, steps=STEPS):
 def _assert_learned(history, margin=0.2):
     first = sum(history.rewards[:3]) / 3
     last = sum(history.rewards[-3:]) / 3
-    print(f"mean reward: first 3 steps {first:.3f} -> last 3 steps {last:.3f}; accuracy {history.accuracy}")
+    print(f"mean reward: first 3 steps {first:.3f} -> last 3 steps {last:.3f}; rewards {history.rewards}; "
+          f"accuracy {history.accuracy}")
     assert last > first + margin, history.rewards
 
 
@@ -111,5 +115,5 @@ def test_cispo_with_truncated_importance_sampling_and_entropy_mask_raises_the_re
     L.seed_everything(0)
     module = GrpoModule(str(smollm2_dir), loss_type="cispo", tis_cap=2.0, top_entropy_quantile=0.5,
                         advantage_estimator="reinforce_pp", **SETTINGS)
-    history = _fit(module, additions)
+    history = _fit(module, additions, steps=10)  # 6 steps: -0.42 -> -0.24, under the bar
     _assert_learned(history)
