@@ -48,13 +48,6 @@ def hashed_uniforms(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> 
     return (_shift_right(z, 40).float() + 0.5) * (2.0 ** -24)
 
 
-def needs(params: dict[str, torch.Tensor]) -> tuple[bool, bool]:
-    """``(sampled, truncated)`` for host-side settings: the round variant rows of these settings need."""
-    sampled = bool((~params["greedy"]).any())
-    truncated = sampled and bool(((params["top_k"] > 0) | (params["top_p"] < 1) | (params["min_p"] > 0)).any())
-    return sampled, truncated
-
-
 def _truncate(scaled: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
     """Per-row top-k, top-p then min-p on tempered logits (``-inf`` where dropped)."""
     vocab = scaled.shape[-1]
@@ -77,8 +70,8 @@ def sample_rows(logits: torch.Tensor, params: dict[str, torch.Tensor], counters:
     """``(tokens [rows], logps [rows])`` from float32 ``logits [rows, V]`` (see the module docstring).
 
     ``params``: ``greedy`` (bool), ``temperature``, ``top_p``, ``min_p`` (float32), ``top_k``,
-    ``seed`` (long), one value per row. ``sampled``/``truncated`` (from :func:`needs`) leave out
-    the work no row needs: the greedy-only and untruncated variants of the round.
+    ``seed`` (long), one value per row. ``sampled``/``truncated`` (the host knows them from the
+    rows' settings) leave out the work no row needs: the greedy-only and untruncated variants.
     """
     temperature = torch.where(params["greedy"], 1.0, params["temperature"])
     clean = suppressed(logits, _Suppress(suppress_ids))

@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 import torch
 
 from pmetal.generation.engine import RolloutEngine, engine_supports
+from pmetal.generation.rowcache import Bucket, RoundCall, RowSlotCache, prefill_layout
 from pmetal.generation.rowsampling import sample_rows
 from pmetal.generation.sampling import SamplingConfig, forward_kwargs
-from pmetal.generation.slots import SlotCache, use_slot_attention
+from pmetal.generation.slots import use_slot_attention
 from pmetal.generation.speculative import model_logits
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (more newcomers: several forwards)
@@ -68,19 +69,6 @@ class RowEvent:
     finish: str | None = None  # "stop" (a stop token) or "length" (its budget, or its row full); None: running
 
 
-class RowSlotCache(SlotCache):
-    """A :class:`SlotCache` written at one column per row: ``write_index`` is ``[rows, T]``."""
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        index = self.write_index[:, None, :, None]
-        k.scatter_(2, index.expand(-1, k.shape[1], -1, k.shape[3]), key_states.to(k.dtype))
-        v.scatter_(2, index.expand(-1, v.shape[1], -1, v.shape[3]), value_states.to(v.dtype))
-        if self.limit is not None:
-            return k[:, :, : self.limit], v[:, :, : self.limit]
-        return k, v
-
-
 @dataclass(eq=False)
 class _Row:
     handle: int
@@ -93,35 +81,6 @@ class _Row:
     cached: int = 0  # tokens of seq in the KV
     feed: list[int] = field(default_factory=list)  # tokens the next prefill writes after `cached`
     budget: int = 0
-
-
-class _Bucket:
-    """Views of the session's buffers on its first ``rows`` rows: what one round shape runs over."""
-
-    def __init__(self, session: DecodeSession, rows: int) -> None:
-        self.rows = rows
-        self.state = {name: t[:rows] for name, t in session.state.items()}
-        self.col = self.state["col"]
-        self.cache = RowSlotCache([k[:rows] for k in session.keys], [v[:rows] for v in session.values])
-        self.graphs: dict[tuple, object] = {}
-
-
-class _RoundCall:
-    """One round of a bucket in a variant, shaped as the engine's capture expects of a round."""
-
-    generator = None  # the round draws from hashed uniforms, no generator state
-
-    def __init__(self, session: DecodeSession, variant: tuple[bool, bool]) -> None:
-        self.session, self.variant, self.kv_limit = session, variant, None
-
-    def __call__(self, bucket: _Bucket) -> None:
-        self.session._decode_round(bucket, self.variant, self.kv_limit)
-
-    def snapshot(self):
-        return None
-
-    def restore(self, saved) -> None:
-        pass
 
 
 class DecodeSession:
@@ -178,7 +137,7 @@ class DecodeSession:
         self._slots: list[_Row | None] = [None] * rows
         self._rows: dict[int, _Row] = {}
         self._handles = itertools.count()
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: dict[int, Bucket] = {}
         self.rounds = 0  # decode rounds run so far
         self.refresh()
 
@@ -287,11 +246,9 @@ class DecodeSession:
         if not live:
             return []
         bucket = self._bucket(self._pack(live))
-        sampled = any(r.config.temperature > 0 for r in live)
-        truncated = sampled and any(r.config.top_k or r.config.top_p < 1 or r.config.min_p for r in live)
-        longest = max(r.cached for r in live)
+        variant, longest = _variant(live), max(r.cached for r in live)
         for i in range(rounds):
-            self._round(bucket, (sampled, truncated), min(self.capacity, longest + i + 1))
+            self._round(bucket, variant, min(self.capacity, longest + i + 1))
         self.rounds += rounds
         return self._collect(live)
 
@@ -357,37 +314,25 @@ class DecodeSession:
         s, dev, n = self.state, self.device, len(rows)
         slots = torch.tensor([r.slot for r in rows], device=dev)
         self._write_settings(rows, slots)
-        lengths = torch.tensor([len(r.feed) for r in rows], device=dev)
-        keeps = torch.tensor([r.cached for r in rows], device=dev)
-        width, kept, span = int(lengths.max()), max(r.cached for r in rows), max(r.cached + len(r.feed) for r in rows)
-        ids = torch.tensor([[r.feed[0]] * (width - len(r.feed)) + r.feed for r in rows], device=dev)
-        j = torch.arange(width, device=dev)[None, :]
-        first = width - lengths[:, None]
-        real = j >= first  # [n, T]: left padding is False
-        at = keeps[:, None] + (j - first)  # each real token's slot (= its position)
-        write = torch.where(real, at, span)  # padding writes to the scratch column `span`, never attended
-        cols = torch.arange(span + 1, device=dev)[None, None, :]
-        mask = torch.where(real[:, :, None], (cols <= at[:, :, None]) & (cols < span), cols == span)  # [n, T, span+1]
-        scratch_k = [torch.zeros(n, k.shape[1], span + 1, k.shape[3], dtype=k.dtype, device=dev) for k in self.keys]
-        scratch_v = [torch.zeros(n, v.shape[1], span + 1, v.shape[3], dtype=v.dtype, device=dev) for v in self.values]
-        if kept:
-            for src, dst in zip(self.keys + self.values, scratch_k + scratch_v):
-                dst[:, :, :kept] = src.index_select(0, slots)[:, :, :kept]
-        cache = RowSlotCache(scratch_k, scratch_v)
-        cache.write_index = write
+        layout = prefill_layout([r.feed for r in rows], [r.cached for r in rows], dev)
+        kept, span = max(r.cached for r in rows), layout["span"]
+        scratch = [torch.zeros(n, t.shape[1], span + 1, t.shape[3], dtype=t.dtype, device=dev)
+                   for t in self.keys + self.values]
+        for src, dst in zip(self.keys + self.values, scratch if kept else []):
+            dst[:, :, :kept] = src.index_select(0, slots)[:, :, :kept]
+        cache = RowSlotCache(scratch[: len(self.keys)], scratch[len(self.keys):])
+        cache.write_index = layout["write"]
         cache_kw, has_keep = self._kwargs
         extra = {"logits_to_keep": 1} if has_keep else {}
         with self._attention():
-            out = self.model(input_ids=ids, attention_mask=self._mask(mask[:, None]), position_ids=at.clamp_min(0),
-                             use_cache=True, **{cache_kw: cache}, **extra)
+            out = self.model(input_ids=layout["ids"], attention_mask=self._mask(layout["mask"]),
+                             position_ids=layout["positions"], use_cache=True, **{cache_kw: cache}, **extra)
         logits = out.logits[:, -1, :].float()
-        for src, dst in zip(scratch_k + scratch_v, self.keys + self.values):
+        for src, dst in zip(scratch, self.keys + self.values):
             dst[:, :, :span].index_copy_(0, slots, src[:, :, :span])
-        ends = keeps + lengths
+        ends = layout["ends"]
         params = {name: s[name].index_select(0, slots) for name in PARAMS}
-        sampled = any(r.config.temperature > 0 for r in rows)
-        truncated = sampled and any(r.config.top_k or r.config.top_p < 1 or r.config.min_p for r in rows)
-        tokens, logps = self._sampler()(logits, params, ends, self.suppress_ids, sampled, truncated)
+        tokens, logps = self._sampler()(logits, params, ends, self.suppress_ids, *_variant(rows))
         hit = (tokens[:, None] == s["stops"].index_select(0, slots)).any(dim=1)
         s["valid"].index_copy_(0, slots, self._cols[None, :] < ends[:, None])
         for name, value in (("tok", tokens), ("col", ends), ("gen_len", torch.ones_like(ends)),
@@ -399,7 +344,7 @@ class DecodeSession:
         for r in rows:
             r.cached, r.feed, r.state = r.cached + len(r.feed), [], "live"
 
-    def _decode_round(self, bucket: _Bucket, variant: tuple[bool, bool], kv_limit: int | None) -> None:
+    def _decode_round(self, bucket: Bucket, variant: tuple[bool, bool], kv_limit: int | None) -> None:
         """One decode step of every row of ``bucket``: feed each row's last token, sample the next."""
         s, capacity = bucket.state, self.capacity
         live = ~s["finished"]
@@ -427,20 +372,20 @@ class DecodeSession:
         s["stopped"].logical_or_(hit)
         s["finished"].logical_or_(hit | (live & ((s["gen_len"] >= s["budget"]) | (s["col"] >= capacity))))
 
-    def _round(self, bucket: _Bucket, variant: tuple[bool, bool], kv_limit: int) -> None:
+    def _round(self, bucket: Bucket, variant: tuple[bool, bool], kv_limit: int) -> None:
         if self.engine.cuda_graphs:
             graph = bucket.graphs.get(variant)
             if graph is None:
-                graph = bucket.graphs[variant] = self.engine._capture(bucket, _RoundCall(self, variant))
+                graph = bucket.graphs[variant] = self.engine._capture(bucket, RoundCall(self, variant))
             if graph is not False:
                 graph.replay()
                 return
         compiled = self.engine.compiled_forward(self.model) is not None
         self._decode_round(bucket, variant, None if compiled else kv_limit)  # compiled: one shape, whole capacity
 
-    def _bucket(self, rows: int) -> _Bucket:
+    def _bucket(self, rows: int) -> Bucket:
         if rows not in self._buckets:
-            self._buckets[rows] = _Bucket(self, rows)
+            self._buckets[rows] = Bucket(self, rows)
         return self._buckets[rows]
 
     def _pack(self, live: list[_Row]) -> int:
@@ -479,3 +424,9 @@ class DecodeSession:
             if count or finish:
                 events.append(RowEvent(r.handle, toks[:count], lps[:count], finish))
         return events
+
+
+def _variant(rows: list[_Row]) -> tuple[bool, bool]:
+    """``(sampled, truncated)``: the round variant these rows need (greedy only, sampled, with top-k/p, min-p)."""
+    sampled = any(r.config.temperature > 0 for r in rows)
+    return sampled, sampled and any(r.config.top_k or r.config.top_p < 1 or r.config.min_p for r in rows)

@@ -172,3 +172,20 @@ def test_the_session_refuses_what_it_cannot_do(tiny_lm):
         session.add(list(range(2, 20)), greedy)
     with pytest.raises(ValueError, match="one set per session"):
         session.add([5], SamplingConfig(max_new_tokens=4, suppress_ids=(3,)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_session_rounds_equal_eager_rounds():
+    model = _tiny(device="cuda", dtype=torch.bfloat16)
+    configs = [SamplingConfig(max_new_tokens=20, temperature=0.0), SamplingConfig(max_new_tokens=20, temperature=0.8,
+                                                                                  top_p=0.9)]
+    results = []
+    for graphs in (True, False):
+        session = DecodeSession(model, rows=8, capacity=64, sync_every=4, cuda_graphs=graphs, compile_decode=False)
+        outputs = {}
+        for i, prompt in enumerate(LONGER):
+            session.add(prompt, configs[i % 2], seed=i)
+            _drain(session, outputs, steps=1)
+        results.append(_drain(session, outputs))
+        assert not graphs or all(g not in (None, False) for b in session._buckets.values() for g in b.graphs.values())
+    assert [v[0] for v in results[0].values()] == [v[0] for v in results[1].values()]
