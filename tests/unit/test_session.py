@@ -92,6 +92,24 @@ def test_extend_equals_generating_from_the_concatenation(tiny_lm):
     assert c in outputs or session.status(c) == "finished"
 
 
+def test_a_paused_row_keeps_its_kv_and_continues_as_the_concatenation(tiny_lm):
+    greedy = SamplingConfig(max_new_tokens=30, temperature=0.0)
+    session = DecodeSession(tiny_lm, rows=2, capacity=96, sync_every=2)
+    row = session.add(PROMPTS[1], greedy)
+    other = session.add(PROMPTS[0], greedy)
+    _drain(session, {}, steps=3)
+    session.pause(row)  # e.g. a tool call seen in its text: the others go on
+    assert session.status(row) == "finished" and session.status(other) == "live"
+    _drain(session, {}, steps=2)
+    so_far = session.tokens(row)
+    session.extend(row, [50, 51], max_new_tokens=6)
+    outputs = _drain(session, {})
+    want = generate(tiny_lm, [so_far + [50, 51]], SamplingConfig(max_new_tokens=6, temperature=0.0), stop_ids=[],
+                    pad_token_id=PAD)
+    assert outputs[row][0] == want.completion_ids[0].tolist()
+    torch.testing.assert_close(torch.tensor(outputs[row][1]), want.logps[0], atol=1e-5, rtol=1e-5)
+
+
 def test_a_seeded_row_samples_the_same_in_any_company_and_greedy_rows_beside_sampled_ones_stay_exact(tiny_lm):
     sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=20, min_p=0.01)
     greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
