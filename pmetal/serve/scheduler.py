@@ -185,7 +185,14 @@ class Scheduler:
         for job in waiting:
             if job.model_id in blocked or job.cancelled.is_set():
                 continue
-            session = self._session(job.model_id)
+            try:
+                session = self._session(job.model_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. no memory for its cache: this request fails, not the server
+                log.exception("pmetal serve: no decode session for %s", job.model_id)
+                job.emit(("error", None, f"{type(exc).__name__}: {exc}"))
+                with self._cond:
+                    self._pending.remove(job)
+                continue
             if session.free_rows < job.n:
                 blocked.add(job.model_id)
                 continue
