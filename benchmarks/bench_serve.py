@@ -14,7 +14,7 @@ so the two never share the machine. One untimed request warms each side up first
     python benchmarks/bench_serve.py --device cpu --model default --clients 1,8,32 --max-tokens 32 --threads 1
     # GPU (bf16 weights; the server keeps one captured round per batch shape)
     python benchmarks/bench_serve.py --device cuda --model default --clients 1,8,32 --max-tokens 128 \
-        --requests-per-client 4 --hf-requests 16      # and again with --join-every 0
+        --requests-per-client 4 --hf-requests 16 --sync-every 4
 
 Prints the table; `--markdown FILE` appends it as Markdown.
 """
@@ -77,7 +77,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     proc = subprocess.Popen([sys.executable, "-m", "pmetal", "serve", "--model", args.model, "--port", str(port),
                              "--accelerator", args.device, "--max-concurrency", str(max(args.clients)),
-                             "--join-every", str(args.join_every)], env=env)
+                             "--sync-every", str(args.sync_every)], env=env)
     return proc, wait_until_serving(proc, f"http://127.0.0.1:{port}", "/health")
 
 
@@ -186,7 +186,7 @@ def main() -> None:
     p.add_argument("--hf-requests", type=int, default=8, help="requests the sequential baseline answers")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads on both sides (0: torch's default; 1 avoids oversubscribing a shared CPU)")
-    p.add_argument("--join-every", type=int, default=8, help="the server's --join-every (0: plain micro-batching)")
+    p.add_argument("--sync-every", type=int, default=1, help="the server's --sync-every (decode rounds per device read)")
     p.add_argument("--llama-cpp-type", default="f16",
                    help="also serve the model with llama.cpp's server (llama-cpp-python), exported by `pmetal "
                         "export` as this GGUF type (f32, f16, bf16, q8_0, ...); 'none' skips it")
@@ -218,7 +218,7 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += [f"| {name} | {c} | {n} | {s:.2f} | {n / s:.2f} | {t / s:.1f} | {n / s / base_rps:.2f}x |"
               for name, c, n, s, t in rows]
-    title = f"serve: {args.model} on {args.device}, max_tokens {args.max_tokens}, join every {args.join_every}"
+    title = f"serve: {args.model} on {args.device}, max_tokens {args.max_tokens}, sync every {args.sync_every}"
     report(title + "\n\n" + "\n".join(lines) + "\n", args.markdown)
     print(json.dumps({"rows": rows}))
 

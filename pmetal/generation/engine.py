@@ -45,6 +45,8 @@ plus Gumbel noise from the same uniforms), so no softmax is formed. The
 recorded log-prob is the full tempered ``log_softmax(logits / T)`` of the chosen token, as training
 computes it. Speculation (``pmetal.generation.speculative``) plugs in as the draft of the round.
 
+Continuous batching (rows joining and leaving a running batch, a row's kept KV extended by a new
+turn) is :mod:`pmetal.generation.session`, on the same slot attention and round capture.
 Departures: sliding-window and hybrid-cache models fall back to the reference loop
 (``sampling.generate_reference``), as do models whose prompt cache has no per-layer tensors,
 VLMs included. A draft model's prefill gets the token ids only, never the images.

@@ -4,7 +4,7 @@
 `scheduler.Job`s whose events come back to the request's event loop through an asyncio queue.
 Streaming answers are server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 A client that goes away (a failed send while streaming, or `http.disconnect` while waiting)
-releases its job: its place is free at once and its rows stop at the engine's next round.
+releases its job: its place is free at once and its rows leave the batch at the next step.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def create_app(models, scheduler, *, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="pmetal serve", docs_url=None, redoc_url=None, dependencies=[Depends(authorized)])
     tokenizer = models.tokenizer
-    context = getattr(models.model.config, "max_position_embeddings", None)
+    context = scheduler.kv_capacity  # a row's KV slots (at most the model's context: `pmetal serve --kv-capacity`)
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -66,11 +66,15 @@ def create_app(models, scheduler, *, api_key: str | None = None) -> FastAPI:
         asked = body.budget()
         room = (context - prompt_len) if context else None
         if room is not None and (room < 1 or (asked is not None and asked > room)):
-            raise ApiError(400, f"the prompt ({prompt_len} tokens) and max_tokens ({asked}) exceed the model's "
-                           f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")
+            raise ApiError(400, f"the prompt ({prompt_len} tokens) and max_tokens ({asked}) exceed the server's "
+                           f"context of {context} tokens (pmetal serve --kv-capacity)", param="max_tokens",
+                           code="context_length_exceeded")
         return asked or min(DEFAULT_MAX_TOKENS, room or DEFAULT_MAX_TOKENS)
 
     def start(body, prompt_ids: list[int], hold_tool_calls: bool) -> tuple[Job, asyncio.Queue]:
+        if body.n > scheduler.max_concurrency:
+            raise ApiError(400, f"n={body.n} completions exceed the {scheduler.max_concurrency} this server decodes "
+                           "at once (pmetal serve --max-concurrency)", param="n")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(model_id=body.model, prompt_ids=prompt_ids, max_tokens=budget(body, len(prompt_ids)),
                   temperature=body.temperature, top_p=body.top_p, n=body.n, seed=body.seed,

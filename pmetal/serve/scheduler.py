@@ -1,39 +1,25 @@
-"""The serving scheduler: requests batched onto the rollout engine, joining the running rows between rounds.
+"""The serving scheduler: requests decoded together on decode sessions, joining and leaving between rounds.
 
-What it is, precisely: **continuous batching by recomputation**, at the granularity of
-`join_every` rounds (8 by default), built on `RolloutEngine.generate` without changing the engine.
-One worker thread owns the model. When it is idle and a request arrives it waits `batch_window`
-seconds (5 ms) for others, then runs every waiting request that shares the first one's batch key
-(served model, temperature, top_p; a seeded request runs alone, so its seed reproduces its answer)
-in one engine call, up to `max_concurrency` requests. Every `join_every` rounds the call checks for
-waiting requests with the same key (and room for them); if there are some, it ends the call at
-that round and starts the next one with the running rows, each prefilled with its prompt *and the
-tokens it has generated so far*, plus the new requests. So a request waits at most `join_every`
-rounds (plus one prefill) to join the rows already running, and finished rows leave at that
-point; the price is one re-prefill of the running rows per join, which costs a fraction of a
-decode round per token on a GPU (prefill is compute-bound) and more on a CPU. Between joins each
-row leaves as soon as it is finished for its client (stop token, stop string, its own
-`max_tokens`, or its client gone): its tokens stop being decoded and sent, and once every row of
-the call is finished the call ends at the next round (`on_tokens` raises). The engine's own
-compaction frees rows it sees finish (stop tokens); rows ended by the server (stop strings,
-`max_tokens` below the call's, disconnects) keep computing until the call ends or is rejoined.
-Requests of other keys wait for the running rows to drain (joins stop while the oldest waiting
-request has another key, so it is never overtaken for long). `join_every=0` turns joining off
-(plain micro-batching: a call runs until its rows are done).
+**Continuous batching** on :class:`pmetal.generation.session.DecodeSession`: one worker thread owns
+the model and keeps one session per served model (the base, each adapter). Between two steps
+(one decode round each, `sync_every` rounds with that setting) it admits the waiting requests
+that have free rows: each of a request's `n` completions becomes a session row, its prompt
+prefilled into that row at the next step while the other rows keep their KV. A row leaves as soon
+as it is finished for its client (a stop token, a stop string, its `max_tokens`, or its client
+gone): its slot is freed at once and taken by the next request. Rows of any sampling settings
+share the rounds (temperature and top_p are per row); a request with a `seed` samples from a
+per-row hash of (seed, position), so its answer does not depend on the requests beside it.
+Requests for different served models decode in their own sessions, stepped in turn.
 
-Why not inject rows into the engine's running call: its round is specialised on one sampling
-setting and one token budget (its `DecodeSpec`, which CUDA graphs are captured for) and its rows
-are prefilled together; a true in-place join needs a prefill between rounds into a freed row and
-per-row sampling tensors inside the captured round, a change of the engine itself.
-
-On CUDA (captured rounds) the rows are padded to a power of two and the budget rounded up to one,
-and one engine is kept per (served model, rows), so each shape is captured once and replayed.
+An idle worker waits `batch_window` seconds after the first request arrives so that requests
+arriving together are prefilled in one forward. Requests are admitted in arrival order; one that
+waits for rows of its model is not overtaken by later requests for the same model.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,17 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pmetal.generation import RolloutEngine, SamplingConfig
+from pmetal.generation import SamplingConfig
 
 log = logging.getLogger("pmetal")
 
 
 class QueueFull(Exception):
     """More requests than `max_concurrency + max_queue` are waiting or running."""
-
-
-class _BatchDone(Exception):
-    """Raised from `on_tokens` to end an engine call whose rows are all finished."""
 
 
 @dataclass(eq=False)
@@ -76,47 +58,57 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     lengths: list[int] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
+    handles: list[int] = field(default_factory=list)  # its session rows, once admitted
 
     def __post_init__(self) -> None:
         self.lengths, self.finished = [0] * self.n, [False] * self.n
-        self._key = next(_SEEDED) if self.seed is not None else None
 
-    @property
-    def key(self) -> tuple:
-        greedy = self.temperature == 0.0
-        return (self.model_id, self.temperature, 1.0 if greedy else self.top_p, self._key)
+    def config(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
+                              top_p=self.top_p if self.temperature > 0 else 1.0)
 
-
-_SEEDED = itertools.count()
+    def row_seed(self, row: int) -> int | None:
+        """Each completion its own seed (n completions of one seeded request differ, reproducibly)."""
+        return None if self.seed is None else (self.seed * 1_000_003 + row) % (1 << 62)
 
 
 class Scheduler:
-    """Runs jobs on `models` (a `ServedModels`) in micro-batches on one worker thread (see the module docstring).
+    """Runs jobs on `models` (a `ServedModels`) through decode sessions on one worker thread (see the module docstring).
 
     Args:
         models: the served model and adapters; `activate(model_id)` selects one.
         stop_ids: token ids that end a completion.
-        pad_token_id: the pad id.
-        max_concurrency: the most requests generating at once (one engine call's requests).
-        max_queue: the most requests waiting beyond those; `submit` raises QueueFull past both.
-        batch_window: seconds an idle worker waits for more requests before starting a call.
-        join_every: rounds between the checks for waiting requests that join the running rows
-            (0: none join; a call runs until its rows are done).
-        compile_decode: compile the engine's round (CUDA only; costs a compilation per shape).
+        pad_token_id: the pad id (unused by the sessions; kept for the interface).
+        max_concurrency: the most completions decoding at once per served model (session rows);
+            a request of `n` completions takes `n`.
+        max_queue: the most requests waiting beyond the running ones; `submit` raises QueueFull past both.
+        batch_window: seconds an idle worker waits after a request arrives for others to prefill with it.
+        kv_capacity: KV slots per row: a request's prompt plus `max_tokens` must fit.
+        sync_every: decode rounds between the worker's reads of the device (and the joins).
+        compile_decode: compile the session's round (CUDA only; costs a compilation per batch shape).
     """
 
     def __init__(self, models, *, stop_ids, pad_token_id: int, max_concurrency: int = 32, max_queue: int = 256,
-                 batch_window: float = 0.005, join_every: int = 8, compile_decode: bool = False) -> None:
+                 batch_window: float = 0.005, kv_capacity: int = 2048, sync_every: int = 1,
+                 compile_decode: bool = False) -> None:
+        from pmetal.errors import PmetalError
+        from pmetal.generation.prefill import engine_supports
+
+        if not engine_supports(models.model):
+            raise PmetalError("pmetal serve decodes models with full attention (SDPA or eager); this model has a "
+                              "sliding window or a hybrid cache, which the decode session does not serve yet")
         self.models, self.stop_ids, self.pad_token_id = models, list(stop_ids), pad_token_id
         self.max_concurrency, self.max_queue, self.batch_window = max_concurrency, max_queue, batch_window
-        self.compile_decode, self.join_every = compile_decode, join_every
-        self._serving: list[Job] = []
-        self.device = next(models.model.parameters()).device
-        self.graphs = self.device.type == "cuda"
-        self._engines: dict[tuple, RolloutEngine] = {}
+        self.kv_capacity, self.sync_every, self.compile_decode = kv_capacity, sync_every, compile_decode
+        self._sessions: dict[str, object] = {}
+        self._rows: dict[tuple[str, int], tuple[Job, int]] = {}
+        self._running: list[Job] = []
         self._pending: list[Job] = []
         self._admitted: set[int] = set()
-        self.batches, self.largest_batch = 0, 0  # engine calls so far, and the most requests in one
+        self._turn = 0
+        self.batches, self.largest_batch = 0, 0  # session steps so far, and the most requests in one
+        # unseeded rows draw their seeds from here: fresh per server, not torch's fixed default seed
+        self._seeds = torch.Generator().manual_seed(int.from_bytes(os.urandom(7), "little"))
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="pmetal-serve", daemon=True)
@@ -133,17 +125,18 @@ class Scheduler:
             self._cond.notify()
 
     def release(self, job: Job) -> None:
-        """Free `job`'s place (finished, failed or its client gone); its rows stop at the next round."""
+        """Free `job`'s place (finished, failed or its client gone); its rows leave at the next step."""
         job.cancelled.set()
         with self._cond:
             self._admitted.discard(id(job))
             if job in self._pending:
                 self._pending.remove(job)
+            self._cond.notify()
 
     @property
     def load(self) -> dict:
         with self._cond:
-            running = sum(not all(job.finished) and not job.cancelled.is_set() for job in self._serving)
+            running = sum(not all(job.finished) and not job.cancelled.is_set() for job in self._running)
             return {"running": running, "queued": len(self._pending), "admitted": len(self._admitted),
                     "batches": self.batches, "largest_batch": self.largest_batch}
 
@@ -154,131 +147,126 @@ class Scheduler:
         self._thread.join(timeout=5)
 
     # ---------------------------------------------------------------- the worker
-    def _next_batch(self) -> list[Job]:
-        with self._cond:
-            while not self._pending and not self._closing:
-                self._cond.wait()
-            if self._closing:
-                return []
-        time.sleep(self.batch_window)  # let the requests arriving together meet
-        with self._cond:
-            if not self._pending:
-                return []
-            key = self._pending[0].key
-            batch = [job for job in self._pending if job.key == key][: self.max_concurrency]
-            for job in batch:
-                self._pending.remove(job)
-            self._serving = batch
-            return batch
+    def _busy(self) -> bool:
+        return any(job.handles for job in self._running)
 
     def _loop(self) -> None:
-        while not self._closing:
-            batch = self._next_batch()
-            if not batch:
+        while True:
+            with self._cond:
+                while not self._closing and not self._pending and not self._busy():
+                    self._cond.wait()
+                if self._closing:
+                    return
+                idle = not self._busy()
+            if idle:
+                time.sleep(self.batch_window)  # let the requests arriving together meet
+            try:
+                self._admit()
+                self._leave_cancelled()
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one failure
+                log.exception("pmetal serve: a step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _session(self, model_id: str):
+        if model_id not in self._sessions:
+            from pmetal.generation.session import DecodeSession
+
+            self._sessions[model_id] = DecodeSession(
+                self.models.model, rows=self.max_concurrency, capacity=self.kv_capacity, sync_every=self.sync_every,
+                max_stop_ids=max(8, len(set(self.stop_ids))), generator=self._seeds, compile_decode=self.compile_decode)
+        return self._sessions[model_id]
+
+    def _admit(self) -> None:
+        """Waiting jobs into free session rows, in arrival order (no overtaking within a served model)."""
+        with self._cond:
+            waiting = list(self._pending)
+        blocked: set[str] = set()
+        for job in waiting:
+            if job.model_id in blocked or job.cancelled.is_set():
                 continue
             try:
-                self._serve(batch)
-            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one batch
-                log.exception("pmetal serve: a batch failed")
-                for job in self._serving:
-                    job.emit(("error", None, f"{type(exc).__name__}: {exc}"))
-            finally:
+                session = self._session(job.model_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. no memory for its cache: this request fails, not the server
+                log.exception("pmetal serve: no decode session for %s", job.model_id)
+                job.emit(("error", None, f"{type(exc).__name__}: {exc}"))
                 with self._cond:
-                    self._serving = []
-
-    def _serve(self, batch: list[Job]) -> None:
-        """Engine calls for `batch` until every row is done; compatible waiting requests join between calls."""
-        key, jobs = batch[0].key, list(batch)
-        with self._cond:
-            self.batches += 1
-            self.largest_batch = max(self.largest_batch, len(jobs))
-        while jobs:
-            self._call(jobs)
-            jobs = [job for job in jobs if not all(job.finished) and not job.cancelled.is_set()]
-            with self._cond:
-                joining = self._joinable(key, len(jobs))
-                for job in joining:
                     self._pending.remove(job)
-                jobs += joining
-                self.largest_batch = max(self.largest_batch, len(jobs))
-                self.batches += bool(jobs)
-                self._serving = jobs
+                continue
+            if session.free_rows < job.n:
+                blocked.add(job.model_id)
+                continue
+            job.handles = [session.add(job.prompt_ids, job.config(), stop_ids=self.stop_ids, seed=job.row_seed(row))
+                           for row in range(job.n)]
+            for row, handle in enumerate(job.handles):
+                self._rows[(job.model_id, handle)] = (job, row)
+            with self._cond:
+                if job in self._pending:
+                    self._pending.remove(job)
+                self._running.append(job)
 
-    def _joinable(self, key, running: int) -> list[Job]:
-        """Waiting jobs that may join a call of `key` now (call with the lock held).
+    def _leave_cancelled(self) -> None:
+        for job in [job for job in self._running if job.cancelled.is_set()]:
+            for row in range(job.n):
+                job.finished[row] = True
+            self._drop(job)
 
-        First come, first served: only while the oldest waiting job shares the key, so a request
-        for another model or sampling setting is never overtaken for long."""
-        if not self.join_every or not self._pending or self._pending[0].key != key:
-            return []
-        return [job for job in self._pending if job.key == key][: max(0, self.max_concurrency - running)]
+    def _drop(self, job: Job) -> None:
+        """Free every row of `job` and forget it."""
+        session = self._sessions.get(job.model_id)
+        for handle in job.handles:
+            self._rows.pop((job.model_id, handle), None)
+            if session is not None:
+                session.remove(handle)
+        job.handles = []
+        with self._cond:
+            if job in self._running:
+                self._running.remove(job)
 
-    def _engine(self, model_id: str, rows: int) -> RolloutEngine:
-        key = (model_id, rows if self.graphs else 0)
-        if key not in self._engines:
-            self._engines[key] = RolloutEngine(self.models.model, compile_decode=self.compile_decode)
-        return self._engines[key]
-
-    def _call(self, jobs: list[Job]) -> None:
-        """One engine call over the unfinished rows of `jobs`, each continuing from the tokens it has."""
-        first = jobs[0]
-        slots = [(job, row) for job in jobs for row in range(job.n) if not job.finished[row]]
-        if not slots:
+    def _step(self) -> None:
+        """One step of the next served model with active rows (the models take turns)."""
+        ids = [m for m in self._sessions if self._sessions[m].active]
+        if not ids:
             return
-        # a row that has tokens already is prefilled with them (its prompt and answer so far)
-        prompts = [job.prompt_ids + job.texts[row].ids for job, row in slots]
-        budget = max(job.max_tokens - job.lengths[row] for job, row in slots)
-        if self.graphs:  # a few shapes, each captured once (see the module docstring)
-            rows = 1 << (len(prompts) - 1).bit_length()
-            prompts += [prompts[0]] * (rows - len(prompts))
-            budget = max(16, 1 << (budget - 1).bit_length())
-        config = SamplingConfig(max_new_tokens=budget, temperature=first.temperature,
-                                top_p=first.top_p if first.temperature > 0 else 1.0)
-        generator = None
-        if first.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(first.seed)
-        stop, rounds = set(self.stop_ids), [0]
+        self._turn = (self._turn + 1) % len(ids)
+        model_id = ids[self._turn]
+        session = self._sessions[model_id]
+        with self._cond:
+            requests = sum(job.model_id == model_id and bool(job.handles) for job in self._running)
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, requests)
+        try:
+            with self.models.activate(model_id):
+                events = session.step()
+        except Exception:
+            self._sessions.pop(model_id, None)  # a fresh session for the next requests
+            raise
+        for event in events:
+            job, row = self._rows.get((model_id, event.row), (None, 0))
+            if job is None or job.cancelled.is_set() or job.finished[row]:
+                continue
+            job.lengths[row] += len(event.tokens)
+            text = job.texts[row]
+            text.add(event.tokens)
+            if event.finish == "stop" or text.hit_stop:
+                self._finish(job, row, "stop")
+            elif event.finish:
+                self._finish(job, row, event.finish)
+            else:
+                delta = text.ready()
+                if delta:
+                    job.emit(("delta", row, delta))
+            if job.finished[row]:
+                session.remove(event.row)
+                self._rows.pop((model_id, event.row), None)
+                if all(job.finished):
+                    self._drop(job)
 
-        def on_tokens(new_rows: list[list[int]]) -> None:
-            for (job, row), ids in zip(slots, new_rows):
-                if job.finished[row]:
-                    continue
-                if job.cancelled.is_set():
-                    job.finished[row] = True
-                    continue
-                ids = ids[: job.max_tokens - job.lengths[row]]
-                job.lengths[row] += len(ids)
-                text = job.texts[row]
-                text.add(ids)
-                if (ids and ids[-1] in stop) or text.hit_stop:
-                    self._finish(job, row, "stop")
-                elif job.lengths[row] >= job.max_tokens:
-                    self._finish(job, row, "length")
-                else:
-                    delta = text.ready()
-                    if delta:
-                        job.emit(("delta", row, delta))
-            rounds[0] += 1
-            if all(job.finished[row] for job, row in slots):
-                raise _BatchDone
-            if self.join_every and rounds[0] % self.join_every == 0:
-                with self._cond:
-                    waiting = self._joinable(first.key, sum(not all(job.finished) for job in jobs))
-                if waiting:
-                    raise _BatchDone  # end the call here: _serve starts the next one with them
-
-        with self.models.activate(first.model_id):
-            try:
-                self._engine(first.model_id, len(prompts)).generate(
-                    prompts, config, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id, generator=generator,
-                    on_tokens=on_tokens)
-                ended_by_engine = True
-            except _BatchDone:
-                ended_by_engine = False
-        if ended_by_engine:
-            for job, row in slots:  # the engine's budget ran out first
-                if not job.finished[row]:
-                    self._finish(job, row, "length")
+    def _fail_all(self, message: str) -> None:
+        for job in list(self._running):
+            if not job.cancelled.is_set():
+                job.emit(("error", None, message))
+            self._drop(job)
 
     @staticmethod
     def _finish(job: Job, row: int, reason: str) -> None:

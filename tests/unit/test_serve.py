@@ -262,6 +262,10 @@ def test_stop_n_and_seed(servers):
     sampled = [chat(c, servers["model"], PROMPTS[3], temperature=1.0, seed=7).choices[0].message.content
                for _ in range(2)]
     assert sampled[0] == sampled[1]
+    busy = chat(client(servers["open"]), servers["model"], PROMPTS[9], max_tokens=80, temperature=0.8, stream=True)
+    next(iter(busy))  # another request, of other settings, is decoding in the same rounds
+    assert chat(c, servers["model"], PROMPTS[3], temperature=1.0, seed=7).choices[0].message.content == sampled[0]
+    busy.close()
 
 
 @pytest.mark.parametrize("change, param", [
