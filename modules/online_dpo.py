@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from typing import Any, Literal, Optional
 
 import torch
@@ -77,9 +78,10 @@ class OnlineDpoModule(GrpoModule):
     ) -> None:
         from pmetal.losses.preference import dpo_loss
 
-        refused = sorted(set(kwargs) & set(GRPO_ONLY))
-        if refused:
-            raise PmetalError(f"{type(self).__name__}: {refused[0]} does not apply ({GRPO_ONLY[refused[0]]})")
+        grpo_defaults = inspect.signature(GrpoModule.__init__).parameters
+        for name in sorted(set(kwargs) & set(GRPO_ONLY)):  # `pmetal fit` passes every setting, at its default
+            if kwargs.pop(name) != grpo_defaults[name].default:
+                raise PmetalError(f"{type(self).__name__}: {name} does not apply ({GRPO_ONLY[name]})")
         if beta <= 0:
             raise PmetalError(f"beta={beta}: DPO's beta must be > 0")
         if micro_batch_size < 2 or micro_batch_size % 2:
@@ -91,9 +93,9 @@ class OnlineDpoModule(GrpoModule):
             raise PmetalError(f"{type(self).__name__}: {exc}") from exc
         # GrpoModule's beta is its KL weight; here it is DPO's: non-zero, it also has _update run
         # the reference forward over the rollout (the reference log-probs DPO needs).
-        super().__init__(model, num_generations=2, beta=beta, max_completion_length=max_completion_length,
-                         temperature=temperature, micro_batch_size=micro_batch_size, scale_rewards="none",
-                         learning_rate=learning_rate, **kwargs)
+        kwargs.update(num_generations=2, scale_rewards="none")  # a pair per prompt; rewards only rank it
+        super().__init__(model, beta=beta, max_completion_length=max_completion_length, temperature=temperature,
+                         micro_batch_size=micro_batch_size, learning_rate=learning_rate, **kwargs)
         self._pair_stats: list[dict[str, torch.Tensor]] = []  # the current step's, filled by micro_batch_loss
 
     # ------------------------------------------------------------------ pairs
