@@ -17,6 +17,10 @@ Where pmetal departs:
 - A pair whose completions get equal rewards is dropped (counted as ``pairs/ties``); TRL keeps it
   and calls the first completion chosen. A step whose pairs all tie makes no update
   (``train/skipped_steps``); ``dynamic_sampling`` instead draws more prompts in their place.
+- Ranking needs both rewards of a pair, so with ``async_rewards`` the scoring overlaps generation
+  only, not the reference forward and the update as in GRPO.
+- XPO drops a tied pair with its exploration term (TRL's XPOTrainer calls the policy's completion
+  chosen on a tie).
 - The IPO loss uses the per-token mean log-probs, as pmetal's DpoModule does (TRL's online
   trainers use the sums there); every other loss type uses the sums, as TRL does.
 - The loss is the mean over the step's untied pairs, accumulated over micro-batches of
