@@ -195,10 +195,19 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(runner(args, work / "model", work / "prompts.jsonl")), flush=True)
         return 0
 
+    results = run_workers(__file__, args, argv, prepare)
+    header = (f"GRPO, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} completions, "
+              f"prompt {args.prompt_len} tokens, completions <= {args.max_completion_length}, {args.steps} timed steps")
+    report(header + "\n\n" + results_table(results) + "\n", args.markdown)
+    return 0
+
+
+def run_workers(script: str, args, argv, prepare_inputs) -> list[dict]:
+    """Run `script`'s pmetal and TRL workers (or `--only` one) in subprocesses on the same inputs; their results."""
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_rl_") as tmp:
         work = Path(tmp)
-        prepare(args, work)
+        prepare_inputs(args, work)
         passthrough, raw = [], list(argv if argv is not None else sys.argv[1:])
         while raw:  # drop --markdown and its value: the workers only print their result
             arg = raw.pop(0)
@@ -207,7 +216,7 @@ def main(argv=None) -> int:
             elif not arg.startswith("--markdown="):
                 passthrough.append(arg)
         for worker in ([args.only] if args.only else ["pmetal", "trl"]):
-            cmd = [sys.executable, __file__, *passthrough, "--_worker", worker, "--_work", str(work)]
+            cmd = [sys.executable, script, *passthrough, "--_worker", worker, "--_work", str(work)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -215,8 +224,10 @@ def main(argv=None) -> int:
                 results.append(dict(name=worker, error=" | ".join(tail)))
             else:
                 results.append(json.loads(line[len("RESULT "):]))
-    header = (f"GRPO, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} completions, "
-              f"prompt {args.prompt_len} tokens, completions <= {args.max_completion_length}, {args.steps} timed steps")
+    return results
+
+
+def results_table(results: list[dict]) -> str:
     table = ["| trainer | s/step | rollout tokens/s | update tokens/s | generated/step | peak GiB |", "|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
@@ -224,9 +235,7 @@ def main(argv=None) -> int:
         else:
             table.append(f"| {r['name']} | {r['step_s']:.2f} | {r['rollout_tok_s']:.1f} | {r['update_tok_s']:.1f} | "
                          f"{r['generated_per_step']:.0f} | {r['peak_gib']:.2f} |")
-    text = header + "\n\n" + "\n".join(table) + "\n"
-    report(text, args.markdown)
-    return 0
+    return "\n".join(table)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def _generate(module, part: dict[str, Any], settings: RolloutSettings, stop_ids:
     policy.eval()
     try:
         engine = engine_for(policy, speculative=settings.speculative, draft_model=settings.draft,
-                            num_draft_tokens=settings.num_draft_tokens, compile_decode=settings.compile_decode)
+                            num_draft_tokens=settings.num_draft_tokens, compile_decode=settings.compile_decode,
+                            cuda_graphs=settings.cuda_graphs)
         prefill_inputs = collate_pixel_inputs(pixel_inputs) if pixel_inputs else None
         sampling = settings.sampling
         placeholders = placeholder_token_ids(policy)  # a sampled image placeholder would break the update

@@ -20,6 +20,8 @@ _EXPORTS = {
     "DapoModule": "pmetal.modules.grpo",
     "RlooModule": "pmetal.modules.grpo",
     "RlkdModule": "pmetal.modules.rlkd",
+    "OnlineDpoModule": "pmetal.modules.online_dpo",
+    "XpoModule": "pmetal.modules.online_dpo",
     "EmbedModule": "pmetal.modules.embed",
 }
 

@@ -4,7 +4,7 @@ One table (`CASES`) serves two callers: the precision matrix in CI
 (tests/unit/test_precision_matrix.py: every case under 32-true, bf16-mixed and 16-mixed on the CPU,
 whose autocast stands in for MPS/CUDA) and the GPU smoke run (scripts/cuda_smoke.py: every case in
 the device's default precision, on bigger random models). A case is the command line of
-`pmetal fit --method X ...` or of a PMetal command (`pmetal train|grpo|rloo|rlkd|reward-train|embed-train ...`),
+`pmetal fit --method X ...` or of a PMetal command (`pmetal train|grpo|rloo|online-dpo|rlkd|reward-train|embed-train ...`),
 run in-process through `pmetal.cli.main`; `run_case` watches the fit it starts (`pmetal.cli.runner.fit`,
 which both entry points call) and reports the loss of every step, which parameters the steps
 changed and whether a frozen one moved.
@@ -38,6 +38,9 @@ def crc_reward(prompts, completions, **columns):
 REWARD = f"{__name__}:crc_reward"
 GRPO_ARGS = ("--num-generations", "4", "--max-completion-length", "4", "--micro-batch-size", "4",
              "--batch-size", "2", "--reward-fn", REWARD)
+
+
+ONLINE_DPO_ARGS = ("--max-completion-length", "4", "--micro-batch-size", "4", "--batch-size", "2", "--reward-fn", REWARD)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ CASES = [
           "--model.max_completion_length", "4", "--model.micro_batch_size", "4", "--data.batch_size", "2",
           "--model.reward_fns", f"[{REWARD}]"), fp16_steps=2),
     Case("rlkd", "rlkd", "rlkd", "prompts", GRPO_ARGS, model="teacher", fp16_steps=2),
+    Case("online-dpo", "online-dpo", "online_dpo", "prompts", ONLINE_DPO_ARGS, fp16_steps=2),
+    Case("xpo", "online-dpo", "xpo", "prompts", ("--xpo", "--alpha", "0.01", *ONLINE_DPO_ARGS), fp16_steps=2),
     Case("reward", "reward-train", "reward", "pref"),
     Case("vlm-sft-idefics3", "train", "sft", "vlm_sft", model="idefics3"),
     Case("vlm-grpo-qwen2vl", "grpo", "grpo", "vlm_prompts", GRPO_ARGS, model="qwen2_vl", fp16_steps=2),

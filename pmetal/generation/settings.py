@@ -23,6 +23,7 @@ class RolloutSettings:
     draft: Any = None  # the draft model (None: prompt lookup under speculative)
     num_draft_tokens: int = 4
     compile_decode: bool | None = None  # the engine's torch.compile of its round (None: where graphs are captured)
+    cuda_graphs: bool | None = None  # the engine's CUDA graphs (None: on CUDA); False for a model whose forward switches modes
     async_rewards: bool = False
     chunks: int = 1
     advantage_estimator: str = "grpo"  # pmetal.losses.policy.estimate_advantages

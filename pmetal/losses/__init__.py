@@ -10,6 +10,7 @@ to their submodule on first use, so importing this package stays cheap:
   (`chunked_linear_logps`, `chunked_linear_cross_entropy`).
 - `pmetal.losses.preference`: DPO, SimPO, ORPO, KTO.
 - `pmetal.losses.policy`: group advantages, GRPO / DAPO.
+- `pmetal.losses.online_preference`: Online DPO's pairs from rewards, XPO's exploration term.
 - `pmetal.losses.reward`: the Bradley–Terry loss of a pairwise reward model.
 - `pmetal.losses.distill`: generalized JSD for on-policy distillation.
 - `pmetal.losses.embedding`: InfoNCE (MultipleNegativesRanking), triplet, CoSENT.
@@ -26,6 +27,9 @@ _EXPORTS = {
     "simpo_loss": "pmetal.losses.preference",
     "orpo_loss": "pmetal.losses.preference",
     "kto_loss": "pmetal.losses.preference",
+    "preference_labels": "pmetal.losses.online_preference",
+    "pair_indices": "pmetal.losses.online_preference",
+    "xpo_losses": "pmetal.losses.online_preference",
     "group_advantages": "pmetal.losses.policy",
     "zero_spread_groups": "pmetal.losses.policy",
     "grpo_loss": "pmetal.losses.policy",

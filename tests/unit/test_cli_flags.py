@@ -49,8 +49,9 @@ def _printed_config(method: str, capsys) -> dict:
 
 
 def test_the_derived_commands_cover_the_language_and_embedding_methods():
-    assert set(DERIVED) == {"train", "grpo", "rloo", "rlkd", "reward-train", "embed-train"}
+    assert set(DERIVED) == {"train", "grpo", "rloo", "online-dpo", "rlkd", "reward-train", "embed-train"}
     assert COMMAND_OF == {"sft": "train", "grpo": "grpo", "dapo": "grpo", "rloo": "rloo", "rlkd": "rlkd",
+                          "online_dpo": "online-dpo", "xpo": "online-dpo",
                           "reward": "reward-train",
                           "embed": "embed-train"}
 
@@ -247,7 +248,7 @@ def test_building_a_command_parser_imports_no_heavy_library():
 
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, pmetal.cli; [pmetal.cli.build_parser(c) for c in "
-         "('train', 'grpo', 'rloo', 'rlkd', 'reward-train', 'embed-train', 'eval', 'merge')]; "
+         "('train', 'grpo', 'rloo', 'online-dpo', 'rlkd', 'reward-train', 'embed-train', 'eval', 'merge')]; "
          "print(sorted(m for m in ('lightning', 'peft', 'transformers', 'torch') if m in sys.modules))"],
         capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "[]", probe.stdout

@@ -46,6 +46,10 @@ def _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **module_kwargs):
         data = _write(tmp_path / "k.jsonl", [{"prompt": f"q{i}", "completion": f"c{i}", "label": i % 2 == 0}
                                              for i in range(4)])
         return module_cls(model=model), dm_cls(path=data, batch_size=4, val_fraction=0.0)
+    if method in ("online_dpo", "xpo"):
+        data = _write(tmp_path / "o.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)])
+        return module_cls(model=model, reward_fns=[_length_parity], max_completion_length=6, micro_batch_size=2), dm_cls(
+            path=data, batch_size=4, seed=0)
     if method in ("grpo", "dapo", "rloo", "rlkd"):
         data = _write(tmp_path / "g.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)])
         kwargs = dict(model=model, reasoning_rewards=True, num_generations=4, max_completion_length=6,

@@ -1,4 +1,4 @@
-"""Kill-and-resume for DPO, KTO, GRPO (with DAPO's dynamic sampling), reward models and embeddings.
+"""Kill-and-resume for DPO, KTO, GRPO (with DAPO's dynamic sampling), Online DPO, XPO, reward models and embeddings.
 
 Each method trains 6 steps straight; then the same run is SIGKILLed when step 5 starts (a forked
 child: no second import of the libraries), after the step-4 checkpoint, and resumed from it
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import zlib
 from itertools import islice
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
     from pmetal.modules.embed import EmbedModule
     from pmetal.modules.grpo import GrpoModule
     from pmetal.modules.kto import KtoModule
+    from pmetal.modules.online_dpo import OnlineDpoModule, XpoModule
     from pmetal.modules.reward import RewardModule
 
     lm = dict(model=str(tiny_model_dir), learning_rate=1e-2, gradient_checkpointing=False)
@@ -58,10 +60,22 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
         "grpo_mu2": lambda: (GrpoModule(num_generations=2, max_completion_length=4, reward_fns=["length"],
                                         num_iterations=2, micro_batch_size=2, **lm),
                              PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
+        "online_dpo": lambda: (OnlineDpoModule(max_completion_length=4, reward_fns=[DISTINCT], micro_batch_size=2,
+                                               **lm), PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
+        "xpo": lambda: (XpoModule(max_completion_length=4, reward_fns=[DISTINCT], micro_batch_size=2, alpha=0.1,
+                                  **lm), PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
         "embed": lambda: (EmbedModule(model=str(tiny_bert_dir), learning_rate=1e-3, evaluate_before_training=False),
                           EmbeddingDataModule(_head("embed", tmp, 12), batch_size=4, val_fraction=0, seed=1)),
     }
     return builders[method]()
+
+
+def distinct_reward(prompts, completions, **columns):
+    """Distinct completions get distinct rewards (Online DPO drops tied pairs: a tie would skip a step)."""
+    return [zlib.crc32(c.encode()) / 2**32 for c in completions]
+
+
+DISTINCT = f"{__name__}:distinct_reward"  # by name: a checkpoint's settings hold no function object
 
 
 def _fit(spec: tuple, run_dir: Path, *, kill: bool = False, resume: bool = False) -> None:
@@ -103,7 +117,7 @@ def _csv_steps(run_dir: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "reward", "embed"])
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "online_dpo", "xpo", "reward", "embed"])
 def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_dir, tiny_bert_dir, tmp_path):
     spec = (method, str(tiny_model_dir), str(tiny_bert_dir), tmp_path)
     _fit(spec, tmp_path / "straight")
