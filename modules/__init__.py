@@ -20,6 +20,7 @@ _EXPORTS = {
     "DapoModule": "pmetal.modules.grpo",
     "RlooModule": "pmetal.modules.grpo",
     "RlkdModule": "pmetal.modules.rlkd",
+    "DistillModule": "pmetal.modules.distill",
     "EmbedModule": "pmetal.modules.embed",
 }
 
