@@ -177,3 +177,20 @@ def test_cli_distill_trains_and_saves_the_adapter(tiny_model_dir, teacher_dir, s
     assert main(["distill", "--model", str(tiny_model_dir), "--teacher-model", str(teacher_dir), "--beta", "2",
                  "--dataset", sft_file, "--output-dir", str(tmp_path / "bad")]) == 2
     assert "beta=2.0 is out of range" in capsys.readouterr().err
+
+
+def test_the_readme_distill_example_builds(tiny_model_dir, teacher_dir, tmp_path, monkeypatch):
+    """README's `pmetal distill` line parses and builds its module (the teacher stands in for the fused run)."""
+    import shlex
+    from pathlib import Path
+
+    import pmetal.cli.runner
+    from pmetal.cli import main
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    line = next(l for l in readme.read_text().splitlines() if l.startswith("pmetal distill "))
+    argv = [{"runs/pip-hf": str(teacher_dir)}.get(a, a) for a in shlex.split(line.split("#")[0])[1:]]
+    built = {}
+    monkeypatch.setattr(pmetal.cli.runner, "launch", lambda args, settings, method, module, dm: built.update(m=module))
+    assert main(argv + ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run")]) == 0
+    assert built["m"].hparams.lmbda == 0.5 and built["m"].hparams.teacher_model == str(teacher_dir)
