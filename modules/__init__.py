@@ -22,6 +22,7 @@ _EXPORTS = {
     "RlkdModule": "pmetal.modules.rlkd",
     "OnlineDpoModule": "pmetal.modules.online_dpo",
     "XpoModule": "pmetal.modules.online_dpo",
+    "DistillModule": "pmetal.modules.distill",
     "EmbedModule": "pmetal.modules.embed",
 }
 

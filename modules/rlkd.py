@@ -24,6 +24,7 @@ import torch
 
 from pmetal.errors import PmetalError
 from pmetal.modules.grpo import GrpoModule
+from pmetal.modules.teacher import check_same_vocabulary  # noqa: F401 (its home before modules/teacher.py)
 
 
 class RlkdModule(GrpoModule):
@@ -62,20 +63,10 @@ class RlkdModule(GrpoModule):
         self._load_teacher()
 
     def _load_teacher(self) -> None:
-        from pmetal.vlm import load_model_tokenizer_processor
+        from pmetal.modules.teacher import load_teacher
 
         hp = self.hparams
-        dtype = next(self.policy.parameters()).dtype
-        teacher, teacher_tokenizer, _ = load_model_tokenizer_processor(
-            hp.teacher_model, vlm=None if self.is_vlm else False, dtype=dtype, trust_remote_code=hp.trust_remote_code,
-            attn_implementation=hp.attn_implementation, quantization=hp.teacher_quantization,
-            quant_backend=hp.quant_backend,
-        )
-        check_same_vocabulary(self.tokenizer, teacher_tokenizer, hp.model, hp.teacher_model)
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self._teacher.append(teacher)
+        self._teacher.append(load_teacher(self, hp.teacher_model, quantization=hp.teacher_quantization, method="RLKD"))
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -131,17 +122,3 @@ class RlkdModule(GrpoModule):
         metrics["alpha"] = torch.tensor(alpha)
         return (1.0 - alpha) * policy_loss + alpha * distill_share, metrics
 
-
-def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
-    """The teacher's token ids must mean what the student's mean, or the distillation is noise."""
-    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if student_vocab == teacher_vocab:
-        return
-    differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])
-    example = differing[0] if differing else None
-    raise PmetalError(
-        f"the teacher {teacher_name!r} does not share the tokenizer of the student {student_name!r} "
-        f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; first difference: token {example[0]!r} id {example[1]}). "
-        "RLKD compares token distributions position by position: pick a teacher of the same model family "
-        "(same tokenizer)"
-    )

@@ -58,6 +58,8 @@ def build_models(folder: Path, hidden: int, layers: int) -> dict[str, str]:
     bpe = bpe_tokenizer()
     return {
         "lm": str(make_tiny_causal_lm(folder / "lm", hidden_size=hidden, num_layers=layers, tokenizer=bpe)),
+        "lm_teacher": str(make_tiny_causal_lm(folder / "lm_teacher", hidden_size=2 * hidden, num_layers=layers,
+                                              seed=1, tokenizer=bpe)),
         "idefics3": str(make_tiny_idefics3(folder / "idefics3", hidden_size=hidden, num_layers=layers, tokenizer=bpe)),
         "qwen2_vl": str(make_tiny_qwen_vl(folder / "qwen2_vl", hidden_size=hidden, num_layers=layers, tokenizer=bpe)),
         "bert": str(make_tiny_bert(folder / "bert", hidden_size=hidden, num_layers=layers,

@@ -53,6 +53,7 @@ class Case:
     data: str  # key of write_data()'s files
     argv: tuple[str, ...] = ()
     model: str = "lm"  # "lm", "teacher" (lm + itself as teacher), "idefics3", "qwen2_vl", "bert"
+    teacher: str | None = None  # a key of the models: the teacher (`--teacher-model`) of a distillation case
     frozen_base: bool = True  # adapters on a frozen base (the base must not move)
     # optimizer steps under 16-mixed: fp16's gradient scaler starts at 2^16 and skips the steps whose
     # gradients overflow there, halving its scale each time (as fp16 training expects), so a case
@@ -88,6 +89,10 @@ CASES = [
     Case("rlkd", "rlkd", "rlkd", "prompts", GRPO_ARGS, model="teacher", fp16_steps=2),
     Case("online-dpo", "online-dpo", "online_dpo", "prompts", ONLINE_DPO_ARGS, fp16_steps=2),
     Case("xpo", "online-dpo", "xpo", "prompts", ("--xpo", "--alpha", "0.01", *ONLINE_DPO_ARGS), fp16_steps=2),
+    Case("distill-gkd", "distill", "distill", "sft", ("--lmbda", "0.5", "--max-new-tokens", "4", "--batch-size", "2",
+                                                      "--val-fraction", "0"), teacher="lm_teacher"),
+    Case("distill-offline-reverse-kl", "fit", "distill", "sft", ("--model.lmbda", "0", "--model.beta", "1"),
+         teacher="lm_teacher"),
     Case("reward", "reward-train", "reward", "pref"),
     Case("vlm-sft-idefics3", "train", "sft", "vlm_sft", model="idefics3"),
     Case("vlm-grpo-qwen2vl", "grpo", "grpo", "vlm_prompts", GRPO_ARGS, model="qwen2_vl", fp16_steps=2),
@@ -152,7 +157,7 @@ def case_argv(case: Case, precision: str | None, models: dict[str, str], data: d
         argv += [names["precision"], precision]
     if fit:
         argv += ["--trainer.max_epochs", "null", "--trainer.enable_progress_bar", "false", "--trainer.logger", "csv"]
-        if case.method in ("sft", "dpo", "simpo", "orpo", "kto"):
+        if case.method in ("sft", "dpo", "simpo", "orpo", "kto", "distill"):
             argv += ["--data.val_fraction", "0", "--data.batch_size", "2"]
         argv += ["--model.gradient_checkpointing", "false"]
         if weight_dtype and case.frozen_base:
@@ -169,6 +174,8 @@ def case_argv(case: Case, precision: str | None, models: dict[str, str], data: d
                 argv += ["--weight-dtype", weight_dtype]
     if case.model == "teacher":
         argv += ["--teacher-model", model]
+    if case.teacher:
+        argv += ["--model.teacher_model" if fit else "--teacher-model", models[case.teacher]]
     return argv + list(case.argv)
 
 

@@ -1,7 +1,7 @@
 """The `pmetal` command.
 
     pmetal train [--model M --dataset D ...]       LoRA/DoRA/QLoRA/full SFT with PMetal's flags
-    pmetal grpo | rloo | online-dpo | rlkd | embed-train ...  the other PMetal commands
+    pmetal grpo | rloo | online-dpo | rlkd | distill | embed-train ...  the other PMetal commands
     pmetal fit --method dpo --model M --data.path D [--config configs/dpo.yaml] [--print_config]
     pmetal dataset validate|preview FILE           what pmetal would see in a data file
     pmetal export MODEL_OR_ADAPTER --format coreml|gguf|hf --out PATH
@@ -31,6 +31,7 @@ COMMANDS = {
     "rlkd": "pmetal.cli.commands.rlkd",
     "rloo": "pmetal.cli.commands.rloo",
     "online-dpo": "pmetal.cli.commands.online_dpo",
+    "distill": "pmetal.cli.commands.distill",
     "reward-train": "pmetal.cli.commands.reward_train",
     "embed-train": "pmetal.cli.commands.embed_train",
     "dataset": "pmetal.cli.commands.dataset",

@@ -20,7 +20,7 @@ from pathlib import Path
 from pmetal.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-TRAINING_COMMANDS = ("train", "grpo", "rlkd", "online-dpo", "embed-train", "fit")
+TRAINING_COMMANDS = ("train", "grpo", "rlkd", "online-dpo", "distill", "embed-train", "fit")
 RUN_DIR_FLAGS = {"fit": "--trainer.default_root_dir", "validate": "--trainer.default_root_dir"}
 # flags that must not reach the resume command, with whether they take a value
 DROPPED_FLAGS = {"--overwrite": False, "--ckpt_path": True}

@@ -65,6 +65,8 @@ METHODS: dict[str, Method] = {
         Method("rlkd", "pmetal.modules.rlkd:RlkdModule", "pmetal.data.prompts:PromptDataModule", "rlkd.yaml",
                "RLKD: GRPO plus distillation from a frozen teacher",
                "prompts"),
+        Method("distill", "pmetal.modules.distill:DistillModule", "pmetal.data.distill:DistillDataModule",
+               "distill.yaml", "GKD: on-policy distillation from a frozen teacher (generalized JSD)", "sft"),
         Method("reward", "pmetal.modules.reward:RewardModule", "pmetal.data.preference:PreferenceDataModule",
                "reward.yaml", "reward model: Bradley-Terry scorer on preference pairs", "preference"),
         Method("embed", "pmetal.modules.embed:EmbedModule", "pmetal.data.embedding:EmbeddingDataModule", "embed.yaml",

@@ -25,7 +25,7 @@ DERIVED = {name: importlib.import_module(module) for name, module in COMMANDS.it
            if isinstance(getattr(importlib.import_module(module), "FLAGS", None), CommandFlags)}
 COMMAND_OF = {method: name for name, module in DERIVED.items() for method in module.FLAGS.methods}
 # the values a command needs to parse at all (its required flags)
-REQUIRED_ARGS = {"rlkd": ["--teacher-model", "teacher-dir"]}
+REQUIRED_ARGS = {"rlkd": ["--teacher-model", "teacher-dir"], "distill": ["--teacher-model", "teacher-dir"]}
 # fit names a new run directory runs/<method>-<time>; a PMetal command does the same from --output-dir=None
 NOT_COMPARED = {"default_root_dir"}
 
@@ -49,9 +49,9 @@ def _printed_config(method: str, capsys) -> dict:
 
 
 def test_the_derived_commands_cover_the_language_and_embedding_methods():
-    assert set(DERIVED) == {"train", "grpo", "rloo", "online-dpo", "rlkd", "reward-train", "embed-train"}
+    assert set(DERIVED) == {"train", "grpo", "rloo", "online-dpo", "rlkd", "distill", "reward-train", "embed-train"}
     assert COMMAND_OF == {"sft": "train", "grpo": "grpo", "dapo": "grpo", "rloo": "rloo", "rlkd": "rlkd",
-                          "online_dpo": "online-dpo", "xpo": "online-dpo",
+                          "online_dpo": "online-dpo", "xpo": "online-dpo", "distill": "distill",
                           "reward": "reward-train",
                           "embed": "embed-train"}
 

@@ -1,7 +1,7 @@
 """Every method and mode under 32-true, bf16-mixed and 16-mixed, through the commands users run.
 
 Each case of tests/method_matrix.py (SFT full/LoRA/DoRA/QLoRA, DPO's four losses, SimPO, ORPO,
-KTO, GRPO, DAPO, GSPO, speculative and async-reward GRPO, RLKD, VLM SFT and GRPO, the three
+KTO, GRPO, DAPO, GSPO, speculative and async-reward GRPO, RLKD, GKD distillation, VLM SFT and GRPO, the three
 embedding losses) takes 2 optimizer steps (under 16-mixed, more where the gradient scaler skips
 the first ones: `Case.fp16_steps`) on a tiny random model through `pmetal fit --method X
 --trainer.precision P` or the PMetal command (`pmetal train|grpo|rlkd|embed-train --precision P`),
@@ -32,8 +32,11 @@ def test_the_matrix_covers_every_method():
 
 @pytest.fixture(scope="module")
 def matrix_inputs(tiny_model_dir, tiny_bert_dir, tiny_vlm_dirs, colour_images, tmp_path_factory):
+    from tests.tiny import make_tiny_causal_lm
+
     models = {"lm": str(tiny_model_dir), "bert": str(tiny_bert_dir), "idefics3": str(tiny_vlm_dirs["idefics3"]),
-              "qwen2_vl": str(tiny_vlm_dirs["qwen2_vl"])}
+              "qwen2_vl": str(tiny_vlm_dirs["qwen2_vl"]),
+              "lm_teacher": str(make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-teacher"), seed=1))}
     return models, write_data(tmp_path_factory.mktemp("matrix-data"), images=colour_images)
 
 

@@ -1,4 +1,4 @@
-"""Kill-and-resume for DPO, KTO, GRPO (with DAPO's dynamic sampling), Online DPO, XPO, reward models and embeddings.
+"""Kill-and-resume for DPO, KTO, GRPO (with DAPO's dynamic sampling), Online DPO, XPO, GKD, reward models and embeddings.
 
 Each method trains 6 steps straight; then the same run is SIGKILLed when step 5 starts (a forked
 child: no second import of the libraries), after the step-4 checkpoint, and resumed from it
@@ -6,7 +6,8 @@ child: no second import of the libraries), after the step-4 checkpoint, and resu
 step 6 is reached, after its metrics.csv row was written, which the resumed run writes again). The
 resumed run must reproduce the straight run's loss at every step and its final weights bit for
 bit: the loaders resume mid-epoch, and `RngCheckpoint` restores the random state that dropout
-(DPO's LoRA dropout, BERT's dropout), GRPO's sampled rollouts and DAPO's extra prompt draws use.
+(DPO's LoRA dropout, BERT's dropout), GRPO's sampled rollouts, DAPO's extra prompt draws and GKD's
+on-policy coin and samples use.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
     from pmetal.data.kto import KtoDataModule
     from pmetal.data.preference import PreferenceDataModule
     from pmetal.data.prompts import PromptDataModule
+    from pmetal.data.distill import DistillDataModule
+    from pmetal.modules.distill import DistillModule
     from pmetal.modules.dpo import DpoModule
     from pmetal.modules.embed import EmbedModule
     from pmetal.modules.grpo import GrpoModule
@@ -64,6 +67,9 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
                                                **lm), PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
         "xpo": lambda: (XpoModule(max_completion_length=4, reward_fns=[DISTINCT], micro_batch_size=2, alpha=0.1,
                                   **lm), PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
+        "distill": lambda: (DistillModule(teacher_model=_teacher(tmp), lmbda=0.5, max_new_tokens=4, temperature=1.0, **lm),
+                            DistillDataModule(_head("sft", tmp, 6), batch_size=2, max_seq_len=64, val_fraction=0,
+                                              seed=1)),
         "embed": lambda: (EmbedModule(model=str(tiny_bert_dir), learning_rate=1e-3, evaluate_before_training=False),
                           EmbeddingDataModule(_head("embed", tmp, 12), batch_size=4, val_fraction=0, seed=1)),
     }
@@ -76,6 +82,17 @@ def distinct_reward(prompts, completions, **columns):
 
 
 DISTINCT = f"{__name__}:distinct_reward"  # by name: a checkpoint's settings hold no function object
+
+
+def _teacher(tmp: Path) -> str:
+    """A tiny teacher with the student's tokenizer and other weights, written once per test folder."""
+    from tests.tiny import make_tiny_causal_lm
+
+    folder = tmp / "teacher"
+    if not (folder / "config.json").is_file():
+        with torch.random.fork_rng():  # its seed must not move the run's random state (only the first run writes it)
+            make_tiny_causal_lm(folder, seed=1)
+    return str(folder)
 
 
 def _fit(spec: tuple, run_dir: Path, *, kill: bool = False, resume: bool = False) -> None:
@@ -117,7 +134,7 @@ def _csv_steps(run_dir: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "online_dpo", "xpo", "reward", "embed"])
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "online_dpo", "xpo", "distill", "reward", "embed"])
 def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_dir, tiny_bert_dir, tmp_path):
     spec = (method, str(tiny_model_dir), str(tiny_bert_dir), tmp_path)
     _fit(spec, tmp_path / "straight")
