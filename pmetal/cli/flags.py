@@ -59,6 +59,8 @@ HIDDEN: dict[str, str] = {
     "callbacks": "Python objects: the command builds pmetal's callbacks",
     "plugins": "Python objects: the command adds pmetal's atomic checkpoint writer",
     "use_distributed_sampler": "pmetal's batch samplers shard batches by rank themselves; Lightning must not wrap them",
+    "max_grad_norm": "set by --gradient-clip-val (--max-grad-norm): the command hands the Trainer's clip value to a "
+                     "module that steps its own optimizer (runner.hand_clipping_to_module)",
 }
 
 
