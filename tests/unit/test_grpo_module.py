@@ -164,10 +164,14 @@ def test_cli_grpo_dapo_runs_and_saves_the_adapter(tiny_model_dir, prompt_file, t
     code = main(["grpo", "--dapo", "--model", str(tiny_model_dir), "--dataset", str(prompt_file), "--reward-fn",
                  "tests.unit.test_grpo_module:char_parity_reward", "--num-generations", "2", "--batch-size", "2",
                  "--max-completion-length", "4", "--max-steps", "1", "--no-gradient-checkpointing",
-                 "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out), "--logger", "csv"])
+                 "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out), "--logger", "csv",
+                 "--val-fraction", "0.5", "--eval-every", "1", "--max-grad-norm", "0.5"])
     assert code == 0, capsys.readouterr().err
     assert (out / "metrics.csv").is_file() and not (out / "tensorboard").exists()  # --logger csv: CSV only
-    assert "train/reward" in (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/reward" in header and "eval/reward" in header and "eval/rewards/char_parity_reward/mean" in header
+    config = json.loads((out / "final" / "pmetal_config.json").read_text())
+    assert config["max_grad_norm"] == 0.5  # the command handed its clip value to the module
 
 
 def test_rlkd_teacher_can_be_quantized(tiny_model_dir):
