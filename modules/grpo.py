@@ -159,12 +159,7 @@ class GrpoModule(PmetalModule):
         from pmetal.ranges import check_settings
         from pmetal.rewards import OverlongPunishment, RewardSet
 
-        check_settings(type(self).__name__, dict(
-            num_generations=num_generations, max_completion_length=max_completion_length, temperature=temperature,
-            top_p=top_p, top_k=top_k, min_p=min_p, num_iterations=num_iterations, micro_batch_size=micro_batch_size,
-            beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, tis_cap=tis_cap, max_grad_norm=max_grad_norm,
-            top_entropy_quantile=top_entropy_quantile, max_sampling_rounds=max_sampling_rounds,
-            overlong_buffer=overlong_buffer, rollout_chunks=rollout_chunks))
+        check_settings(type(self).__name__, dict(locals()))  # every argument the range table names
         try:
             check_draft_settings(speculative, draft_model, num_draft_tokens)
         except ValueError as exc:
@@ -220,12 +215,9 @@ class GrpoModule(PmetalModule):
         if trainer is not None:
             # The update is manual (several optimizer steps per rollout), which Lightning refuses to
             # combine with Trainer-side clipping: the module clips from its own setting.
-            if trainer.gradient_clip_val:
-                raise PmetalError(
-                    f"{type(self).__name__} steps its own optimizer, so the Trainer's gradient_clip_val="
-                    f"{trainer.gradient_clip_val} does not apply: pass max_grad_norm={trainer.gradient_clip_val} "
-                    "to the module instead (pmetal's commands hand --gradient-clip-val to it)"
-                )
+            if clip := trainer.gradient_clip_val:
+                raise PmetalError(f"{type(self).__name__} steps its own optimizer, so the Trainer's gradient_clip_val="
+                                  f"{clip} does not apply: pass max_grad_norm={clip} to the module instead")
             if trainer.accumulate_grad_batches != 1:
                 raise PmetalError(
                     f"accumulate_grad_batches={trainer.accumulate_grad_batches} does not apply to {type(self).__name__}: "
@@ -413,10 +405,8 @@ class GrpoModule(PmetalModule):
         return self.token_logps(part).sum() * 0.0
 
     def validation_step(self, batch, batch_idx):
-        """Held-out prompts (the datamodule's validation split, run every `--eval-every` steps):
-        `eval/reward`, `eval/rewards/<function>/mean`, `eval/completions/mean_length` and, when the
-        prompts have answers, `eval/accuracy` and `eval/pass@k` (``pmetal.rl.evaluate``), sampled at the
-        rollout temperature with num_generations completions per prompt."""
+        """Held-out prompts every `--eval-every` steps: eval/reward, eval/accuracy, eval/pass@k, ...
+        (``pmetal.rl.evaluate``: the rollout's temperature, num_generations completions per prompt)."""
         from pmetal.rl.evaluate import evaluate_prompts
 
         metrics = evaluate_prompts(self.policy, self.tokenizer, self.rewards, self.rollout_settings(), batch)

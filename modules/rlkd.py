@@ -54,8 +54,7 @@ class RlkdModule(GrpoModule):
     ) -> None:
         from pmetal.ranges import check_settings
 
-        check_settings(type(self).__name__, dict(alpha=alpha, final_alpha=final_alpha, distill_beta=distill_beta,
-                                                 teacher_temperature=teacher_temperature))
+        check_settings(type(self).__name__, dict(locals()))  # every argument the range table names
         super().__init__(model, **kwargs)
         self._teacher: list[torch.nn.Module] = []  # a list keeps it out of state_dict and the optimizer
         self._load_teacher()
