@@ -59,12 +59,12 @@ def run_pmetal(args, model_dir: Path, prompts: Path) -> dict:
     module = OnlineDpoModule(str(model_dir), reward_fns=[length_reward], max_completion_length=args.max_completion_length,
                              temperature=1.0, beta=0.1, micro_batch_size=2 * args.prompts, learning_rate=1e-6, lora_r=16,
                              weight_dtype="bfloat16" if args.device == "cuda" else "float32",
-                             gradient_checkpointing=True)
+                             gradient_checkpointing=True, max_grad_norm=1.0)
     timer = Timer()
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator=args.device, devices=1,
                         precision="bf16-mixed" if args.device == "cuda" else "32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, callbacks=[timer])
+                        callbacks=[timer])
     trainer.fit(module, PromptDataModule(str(prompts), batch_size=args.prompts, max_prompt_length=4 * args.prompt_len))
     return _summary("pmetal OnlineDpoModule", timer.steps[args.warmup :], args.device)
 

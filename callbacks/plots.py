@@ -1,4 +1,5 @@
-"""Loss history and a PNG plot of the training (and validation) loss at the end of fit."""
+"""Loss history and a PNG plot of the training (and validation) loss at the end of fit; an online
+method's held-out reward (`eval/reward`, `--eval-every`) is drawn beside the loss on its own axis."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class LossHistory(Callback):
         self.plot_path: Path | None = None
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
+        self.eval_reward: list[tuple[int, float]] = []  # online methods: the held-out mean reward
         self._pending: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -58,13 +60,17 @@ class LossHistory(Callback):
         value = trainer.callback_metrics.get("val/loss")
         if value is not None:
             self.val.append((trainer.global_step, float(value)))
+        reward = trainer.callback_metrics.get("eval/reward")
+        if reward is not None:
+            self.eval_reward.append((trainer.global_step, float(reward)))
 
     def state_dict(self) -> dict:
-        return {"train": self.train, "val": self.val}
+        return {"train": self.train, "val": self.val, "eval_reward": self.eval_reward}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train = [tuple(x) for x in state_dict.get("train", [])]
         self.val = [tuple(x) for x in state_dict.get("val", [])]
+        self.eval_reward = [tuple(x) for x in state_dict.get("eval_reward", [])]
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -82,15 +88,18 @@ class LossHistory(Callback):
         """Write `loss_history.json` and (when a step ran) the plot into `run_dir`; the plot's path."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "loss_history.json", json.dumps({"train": self.train, "val": self.val}))
+        history = {"train": self.train, "val": self.val}
+        if self.eval_reward:
+            history["eval_reward"] = self.eval_reward
+        write_text_atomic(run_dir / "loss_history.json", json.dumps(history))
         if not self.train:
             return None
         with atomic_output(run_dir / self.filename, directory=False) as staging:
-            plot_losses(self.train, self.val, staging)
+            plot_losses(self.train, self.val, staging, eval_reward=self.eval_reward)
         return run_dir / self.filename
 
 
-def plot_losses(train, val, path: Path) -> Path:
+def plot_losses(train, val, path: Path, *, eval_reward=()) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,7 +112,15 @@ def plot_losses(train, val, path: Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if eval_reward:  # a reward's scale is not the loss's: its own axis, on the right
+        right = ax.twinx()
+        right.plot([s for s, _ in eval_reward], [v for _, v in eval_reward], "s--", color="tab:green",
+                   label="held-out reward")
+        right.set_ylabel("held-out reward (eval/reward)")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from pmetal.callbacks.rollout import RolloutCallback, make_rollout
-from pmetal.generation.rollout import RolloutBatch
+from pmetal.rl.rollout import RolloutBatch
 from pmetal.tokens import IGNORE_INDEX
 
 

@@ -34,15 +34,14 @@ Where pmetal departs:
 - One optimizer step per pass over a rollout: ``num_iterations`` (the paper's μ) passes, each
   accumulating gradients over micro-batches of ``micro_batch_size`` completions, so group and
   prompt batch sizes are independent of memory. ``max_steps`` counts optimizer steps.
-- Gradient clipping uses the Trainer's ``gradient_clip_val`` (the update is manual, so the module
-  takes the value over from the Trainer and clips in `on_before_optimizer_step`, after a gradient
-  scaler's unscale).
+- Gradient clipping is the module's own ``max_grad_norm`` (the update is manual, which Lightning's
+  Trainer-side clipping refuses): it clips in `on_before_optimizer_step`, after a gradient scaler's
+  unscale. pmetal's commands hand their ``--gradient-clip-val`` (``--max-grad-norm``) to it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import defaultdict
 from typing import Any, Literal, Optional
@@ -109,11 +108,14 @@ class GrpoModule(PmetalModule):
             (the same rewards, advantages, losses and weights as scoring in line).
         rollout_chunks: prompt chunks per rollout, generated one after another; None = 2 with
             async_rewards, else 1 (results depend on the chunks, not on async_rewards).
+        max_grad_norm: clip the update's gradient norm to this value; None or 0 = off. The update
+            is manual, so this replaces the Trainer's gradient_clip_val (which must stay unset).
         learning_rate: peak learning rate of AdamW.
         **kwargs: the base module's settings (adapter, lora_r, quantization, warmup_steps, ...).
     """
 
     needs_reference = True
+    clips_own_gradients = True  # the update is manual: max_grad_norm, never the Trainer's gradient_clip_val
 
     def __init__(
         self,
@@ -149,22 +151,15 @@ class GrpoModule(PmetalModule):
         compile_rollouts: Optional[bool] = None,
         async_rewards: bool = False,
         rollout_chunks: Optional[int] = None,
+        max_grad_norm: Optional[float] = None,
         learning_rate: float = 5e-6,
         **kwargs: Any,
     ) -> None:
         from pmetal.generation.speculative import check_draft_settings
+        from pmetal.ranges import check_settings
         from pmetal.rewards import OverlongPunishment, RewardSet
 
-        if num_generations < 2:
-            raise PmetalError(f"num_generations={num_generations}: group advantages need at least 2 completions per prompt")
-        if num_iterations < 1 or micro_batch_size < 1:
-            raise PmetalError("num_iterations and micro_batch_size must be at least 1")
-        if tis_cap is not None and tis_cap <= 0:
-            raise PmetalError(f"tis_cap={tis_cap}: the cap of the importance weight must be > 0 (or none for off)")
-        if not 0.0 < top_entropy_quantile <= 1.0:
-            raise PmetalError(f"top_entropy_quantile={top_entropy_quantile}: expected a fraction in (0, 1]")
-        if rollout_chunks is not None and rollout_chunks < 1:
-            raise PmetalError(f"rollout_chunks={rollout_chunks}: need at least 1 chunk")
+        check_settings(type(self).__name__, dict(locals()))  # every argument the range table names
         try:
             check_draft_settings(speculative, draft_model, num_draft_tokens)
         except ValueError as exc:
@@ -185,8 +180,6 @@ class GrpoModule(PmetalModule):
         super().__init__(model, learning_rate=learning_rate, **kwargs)
         self.rewards = rewards
         self.automatic_optimization = False
-        self._clip_val: float | None = None
-        self._clip_algorithm = "norm"
         self.iteration_metrics: list[dict[str, float]] = []  # the last step's per-iteration metrics
         self.draft = None  # the draft model, loaded with the policy (setup) when draft_model is set
 
@@ -203,7 +196,7 @@ class GrpoModule(PmetalModule):
     # ------------------------------------------------------------------ rollout side
     def rollout_settings(self):
         from pmetal.generation import SamplingConfig
-        from pmetal.generation.settings import RolloutSettings
+        from pmetal.rl.settings import RolloutSettings
 
         hp = self.hparams
         sampling = SamplingConfig(max_new_tokens=hp.max_completion_length, temperature=hp.temperature,
@@ -221,11 +214,10 @@ class GrpoModule(PmetalModule):
         trainer = self._trainer
         if trainer is not None:
             # The update is manual (several optimizer steps per rollout), which Lightning refuses to
-            # combine with Trainer-side clipping: take the Trainer's setting over and clip here.
-            if trainer.gradient_clip_val:
-                self._clip_val = float(trainer.gradient_clip_val)
-                self._clip_algorithm = str(trainer.gradient_clip_algorithm or "norm")
-                trainer.gradient_clip_val = None
+            # combine with Trainer-side clipping: the module clips from its own setting.
+            if clip := trainer.gradient_clip_val:
+                raise PmetalError(f"{type(self).__name__} steps its own optimizer, so the Trainer's gradient_clip_val="
+                                  f"{clip} does not apply: pass max_grad_norm={clip} to the module instead")
             if trainer.accumulate_grad_batches != 1:
                 raise PmetalError(
                     f"accumulate_grad_batches={trainer.accumulate_grad_batches} does not apply to {type(self).__name__}: "
@@ -401,8 +393,8 @@ class GrpoModule(PmetalModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Lightning calls this inside optimizer.step(), after a gradient scaler (16-mixed) has unscaled
         # the gradients: clipping before the step would clip them times the scale (2^16), shrinking the update.
-        if self._clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self._clip_val, gradient_clip_algorithm=self._clip_algorithm)
+        if self.hparams.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
 
     def _idle_loss(self) -> torch.Tensor:
         """A zero loss through a real forward (one pad token), for a rank without completions this step."""
@@ -412,7 +404,16 @@ class GrpoModule(PmetalModule):
                 "labels": torch.tensor([[IGNORE_INDEX, pad]], device=self.device)}
         return self.token_logps(part).sum() * 0.0
 
-    def validation_step(self, batch, batch_idx):  # RL methods validate by their reward, in the rollout metrics
+    def validation_step(self, batch, batch_idx):
+        """Held-out prompts every `--eval-every` steps: eval/reward, eval/accuracy, eval/pass@k, ...
+        (``pmetal.rl.evaluate``: the rollout's temperature, num_generations completions per prompt)."""
+        from pmetal.rl.evaluate import evaluate_prompts
+
+        metrics = evaluate_prompts(self.policy, self.tokenizer, self.rewards, self.rollout_settings(), batch)
+        sync = sync_metrics(self)
+        for name, value in metrics.items():
+            self.log(f"eval/{name}", value, batch_size=len(batch["prompt_ids"]), on_epoch=True, on_step=False,
+                     prog_bar=name == "reward", sync_dist=sync)
         return None
 
 

@@ -53,11 +53,9 @@ class RlkdModule(GrpoModule):
         teacher_quantization: Optional[Literal["nf4", "fp4", "int8"]] = None,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("alpha", alpha), ("final_alpha", final_alpha), ("distill_beta", distill_beta)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise PmetalError(f"{name}={value} is out of range; expected a value in [0, 1]")
-        if teacher_temperature <= 0:
-            raise PmetalError(f"teacher_temperature={teacher_temperature}; expected a value > 0")
+        from pmetal.ranges import check_settings
+
+        check_settings(type(self).__name__, dict(locals()))  # every argument the range table names
         super().__init__(model, **kwargs)
         self._teacher: list[torch.nn.Module] = []  # a list keeps it out of state_dict and the optimizer
         self._load_teacher()

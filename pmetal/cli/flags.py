@@ -52,6 +52,22 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "reward_weights": ("--reward-weight",),
 }
 
+# The online methods' settings by topic: a PMetal command lists these flags under these headings
+# in --help, whichever class declares them (GRPO, DAPO, RLOO, RLKD and the methods built on
+# GrpoModule share one set of rollout settings; the sampler receives them as pmetal.rl's RolloutSettings).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "rollout: sampling": ("num_generations", "max_completion_length", "temperature", "top_p", "top_k", "min_p"),
+    "rollout: engine": ("speculative", "draft_model", "num_draft_tokens", "compile_rollouts", "async_rewards",
+                        "rollout_chunks"),
+    "rollout: rewards": ("reward_fns", "reward_weights", "reasoning_rewards", "reward_model", "overlong_punishment",
+                         "overlong_buffer"),
+    "rollout: advantages and group filtering": ("advantage_estimator", "scale_rewards", "dynamic_sampling",
+                                                "max_sampling_rounds"),
+    "update: policy loss": ("num_iterations", "micro_batch_size", "beta", "epsilon", "epsilon_high", "loss_type",
+                            "importance_sampling_level", "tis_cap", "top_entropy_quantile"),
+}
+GROUP_OF = {name: title for title, names in GROUPS.items() for name in names}
+
 # Parameters a PMetal command does not offer, and why (pmetal fit still takes them).
 HIDDEN: dict[str, str] = {
     "tokenizer": "a Python object: the DataModule takes the LightningModule's tokenizer",
@@ -59,6 +75,8 @@ HIDDEN: dict[str, str] = {
     "callbacks": "Python objects: the command builds pmetal's callbacks",
     "plugins": "Python objects: the command adds pmetal's atomic checkpoint writer",
     "use_distributed_sampler": "pmetal's batch samplers shard batches by rank themselves; Lightning must not wrap them",
+    "max_grad_norm": "set by --gradient-clip-val (--max-grad-norm): the command hands the Trainer's clip value to a "
+                     "module that steps its own optimizer (runner.hand_clipping_to_module)",
 }
 
 
@@ -248,6 +266,7 @@ class CommandFlags:
                         variant_only.setdefault(name, []).append(method)
         seen: set[str] = set()
         groups: dict[str, Any] = {}
+        rollouts = "num_generations" in sections["model"]  # an online method: its settings by topic (GROUPS)
         for section, settings in sections.items():
             for name, setting in settings.items():
                 if name in seen or self.hidden_reason(name):
@@ -256,7 +275,9 @@ class CommandFlags:
                 if read is None:
                     continue  # no command-line form: tests/unit/test_cli_flags.py asks for a HIDDEN entry
                 seen.add(name)
-                title = f"{section}: {setting.owner}"
+                title = (rollouts and GROUP_OF.get(name)) or f"{section}: {setting.owner}"
+                if title in GROUPS and title not in groups:  # the topics in their order (empty ones are not shown)
+                    groups.update({t: parser.add_argument_group(t) for t in GROUPS if t not in groups})
                 group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
                 shortcuts = [s for s in self.shortcuts if s.param == name]
                 target = group.add_mutually_exclusive_group() if shortcuts else group

@@ -154,7 +154,8 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
 
     from lightning.pytorch.cli import LightningCLI
 
-    from pmetal.cli.runner import build_trainer, default_run_dir, fit, report_outputs, resolve_resume
+    from pmetal.cli.runner import (build_trainer, default_run_dir, fit, hand_clipping_to_module, report_outputs,
+                                   resolve_resume)
 
     resume, rest = _pop_resume(rest)
     overwrite = "--overwrite" in rest
@@ -180,6 +181,7 @@ def run_lightning_cli(argv: list[str], *, run: bool = True):
                 self.config["trainer"]["default_root_dir"] = str(default_run_dir(method_name))
             check_fit_config(self.config, method_name, resume=resume or self.config.get("ckpt_path"),
                              overwrite=overwrite)
+            hand_clipping_to_module(method.module_class(), self.config["model"], self.config["trainer"])
 
     cli = PmetalCLI(
         method.module_class(),

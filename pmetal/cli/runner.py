@@ -270,6 +270,17 @@ def build_trainer(
     )
 
 
+def hand_clipping_to_module(module_class, model: dict, trainer: dict) -> None:
+    """A module that steps its own optimizer (`clips_own_gradients`: the GRPO family) clips its own
+    gradients, which Lightning's Trainer refuses to do for it: the Trainer's `gradient_clip_val`
+    becomes the module's `max_grad_norm` (unless that is given) and the Trainer's is unset."""
+    if not getattr(module_class, "clips_own_gradients", False):
+        return
+    if model.get("max_grad_norm") is None:
+        model["max_grad_norm"] = trainer.get("gradient_clip_val") or None
+    trainer["gradient_clip_val"] = None
+
+
 def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> str | None:
     """The checkpoint `--resume` continues from, validated.
 

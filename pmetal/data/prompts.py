@@ -26,7 +26,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from pmetal.data.base import PmetalDataModule
+from pmetal.data.base import PmetalDataModule, check_val_fraction, held_out_split
 from pmetal.data.formats import coerce_messages, load_rows, require_string, row_error
 from pmetal.errors import DataError
 
@@ -151,15 +151,23 @@ class PromptDataModule(PmetalDataModule):
         num_workers: DataLoader worker processes.
         processor: a vision-language model's processor: prompts then carry images (`image`/`images`
             columns or image parts); None takes the training module's `processor` when it has one.
+        eval_path: held-out prompts in the same layout, sampled every `--eval-every` steps
+            (eval/reward, eval/accuracy, eval/pass@k); None holds out `val_fraction` of `path`.
+        val_fraction: fraction of the prompts held out for evaluation when there is no `eval_path`
+            (at least one prompt when positive); 0 = no held-out evaluation.
     """
 
     def __init__(self, path: Optional[str] = None, batch_size: int = 4, max_prompt_length: int = 512,
                  prompt_column: Optional[str] = None, system_prompt: Optional[str] = None,
                  chat_template: Optional[str] = None, seed: int = 42, tokenizer: Optional[Any] = None,
-                 num_workers: int = 0, processor: Optional[Any] = None) -> None:
+                 num_workers: int = 0, processor: Optional[Any] = None, eval_path: Optional[str] = None,
+                 val_fraction: float = 0.0) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(None, f"batch_size={batch_size}", expected="at least 1 prompt per step")
+        check_val_fraction(val_fraction)
+        self.eval_path, self.val_fraction = eval_path, val_fraction
+        self.val_items: list[dict] = []
         if path is None:
             from pmetal.data.formats import example_path
 
@@ -172,24 +180,35 @@ class PromptDataModule(PmetalDataModule):
         self._collate = collate_prompts
 
     def prepare(self) -> None:
-        from pmetal.data.render import render_prompt
-
-        tokenizer = self.chat_tokenizer()
-        rows = load_rows(self.path)
-        if not rows:
-            raise DataError(self.path, "no rows", expected="at least one prompt")
-        from pmetal.data.vlm import vlm_processor, vlm_prompt_item
+        from pmetal.data.vlm import vlm_processor
 
         processor = vlm_processor(self)  # a VLM: prompts carry their images (pmetal.data.vlm)
         self._collate = VlmPromptCollator(processor) if processor is not None else collate_prompts
+        items = self._items(self.path, processor)
+        if self.eval_path:
+            self.val_items = self._items(self.eval_path, processor)
+        else:
+            items, self.val_items = held_out_split(items, self.val_fraction, self.seed, path=self.path)
+        self.train_items = items
+        log.info("prompt data: %d prompts from %s%s", len(items), self.path,
+                 f", {len(self.val_items)} held out" if self.val_items else "")
+
+    def _items(self, path: str, processor) -> list[dict]:
+        from pmetal.data.render import render_prompt
+        from pmetal.data.vlm import vlm_prompt_item
+
+        tokenizer = self.chat_tokenizer()
+        rows = load_rows(path)
+        if not rows:
+            raise DataError(path, "no rows", expected="at least one prompt")
         items, truncated = [], 0
         for i in range(len(rows)):
             original, messages, columns = (vlm_row_to_prompt if processor else row_to_prompt)(
-                rows, i, prompt_column=self.prompt_column, path=self.path)
+                rows, i, prompt_column=self.prompt_column, path=path)
             if self.system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.system_prompt}, *messages]
             if processor is not None:
-                item, cut = vlm_prompt_item(processor, rows, i, messages, path=self.path,
+                item, cut = vlm_prompt_item(processor, rows, i, messages, path=path,
                                             max_prompt_length=self.max_prompt_length)
                 truncated += cut
                 items.append({**item, "prompt": original, "columns": columns, "index": i})
@@ -200,13 +219,18 @@ class PromptDataModule(PmetalDataModule):
             items.append({"prompt_ids": ids, "prompt": original, "columns": columns, "index": i})
         if truncated:
             log.warning("%s: %d of %d prompts were longer than max_prompt_length=%d and keep only their last tokens",
-                        self.path, truncated, len(items), self.max_prompt_length)
-        self.train_items = items
-        log.info("prompt data: %d prompts from %s", len(items), self.path)
+                        path, truncated, len(items), self.max_prompt_length)
+        return items
 
     def train_dataloader(self):
         self.setup("fit")
         return self.resumable_loader(self.train_items, self._collate, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        self.setup("fit")
+        if not self.val_items:
+            return []
+        return self.resumable_loader(self.val_items, self._collate, batch_size=self.batch_size, shuffle=False)
 
     def _draws(self) -> random.Random:
         if self._rng is None:  # per rank: each process draws its own extra prompts

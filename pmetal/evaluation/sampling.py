@@ -35,7 +35,7 @@ def pass_ks(num_samples: int) -> list[int]:
     return sorted(set(ks + [num_samples]))
 
 
-def _has_answers(columns: dict[str, list]) -> bool:
+def has_answers(columns: dict[str, list]) -> bool:
     return any(v is not None and str(v).strip() for name in ("answer", "solution") for v in columns.get(name, []))
 
 
@@ -60,7 +60,7 @@ def prompt_eval(handle, rows, path: str, report, *, rewards=None, num_samples: i
     repeated = [p for p in prompts for _ in range(num_samples)]
     temperature = (0.0 if num_samples == 1 else 1.0) if temperature is None else temperature
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    answers = _has_answers(columns)
+    answers = has_answers(columns)
     report.notes.append(f"{len(prompts)} prompts x {num_samples} samples, temperature {temperature}, "
                         f"at most {max_new_tokens} new tokens"
                         + ("" if answers else "; no answer/solution column, so no accuracy or pass@k"))  # fmt: skip

@@ -40,7 +40,7 @@ What it does, and why each piece is there:
 Sampling draws ``argmax(probs / E)`` with ``E ~ Exp(1)`` (the exponential race: exactly a draw
 from ``probs``, without a host-side ``multinomial``), over the distribution of
 :func:`pmetal.generation.sampling.process_logits`; greedy is the one-hot of the argmax. A plain
-decode round takes the race in log space (``speculative.sample_and_score``: the processed logits
+decode round takes the race in log space (``round.sample_and_score``: the processed logits
 plus Gumbel noise from the same uniforms), so no softmax is formed. The
 recorded log-prob is the full tempered ``log_softmax(logits / T)`` of the chosen token, as training
 computes it. Speculation (``pmetal.generation.speculative``) plugs in as the draft of the round.
@@ -181,7 +181,7 @@ class RolloutEngine:
 
     def compiled_forward(self, model):
         """The compiled decode forward for ``model`` (None: run it uncompiled)."""
-        from pmetal.generation.speculative import model_logits
+        from pmetal.generation.round import model_logits
 
         return self.compiled(model_logits, key=id(model))
 
@@ -216,7 +216,7 @@ class RolloutEngine:
     # ------------------------------------------------------------------ decode side
     def _family_for(self, spec: DecodeSpec, prefill, draft_prefill, config, generator, pad_token_id):
         """The buckets and the round of ``spec``, kept while the shapes stay (graphs survive calls)."""
-        from pmetal.generation.speculative import Round
+        from pmetal.generation.round import Round
 
         if self._family is not None and self._family[0] == spec:
             return self._family[1], self._family[2]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pmetal.generation.hf_internals import swap_submodule
+
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -107,10 +109,10 @@ class FusedProjections:
     def __enter__(self):
         for parent, names, _, _, _, stand_ins in self.groups:
             for name, module in zip(names, stand_ins):
-                parent._modules[name] = module
+                swap_submodule(parent, name, module)
         return self
 
     def __exit__(self, *exc) -> None:
         for parent, names, linears, _, _, _ in self.groups:
             for name, module in zip(names, linears):
-                parent._modules[name] = module
+                swap_submodule(parent, name, module)

@@ -7,29 +7,13 @@ copies each prompt's per-layer KV into its ``G`` decode rows.
 
 from __future__ import annotations
 
-import torch
-
+from pmetal.generation.hf_internals import attn_implementation, cache_layers, output_cache
 from pmetal.generation.sampling import prompt_forward
-
-
-def prompt_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """``(keys, values)`` per layer of a prefilled ``DynamicCache`` (None: not a plain per-layer cache)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
-    elif hasattr(cache, "key_cache"):
-        pairs = list(zip(cache.key_cache, cache.value_cache))
-    else:
-        return None
-    if not pairs or any(not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) for k, v in pairs):
-        return None
-    return pairs
 
 
 def engine_supports(model) -> bool:
     """Full attention through SDPA or eager attention (the 4-D slot mask); no sliding window, no hybrid cache."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-    return impl in ("sdpa", "eager") and not has_sliding_window(model)
+    return attn_implementation(model) in ("sdpa", "eager") and not has_sliding_window(model)
 
 
 def has_sliding_window(model) -> bool:
@@ -50,7 +34,7 @@ def prefill(model, prompts, pad_token_id: int, group: int, prefill_inputs, devic
     """
     ids, mask, last, out, cache = prompt_forward(model, prompts, pad_token_id, device, prefill_inputs)
     width = ids.shape[1]
-    layers = prompt_layers(getattr(out, "past_key_values", None) or cache)
+    layers = cache_layers(output_cache(out, cache))
     if layers is None or any(k.shape[2] != width for k, _ in layers):
         return None
     rep = lambda t: t.repeat_interleave(group, dim=0)  # noqa: E731

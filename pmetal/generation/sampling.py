@@ -21,12 +21,12 @@ dtype.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from pmetal.generation.hf_internals import forward_kwargs, new_prompt_cache
 from pmetal.tokens import END_OF_TURN_TOKENS
 
 
@@ -129,15 +129,6 @@ def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor
     return logits
 
 
-def forward_kwargs(model) -> tuple[str, bool]:
-    """The cache keyword (``cache`` in transformers >= 5.2x, ``past_key_values`` before) and
-    whether ``logits_to_keep`` is accepted, read from the underlying HF model's signature."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    return cache_kw, "logits_to_keep" in params
-
-
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
     """``(ids, mask, position_ids)``, each ``[P, W]``: prompts left-padded, positions ``0..len-1`` per prompt."""
     num_prompts, width = len(prompts), max(len(p) for p in prompts)
@@ -158,11 +149,9 @@ def prompt_forward(model, prompts: Sequence[Sequence[int]], pad_token_id: int, d
     positions the update's forward gives the completion). Only the last position's logits are
     computed where the model allows it. Shared by the reference loop and the engine's prefill.
     """
-    from transformers import DynamicCache
-
     ids, mask, position_ids = left_pad(prompts, pad_token_id, device)
     cache_kw, has_keep = forward_kwargs(model)
-    cache = DynamicCache()
+    cache = new_prompt_cache()
     extra = {"logits_to_keep": 1} if has_keep else {}
     positions, last = position_ids, position_ids[:, -1]
     if prefill_inputs:

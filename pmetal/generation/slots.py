@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from pmetal.generation.hf_internals import dispatch_attention, register_attention
+
 
 class SlotCache:
     """A KV cache of fixed ``[rows, heads, capacity, dim]`` buffers, written at ``write_index`` slots.
@@ -94,32 +96,11 @@ def slot_kernel_attention(module, query, key, value, attention_mask, scaling=Non
 
 
 def _register_slot_attention() -> bool:
-    try:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(SLOT_ATTENTION, slot_attention)
-        AttentionInterface.register(SLOT_KERNEL_ATTENTION, slot_kernel_attention)
-        return True
-    except Exception:  # noqa: BLE001 - an older transformers: the model's own attention is used
-        return False
+    return (register_attention(SLOT_ATTENTION, slot_attention)
+            and register_attention(SLOT_KERNEL_ATTENTION, slot_kernel_attention))
 
 
-class use_slot_attention:
+def use_slot_attention(model, kernel: bool = False) -> dispatch_attention:
     """Within the block, ``model``'s attention layers dispatch to :func:`slot_attention`
     (``kernel=True``: :func:`slot_kernel_attention`)."""
-
-    def __init__(self, model, kernel: bool = False) -> None:
-        self.config = getattr(model, "config", None)
-        self.name = SLOT_KERNEL_ATTENTION if kernel else SLOT_ATTENTION
-        self.previous = None
-
-    def __enter__(self):
-        impl = getattr(self.config, "_attn_implementation", None)
-        if impl == "sdpa" and _register_slot_attention():
-            self.previous = impl
-            self.config._attn_implementation = self.name
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            self.config._attn_implementation = self.previous
+    return dispatch_attention(model, SLOT_KERNEL_ATTENTION if kernel else SLOT_ATTENTION, _register_slot_attention)

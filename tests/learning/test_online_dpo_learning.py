@@ -30,10 +30,10 @@ def test_online_dpo_raises_the_reward(smollm2_dir, additions):  # noqa: F811
     L.seed_everything(0)
     module = OnlineDpoModule(str(smollm2_dir), reward_fns=["accuracy", brevity], max_completion_length=12,
                              temperature=0.7, micro_batch_size=8, beta=0.1, learning_rate=5e-4, lr_schedule="constant",
-                             lora_r=16, gradient_checkpointing=False)
+                             lora_r=16, gradient_checkpointing=False, max_grad_norm=1.0)
     history = RewardHistory()
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[history])
     trainer.fit(module, PromptDataModule(str(additions), batch_size=4, seed=0))
     first, last = sum(history.rewards[:3]) / 3, sum(history.rewards[-3:]) / 3

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 SETTINGS = dict(reward_fns=["accuracy", "overlong"], num_generations=4, max_completion_length=16, temperature=0.7,
                 micro_batch_size=16, learning_rate=3e-4, lr_schedule="constant", lora_r=16,
-                gradient_checkpointing=False)
+                gradient_checkpointing=False, max_grad_norm=1.0)
 
 
 class RewardHistory(L.Callback):
@@ -56,8 +56,7 @@ def _fit(module, data_path, steps=STEPS):
 
     history = RewardHistory()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                        callbacks=[history])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[history])
     trainer.fit(module, PromptDataModule(str(data_path), batch_size=4, seed=0))
     return history
 

@@ -26,7 +26,7 @@ class FixedRollouts(RolloutCallback):
     """
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        from pmetal.generation.rollout import RolloutRow, assemble
+        from pmetal.rl.rollout import RolloutRow, assemble
         from pmetal.losses.policy import group_advantages
 
         rows = []
@@ -77,8 +77,8 @@ def run_all(out: Path, model_dir: str, data: dict, world: int, strategy: str = "
     kwargs = dict(accelerator="cpu", precision="32-true", devices=world, strategy=strategy if world > 1 else "auto",
                   enable_progress_bar=False, checkpoint_every_n_steps=2)
 
-    def trainer(name, steps=STEPS, extra=None):
-        return build_trainer(out / name, max_steps=steps, callbacks=extra, **kwargs)
+    def trainer(name, steps=STEPS, extra=None, **more):
+        return build_trainer(out / name, max_steps=steps, callbacks=extra, **kwargs, **more)
 
     def modules(cls, dm_cls, dm_kwargs, **module_kwargs):
         L.seed_everything(0, verbose=False)
@@ -99,8 +99,10 @@ def run_all(out: Path, model_dir: str, data: dict, world: int, strategy: str = "
             ckpt_path=str(out / ckpt) if ckpt else None)
     # GRPO/DAPO update: whole groups per rank, tokens counted over the whole rollout
     module, dm = modules(GrpoModule, PromptDataModule, dict(path=data["grpo"], batch_size=per_rank, seed=3),
-                         num_generations=2, loss_type="dapo", micro_batch_size=2, reward_fns=["length"])
-    fit(trainer("grpo", extra=[FixedRollouts(), _recorder(out / f"grpo_seen_rank{rank}.json")]), module, dm)
+                         num_generations=2, loss_type="dapo", micro_batch_size=2, reward_fns=["length"],
+                         max_grad_norm=1.0)
+    fit(trainer("grpo", extra=[FixedRollouts(), _recorder(out / f"grpo_seen_rank{rank}.json")], gradient_clip_val=None),
+        module, dm)
 
 
 def _record_writes(out: Path) -> list:

@@ -190,10 +190,10 @@ def _fit_grpo(tiny_model_dir, tmp_path, prompts: list[str], *, async_rewards: bo
     module = _timed_grpo()(str(tiny_model_dir), reward_fns=[slow_second_chunk], num_generations=2,
                            max_completion_length=4, micro_batch_size=2, rollout_chunks=2, beta=0.1,
                            num_iterations=2, learning_rate=1e-2, lora_dropout=0.1, gradient_checkpointing=False,
-                           async_rewards=async_rewards)
+                           async_rewards=async_rewards, max_grad_norm=1.0)
     record = Record()
     trainer = build_trainer(run, accelerator="cpu", precision="32-true", max_steps=4, max_epochs=None,
-                            enable_progress_bar=False, logger=False, callbacks=[record])
+                            enable_progress_bar=False, logger=False, callbacks=[record], gradient_clip_val=None)
     fit(trainer, module, PromptDataModule(str(data), batch_size=4))
     weights = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
     history = json.loads((run / "loss_history.json").read_text())["train"]

@@ -297,3 +297,20 @@ def test_a_bool_or_text_setting_reads_true_and_false_as_booleans():
     for given, expected in (("false", False), ("TRUE", True), ("chatml", "chatml"), ("none", None)):
         resolved = flags.resolve(parser.parse_args(["--chat-template", given]), "reward")
         assert resolved.data["chat_template"] == expected, given
+
+
+def test_online_methods_list_their_settings_by_topic():
+    """`pmetal rlkd --help` groups the ~50 rollout/update flags by topic (flags.GROUPS), whichever class
+    declares them; a method without rollouts keeps its own groups (embed-train's temperature is InfoNCE's)."""
+    from pmetal.cli import build_parser
+    from pmetal.cli.flags import GROUPS
+
+    def titles(command):
+        sub = next(a for a in build_parser(command)._actions if a.dest == "command").choices[command]
+        return {g.title: {o for a in g._group_actions for o in a.option_strings} for g in sub._action_groups}
+
+    rlkd = titles("rlkd")
+    assert "--temperature" in rlkd["rollout: sampling"] and "--async-rewards" in rlkd["rollout: engine"]
+    assert "--reward-fn" in rlkd["rollout: rewards"] and "--tis-cap" in rlkd["update: policy loss"]
+    assert "--alpha" in rlkd["model: RlkdModule"]
+    assert not any(title in GROUPS for title in titles("embed-train"))

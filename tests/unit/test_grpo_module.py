@@ -30,21 +30,21 @@ def _trainer(max_steps, **kwargs):
 
 def test_num_iterations_moves_the_ratio_and_engages_clipping(tiny_model_dir, prompt_file):
     """Iteration 1 of a rollout is on-policy (ratio 1, nothing clipped); iteration 2 reuses it after an
-    update, so the ratio departs from 1 and the clip engages. The Trainer's gradient_clip_val is taken over."""
+    update, so the ratio departs from 1 and the clip engages. The module clips from its own max_grad_norm."""
     from pmetal.modules.grpo import GrpoModule
 
     torch.manual_seed(1)  # seed 0 samples (exponential race) completions whose mean ratio moves under 1e-2
     module = GrpoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=4,
                         max_completion_length=6, num_iterations=2, micro_batch_size=4, learning_rate=0.05,
-                        lr_schedule="constant", gradient_checkpointing=False)
-    trainer = _trainer(2, gradient_clip_val=1.0)
+                        lr_schedule="constant", gradient_checkpointing=False, max_grad_norm=1.0)
+    trainer = _trainer(2)
     trainer.fit(module, PromptDataModule(str(prompt_file), batch_size=2))
     assert trainer.global_step == 2  # one rollout, two optimizer steps
     first, second = module.iteration_metrics
     assert first["ratio"] == pytest.approx(1.0, abs=1e-3) and first["clip_ratio/region_mean"] == 0.0
     assert abs(second["ratio"] - 1.0) > 1e-2
     assert second["clip_ratio/region_mean"] > 0.0
-    assert module._clip_val == 1.0 and trainer.gradient_clip_val is None
+    assert module.hparams.max_grad_norm == 1.0 and trainer.gradient_clip_val is None
     assert sum(isinstance(cb, RolloutCallback) for cb in trainer.callbacks) == 1
     for key in ("train/loss", "train/reward", "train/rewards/char_parity_reward/mean", "train/clip_ratio/high_mean",
                 "train/completions/clipped_ratio", "train/frac_reward_zero_std"):
@@ -164,10 +164,14 @@ def test_cli_grpo_dapo_runs_and_saves_the_adapter(tiny_model_dir, prompt_file, t
     code = main(["grpo", "--dapo", "--model", str(tiny_model_dir), "--dataset", str(prompt_file), "--reward-fn",
                  "tests.unit.test_grpo_module:char_parity_reward", "--num-generations", "2", "--batch-size", "2",
                  "--max-completion-length", "4", "--max-steps", "1", "--no-gradient-checkpointing",
-                 "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out), "--logger", "csv"])
+                 "--accelerator", "cpu", "--no-progress-bar", "--output-dir", str(out), "--logger", "csv",
+                 "--val-fraction", "0.5", "--eval-every", "1", "--max-grad-norm", "0.5"])
     assert code == 0, capsys.readouterr().err
     assert (out / "metrics.csv").is_file() and not (out / "tensorboard").exists()  # --logger csv: CSV only
-    assert "train/reward" in (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/reward" in header and "eval/reward" in header and "eval/rewards/char_parity_reward/mean" in header
+    config = json.loads((out / "final" / "pmetal_config.json").read_text())
+    assert config["max_grad_norm"] == 0.5  # the command handed its clip value to the module
 
 
 def test_rlkd_teacher_can_be_quantized(tiny_model_dir):
@@ -191,8 +195,10 @@ def test_rlkd_teacher_can_be_quantized(tiny_model_dir):
 
 
 def test_compile_rollouts_reaches_the_engine(tiny_model_dir, monkeypatch):
-    from pmetal.callbacks import rollout as installed
+    from pmetal.callbacks.rollout import sampler_for
     from pmetal.modules.grpo import GrpoModule
+    from pmetal.rl import sampler as installed
+    from pmetal.rl.prompts import PromptBatch
 
     module = GrpoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=2,
                         gradient_checkpointing=False, compile_rollouts=False)
@@ -207,7 +213,7 @@ def test_compile_rollouts_reaches_the_engine(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(installed, "engine_for", fake_engine_for)
     module.setup("fit")
     with pytest.raises(RuntimeError, match="stop here"):
-        installed._generate(module, {"prompt_ids": [[5, 6]]}, settings, stop_ids=[])
+        sampler_for(module, stop_ids=[], settings=settings).generate(PromptBatch([[5, 6]], ["p"]))
     assert seen["compile_decode"] is False
 
 
@@ -267,3 +273,33 @@ def test_cli_rloo_runs_and_saves_the_adapter(tiny_model_dir, prompt_file, tmp_pa
     assert code == 0, capsys.readouterr().err
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert '"advantage_estimator": "rloo"' in (out / "final" / "pmetal_config.json").read_text()
+
+
+def test_the_trainers_clipping_is_refused_with_the_modules_setting_named(tiny_model_dir, prompt_file):
+    """Lightning cannot clip a manual update: a Trainer with gradient_clip_val gets a one-line error
+    naming max_grad_norm, and the Trainer's setting is left as it was (nothing taken over)."""
+    from pmetal.errors import PmetalError
+    from pmetal.modules.grpo import GrpoModule
+
+    module = GrpoModule(str(tiny_model_dir), reward_fns=[char_parity_reward], num_generations=2,
+                        max_completion_length=2, gradient_checkpointing=False)
+    trainer = _trainer(1, gradient_clip_val=0.5)
+    with pytest.raises(PmetalError, match="max_grad_norm=0.5"):
+        trainer.fit(module, PromptDataModule(str(prompt_file), batch_size=2))
+    assert trainer.gradient_clip_val == 0.5
+
+
+def test_the_commands_hand_the_trainers_clip_value_to_a_module_that_clips_itself():
+    from pmetal.cli.runner import hand_clipping_to_module
+    from pmetal.modules.grpo import GrpoModule
+    from pmetal.modules.sft import SftModule
+
+    model, trainer = {"max_grad_norm": None}, {"gradient_clip_val": 1.0}
+    hand_clipping_to_module(GrpoModule, model, trainer)
+    assert model == {"max_grad_norm": 1.0} and trainer == {"gradient_clip_val": None}
+    model, trainer = {"max_grad_norm": 0.3}, {"gradient_clip_val": 1.0}  # the module's own value wins
+    hand_clipping_to_module(GrpoModule, model, trainer)
+    assert model == {"max_grad_norm": 0.3} and trainer == {"gradient_clip_val": None}
+    model, trainer = {}, {"gradient_clip_val": 1.0}  # SFT: Lightning clips
+    hand_clipping_to_module(SftModule, model, trainer)
+    assert model == {} and trainer == {"gradient_clip_val": 1.0}

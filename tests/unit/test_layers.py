@@ -75,11 +75,11 @@ def test_the_map_sees_the_layers():
     assert layer_of("pmetal.cli.runner") == "app" and "pmetal.cli.runner" in known
     assert layer_of("pmetal.modules.grpo") == "methods" and known["pmetal.modules.grpo"] == ROOT / "modules" / "grpo.py"
     assert layer_of("pmetal.callbacks.rollout") == "methods"
-    assert layer_of("pmetal.generation.settings") == "core" and layer_of("pmetal.errors") == "core"
+    assert layer_of("pmetal.rl.settings") == "core" and layer_of("pmetal.errors") == "core"
     graph = import_graph()
     # function-level and relative imports are read too
     assert "pmetal.callbacks.rollout" in graph["pmetal.modules.grpo"]  # inside configure_callbacks
-    assert "pmetal.generation.settings" in graph["pmetal.modules.grpo"]
+    assert "pmetal.rl.settings" in graph["pmetal.modules.grpo"]
     assert "pmetal.cli.dispatch" in graph["pmetal.cli"]
 
 
@@ -164,3 +164,60 @@ def test_no_state_is_stuck_onto_objects_that_do_not_own_it():
                         and target.attr not in owned and not on_self):
                     stuck.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(target)}")
     assert not stuck, "state set on objects that do not own it:\n  " + "\n  ".join(stuck)
+
+
+def test_the_online_rl_core_imports_no_method_and_no_callback():
+    """pmetal.rl (the typed rollout, the sampler, reward scoring, the rollout settings) sits beneath
+    the methods: RolloutCallback and the online modules call it, never the other way round."""
+    graph = import_graph()
+    core = sorted(m for m in graph if m == "pmetal.rl" or m.startswith("pmetal.rl."))
+    assert {"pmetal.rl.sampler", "pmetal.rl.rollout", "pmetal.rl.settings", "pmetal.rl.scoring"} <= set(core)
+    upward = [f"{m} imports {t}" for m in core for t in sorted(graph[m]) if layer_of(t) != "core"]
+    assert not upward, "\n  ".join(upward)
+    assert "pmetal.rl.sampler" in graph["pmetal.callbacks.rollout"]  # the callback is a hook over the sampler
+
+
+def test_no_trainer_setting_is_overwritten_by_a_module():
+    """A module keeps its settings to itself: no `trainer.<setting> = ...` in modules/ or callbacks/
+    (GRPO's manual update clips from its own `max_grad_norm`, not by taking the Trainer's over)."""
+    written = []
+    for module, path in project_modules().items():
+        if layer_of(module) != "methods":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                if (isinstance(target, ast.Attribute) and isinstance(target.value, (ast.Name, ast.Attribute))
+                        and ast.unparse(target.value).split(".")[-1] in ("trainer", "_trainer")):
+                    written.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(target)}")
+    assert not written, "Trainer settings overwritten:\n  " + "\n  ".join(written)
+
+
+# What only pmetal/generation/hf_internals.py may touch: transformers' private attributes and the
+# spellings that change between its versions (the attention switch, the module slots, the cache
+# keyword and the cache's per-layer tensors).
+HF_INTERNALS = {
+    "_attn_implementation": "the attention dispatch switch (hf_internals.attn_implementation / dispatch_attention)",
+    "._modules": "swapping child modules (hf_internals.swap_submodule)",
+    "cache.layers": "a cache's per-layer tensors (hf_internals.cache_layers)",
+    'getattr(cache, "layers"': "a cache's per-layer tensors (hf_internals.cache_layers)",
+    "key_cache": "an older cache's tensors (hf_internals.cache_layers)",
+    "inspect.signature": "sniffing the forward's cache keyword (hf_internals.forward_kwargs)",
+    '"past_key_values"': "the cache keyword or output (hf_internals.forward_kwargs / output_cache)",
+    "DynamicCache(": "building transformers' cache (hf_internals.new_prompt_cache)",
+    "AttentionInterface": "registering an attention function (hf_internals.register_attention)",
+}
+
+
+def test_only_hf_internals_touches_transformers_internals_in_generation():
+    generation = ROOT / "pmetal" / "generation"
+    found = []
+    for path in sorted(generation.rglob("*.py")):
+        if path.name == "hf_internals.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            found += [f"{path.relative_to(ROOT)}:{number}: {needle!r} ({where})"
+                      for needle, where in HF_INTERNALS.items() if needle in line]
+    assert not found, "transformers internals outside pmetal/generation/hf_internals.py:\n  " + "\n  ".join(found)
+    own = (generation / "hf_internals.py").read_text()
+    assert all(needle in own for needle in ("_attn_implementation", "._modules", "inspect.signature", "DynamicCache"))

@@ -220,3 +220,23 @@ def test_rollout_engine_modes_are_mps_ready(options):
                               num_return_sequences=2, generator=torch.Generator().manual_seed(0))
     assert engine.fused(model) is not None and gen.completion_ids.shape == (6, 6)
     assert "aten::mm" in mode.seen or "aten::addmm" in mode.seen
+
+
+def test_grpo_held_out_evaluation_is_mps_ready(tiny_model_dir, tmp_path):
+    """`--eval-every` on an online method: the held-out prompts sampled and scored (eval/reward,
+    eval/accuracy, pass@k) through the core sampler, under the guard."""
+    import lightning as L
+
+    from pmetal.data.prompts import PromptDataModule
+    from pmetal.modules.grpo import GrpoModule
+
+    L.seed_everything(0)
+    data = _write(tmp_path / "g.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)])
+    module = GrpoModule(model=str(tiny_model_dir), reward_fns=[_length_parity, "accuracy"], num_generations=2,
+                        max_completion_length=4, micro_batch_size=4, gradient_checkpointing=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=1,
+                        default_root_dir=str(tmp_path))
+    with MpsReadinessMode():
+        trainer.fit(module, datamodule=PromptDataModule(path=data, batch_size=2, val_fraction=0.5))
+    assert "eval/reward" in trainer.callback_metrics and "eval/pass@2" in trainer.callback_metrics

@@ -96,9 +96,10 @@ def test_online_dpo_trains_and_logs_trl_names(tiny_model_dir, prompt_file):
 
     torch.manual_seed(0)
     module = OnlineDpoModule(str(tiny_model_dir), reward_fns=[length_reward], max_completion_length=6,
-                             micro_batch_size=4, learning_rate=1e-2, gradient_checkpointing=False)
+                             micro_batch_size=4, learning_rate=1e-2, gradient_checkpointing=False,
+                             max_grad_norm=1.0)
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    trainer = _trainer(2, gradient_clip_val=1.0)
+    trainer = _trainer(2)
     trainer.fit(module, PromptDataModule(str(prompt_file), batch_size=2))
     assert trainer.global_step == 2
     assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters() if p.requires_grad)

@@ -115,8 +115,8 @@ def _fit(spec: tuple, run_dir: Path, *, kill: bool = False, resume: bool = False
 
         extra.append(KillAtStep(kill_at))
     trainer = build_trainer(run_dir, accelerator="cpu", precision="32-true", max_epochs=None, max_steps=steps,
-                            checkpoint_every_n_steps=every,
-                            enable_progress_bar=False, callbacks=extra)
+                            checkpoint_every_n_steps=every, enable_progress_bar=False, callbacks=extra,
+                            gradient_clip_val=1.0 if module.automatic_optimization else None)  # GRPO: max_grad_norm
     try:
         fit(trainer, module, datamodule, ckpt_path=resolve_resume(run_dir, "last") if resume else None)
     finally:

@@ -143,7 +143,8 @@ def test_nanguard_stops_a_manual_optimization_method_before_backward(tiny_model_
     module = NanLoss(str(tiny_model_dir), reward_fns=[lambda p, c, **k: [float(len(x) % 2) for x in c]],
                      num_generations=2, max_completion_length=4, gradient_checkpointing=False)
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
-    trainer = build_trainer(tmp_path / "run", max_steps=2, max_epochs=None, enable_progress_bar=False)
+    trainer = build_trainer(tmp_path / "run", max_steps=2, max_epochs=None, enable_progress_bar=False,
+                            gradient_clip_val=None)  # GRPO clips from its own max_grad_norm
     with pytest.raises(NonFiniteLossError, match="the loss became nan at step 0"):
         trainer.fit(module, PromptDataModule(str(prompts), batch_size=2))
     for name, param in module.policy.named_parameters():
@@ -165,6 +166,7 @@ def test_manual_optimization_methods_get_a_loss_curve(tiny_model_dir, tmp_path, 
                         num_iterations=num_iterations)
     run = tmp_path / "run"
     trainer = build_trainer(run, max_steps=2 * num_iterations, max_epochs=None, enable_progress_bar=False,
+                            gradient_clip_val=None,  # GRPO clips from its own max_grad_norm
                             checkpoint_every_n_steps=num_iterations, logger="csv")
     result = fit(trainer, module, PromptDataModule(str(prompts), batch_size=2))
     steps = [num_iterations, 2 * num_iterations]  # optimizer steps after each of the 2 rollout batches
@@ -196,7 +198,7 @@ def test_a_batch_skipped_by_dynamic_sampling_leaves_the_previous_step_s_metrics_
     module = GrpoModule(str(tiny_model_dir), reward_fns=[spread_once], num_generations=2, max_completion_length=4,
                         gradient_checkpointing=False, dynamic_sampling=True, max_sampling_rounds=1)
     run = tmp_path / "run"
-    trainer = build_trainer(run, max_steps=5, max_epochs=1, enable_progress_bar=False, logger="csv")
+    trainer = build_trainer(run, max_steps=5, max_epochs=1, enable_progress_bar=False, logger="csv", gradient_clip_val=None)
     fit(trainer, module, PromptDataModule(str(prompts), batch_size=2))
     assert trainer.global_step == 1  # the second batch had no spread: skipped
     rows = _rows(run / "metrics.csv")

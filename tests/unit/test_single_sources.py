@@ -123,3 +123,23 @@ def test_bench_parser_runs_no_file_outside_the_package(monkeypatch):
     script_spec.loader.exec_module(script)
     script_args = script.parse_args(["--device", "cpu", "--variants", "hf,pmetal", "--rounds", "2"])
     assert vars(script_args) == {k: v for k, v in vars(args).items() if k not in ("command", "_run")}
+
+
+def test_a_settings_range_lives_once_for_the_commands_and_the_constructors():
+    """pmetal.ranges' table is preflight's, and GRPO/RLKD's constructors refuse out of range values
+    with the same rule (no range restated in a constructor)."""
+    import pytest
+
+    from pmetal.cli import preflight
+    from pmetal.errors import PmetalError
+    from pmetal.modules.grpo import GrpoModule
+    from pmetal.modules.rlkd import RlkdModule
+    from pmetal.ranges import RANGES
+
+    assert preflight.RANGES is RANGES
+    for cls, name, bad in ((GrpoModule, "num_generations", 1), (GrpoModule, "tis_cap", 0.0),
+                           (GrpoModule, "top_entropy_quantile", 0.0), (GrpoModule, "rollout_chunks", 0),
+                           (GrpoModule, "temperature", -1.0), (RlkdModule, "alpha", 1.5)):
+        with pytest.raises(PmetalError) as info:
+            cls("/nonexistent/model", **{name: bad})  # refused before any model loads
+        assert f"{name}={bad}: expected {RANGES[name].describe()}" in str(info.value)

@@ -47,6 +47,8 @@ def build(flags: CommandFlags, args, method: str | None = None, learning_rate_ru
     """
     import lightning as L
 
+    from pmetal.cli.runner import hand_clipping_to_module
+
     settings = flags.resolve(args, method)
     rule = learning_rate_rule(settings) if learning_rate_rule and "learning_rate" not in settings.given else None
     if rule is not None:
@@ -55,6 +57,7 @@ def build(flags: CommandFlags, args, method: str | None = None, learning_rate_ru
         checks(settings)
     L.seed_everything(settings.data["seed"], workers=True, verbose=False)
     classes = flags.targets(method)
+    hand_clipping_to_module(classes["model"], settings.model, settings.trainer)
     datamodule = classes["data"](**settings.data)
     if data_checks is not None:
         data_checks(settings, datamodule)

@@ -1,4 +1,8 @@
-"""The rollout batch: sampled completions laid out for the policy update.
+"""The typed rollout: sampled completions laid out for the policy update.
+
+A :class:`RolloutBatch` is tensors plus per-row metadata (in the spirit of torchtune's
+``GRPOTrajectory``): the padded rows, their sampling-time log-probs, rewards and advantages, and
+for each row its group (prompt) and whether it was cut at the token budget.
 
 Each completion becomes one right-padded causal-LM row, ``prompt tokens + completion tokens``
 (the prompt without its generation-time left padding, so positions are plain ``0..T-1`` and the
@@ -11,13 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 
 from pmetal.generation.sampling import Generation
 from pmetal.tokens import IGNORE_INDEX
 
+
+class PendingRewards(Protocol):
+    """Rewards still being scored (``pmetal.rl.scoring.RewardScoring``), as the rollout sees them."""
+
+    def wait(self, rows: int | None = None) -> float: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -61,9 +72,11 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)
     ref_logps: torch.Tensor | None = None  # [N, T] filled in by the module when beta > 0
     pixel_inputs: list[dict | None] | None = None  # a VLM: each row's image tensors (its prompt's)
-    # Rewards still being scored (``pmetal.callbacks.rollout.RewardScoring``): with async rewards the
-    # update starts before the last chunk is scored; ``wait_for_rewards`` fills rewards and advantages.
-    scoring: Any = None
+    group_ids: torch.Tensor | None = None  # [N] long: the prompt (group) of each row, counted over the step
+    truncated: torch.Tensor | None = None  # [N] bool: the completion hit the token budget (no stop token)
+    # Rewards still being scored: with async rewards the update starts before the last chunk is
+    # scored; ``wait_for_rewards`` fills rewards and advantages.
+    scoring: PendingRewards | None = None
     started_at: float | None = None  # time.perf_counter() when sampling began (the step's timing)
 
     @property
@@ -110,8 +123,10 @@ class RolloutBatch:
         return out
 
     def to(self, device) -> RolloutBatch:
-        for name in ("input_ids", "attention_mask", "labels", "old_logps", "advantages", "rewards"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("input_ids", "attention_mask", "labels", "old_logps", "advantages", "rewards", "group_ids",
+                     "truncated"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
 
@@ -138,6 +153,8 @@ def assemble(rows: Sequence[RolloutRow], advantages: torch.Tensor, *, pad_token_
         advantages=advantages.detach().float().cpu(),
         rewards=torch.tensor([r.reward for r in rows], dtype=torch.float32),
         group_size=group_size,
+        group_ids=torch.tensor([r.group for r in rows], dtype=torch.long),
+        truncated=torch.tensor([r.truncated for r in rows], dtype=torch.bool),
         pixel_inputs=[r.pixel_inputs for r in rows] if any(r.pixel_inputs for r in rows) else None,
     )
     return batch.to(device) if device is not None else batch

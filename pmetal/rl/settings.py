@@ -1,7 +1,7 @@
-"""What a rollout is made of: the settings shared by the GRPO-family modules and RolloutCallback.
+"""What a rollout is made of: the settings every online method hands to the sampler.
 
-They live in the core so the module (which supplies them) and the callback (which uses them) both
-import them from below, not from each other.
+They live in the core so the module (which supplies them, ``rollout_settings()``) and the callback
+(which runs :class:`pmetal.rl.sampler.RolloutSampler` with them) both import them from below.
 """
 
 from __future__ import annotations
