@@ -8,8 +8,8 @@ teacher stay frozen, so the KL can only fall through the adapter. lmbda 0.5 make
 step (the student's own samples and the dataset's completions). A smaller perturbation (LoRA
 B values, or a KL of a few tenths) is not used: Adam's first steps move each adapter weight by
 about the learning rate, a KL change of the same size, so such a test could pass or fail by noise.
-The held-out KL is the module's own `forward_kl` statistic (`chunked_jsd_loss`) on questions and
-topics the training rows never show; it must fall below 0.7x its start.
+The held-out KL is the module's own `forward_kl` statistic (`chunked_jsd_loss`) on the completions of
+questions about topics the training rows never show; it must fall below 0.7x its start.
 """
 
 from __future__ import annotations
