@@ -9,6 +9,7 @@ plain `text` rows, the text itself: no template, loss on every token).
 | format            | fields of a row                                                        |
 |-------------------|------------------------------------------------------------------------|
 | messages          | `messages`: [{"role": "system"/"user"/"assistant"/"tool", "content"}]  |
+|                   | (+ `tools` schemas, assistant `tool_calls`: pmetal.data.tool_rows)     |
 | sharegpt          | `conversations`: [{"from": "human"/"gpt"/"system"/..., "value"}]       |
 | reasoning         | `problem`, `thinking`, `solution` (thinking inside `<think>...</think>`) |
 | alpaca            | `instruction`, optional `input`, `output`, optional `system`           |
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pmetal.data.tool_rows import message_tool_fields, row_tools
 from pmetal.errors import DataError, encoding_error
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -306,16 +308,20 @@ def coerce_messages(rows: Sequence[dict], index: int, field: str, value: Any = N
         if canonical is None:
             raise row_error(rows, index, f"unknown role {role!r}", field=f"{where}.{role_key}",
                             expected=f"one of {', '.join(ROLES)} (ShareGPT: human, gpt, system)", path=path)
-        if content_key is None:
+        calls = turn.get("tool_calls") if canonical == "assistant" else None
+        if content_key is None and not calls:
             raise row_error(rows, index, "message has no content", field=where,
                             expected="a 'content' (or ShareGPT 'value') key", path=path)
-        content = turn[content_key]
+        content = turn[content_key] if content_key is not None else None
+        if content is None and calls:
+            content = ""
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise row_error(rows, index, f"content is a {type(content).__name__}, not a string",
                             field=f"{where}.{content_key}", expected="a string", path=path)
-        messages.append({"role": canonical, "content": content})
+        messages.append(message_tool_fields(turn, {"role": canonical, "content": content}, where,
+                                            _failure(rows, index, path)))
     return messages
 
 
@@ -329,6 +335,7 @@ class SftExample:
 
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    tools: list[dict] | None = None  # the row's tool schemas (pmetal.data.tool_rows)
 
 
 def detect_format(rows: Sequence[dict], *, prompt_column: str | None = None,
@@ -406,8 +413,15 @@ def to_sft_examples(rows: Sequence[dict], *, fmt: str | None = None, prompt_colu
             field = {"messages": "messages", "sharegpt": "conversations"}.get(fmt)
             raise row_error(rows, i, "conversation has no assistant message to learn from", field=field,
                             expected="at least one assistant (ShareGPT: gpt) message", path=path)
-        examples.append(SftExample(messages=messages))
+        tools = row_tools(rows[i], _failure(rows, i, path)) if fmt in ("messages", "sharegpt", "prompt_completion") else None
+        examples.append(SftExample(messages=messages, tools=tools))
     return fmt, examples
+
+
+
+def _failure(rows, i, path):
+    """`(message, field, expected) -> DataError` for row `i` (pmetal.data.tool_rows raises them)."""
+    return lambda message, field, expected: row_error(rows, i, message, field=field, expected=expected, path=path)
 
 
 def _row_messages(rows, i, fmt, prompt_column, response_column, think_tags, path) -> list[dict[str, str]]:
