@@ -107,6 +107,10 @@ def _generate(module, part: dict[str, Any], settings: RolloutSettings, stop_ids:
         placeholders = placeholder_token_ids(policy)  # a sampled image placeholder would break the update
         if placeholders:
             sampling = dataclasses.replace(sampling, suppress_ids=tuple(sorted({*sampling.suppress_ids, *placeholders})))
+        if settings.episodes is not None:  # multi-turn tool episodes (pmetal.tools.agent)
+            gen = settings.episodes.generate(engine, part, sampling, stop_ids=stop_ids, tokenizer=module.tokenizer,
+                                             pad_token_id=module.tokenizer.pad_token_id, group=settings.num_generations)
+            return gen, {**engine.last_stats, **gen.metrics}
         gen = engine.generate(part["prompt_ids"], sampling, stop_ids=stop_ids,
                               pad_token_id=module.tokenizer.pad_token_id, num_return_sequences=settings.num_generations,
                               prefill_inputs=prefill_inputs)
@@ -119,11 +123,12 @@ def _score(module, batch, gen, settings: RolloutSettings, first_prompt: int):
     """Decode and score one chunk; a reward that raises is named with the prompt it failed on."""
     group = settings.num_generations
     completion_ids = [row[: int(n)] for row, n in zip(gen.completion_ids.tolist(), gen.lengths.tolist())]
-    completions = module.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = getattr(gen, "completions", None) or module.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
     columns = {name: repeat(values) for name, values in batch.get("columns", {}).items()}
     prompts = repeat(batch["prompts"])
-    extra = dict(completion_lengths=gen.lengths.tolist(), max_completion_length=settings.sampling.max_new_tokens)
+    extra = dict(completion_lengths=gen.lengths.tolist(), max_completion_length=settings.sampling.max_new_tokens,
+                 **getattr(gen, "reward_kwargs", {}))  # tool episodes: messages (and environments) per row
     try:
         total, per_function = module.rewards.score(prompts, completions, **columns, **extra)
     except PmetalError:
