@@ -76,6 +76,8 @@ CASES = [
     Case("grpo-speculative", "grpo", "grpo", "prompts", ("--speculative", *GRPO_ARGS), fp16_steps=2),
     Case("grpo-async-rewards", "grpo", "grpo", "prompts", ("--async-rewards", *GRPO_ARGS), fp16_steps=2),
     Case("rloo", "rloo", "rloo", "prompts", GRPO_ARGS, fp16_steps=2),
+    Case("grpo-tools", "grpo", "agent", "prompts",
+         (*GRPO_ARGS, "--tools", "pmetal.examples.agent_tools:lookup", "--max-tool-turns", "1"), fp16_steps=2),
     Case("grpo-cispo-tis-entropy", "grpo", "grpo", "prompts",
          ("--loss-type", "cispo", "--tis-cap", "2", "--top-entropy-quantile", "0.5", *GRPO_ARGS), fp16_steps=2),
     Case("grpo-reinforce-pp", "fit", "grpo", "prompts",
