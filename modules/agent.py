@@ -84,8 +84,10 @@ class AgentGrpoModule(GrpoModule):
             tools = [t.strip() for spec in (hp.tools or []) for t in str(spec).split(",") if t.strip()]
             settings = EpisodeSettings(max_tool_turns=hp.max_tool_turns, max_episode_tokens=hp.max_episode_tokens,
                                        max_new_tokens=hp.max_completion_length)
+            data = getattr(self._trainer, "datamodule", None)  # its system prompt, as its rendered prompts have it
             self._agent = AgentRollout(tools, hp.environment, settings=settings, timeout=hp.tool_timeout,
-                                       max_result_chars=hp.max_tool_result_chars, workers=hp.tool_workers)
+                                       max_result_chars=hp.max_tool_result_chars, workers=hp.tool_workers,
+                                       system_prompt=getattr(data, "system_prompt", None))
         return self._agent
 
     def rollout_settings(self):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmetal.data.tool_rows import message_tool_fields, row_tools
+from pmetal.data.tool_rows import example_tools, message_tool_fields, row_failure, turn_content
 from pmetal.errors import DataError, encoding_error
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -308,20 +308,16 @@ def coerce_messages(rows: Sequence[dict], index: int, field: str, value: Any = N
         if canonical is None:
             raise row_error(rows, index, f"unknown role {role!r}", field=f"{where}.{role_key}",
                             expected=f"one of {', '.join(ROLES)} (ShareGPT: human, gpt, system)", path=path)
-        calls = turn.get("tool_calls") if canonical == "assistant" else None
-        if content_key is None and not calls:
+        content = turn_content(turn, canonical, content_key)  # "" for a turn of tool calls alone
+        if content is None and content_key is None:
             raise row_error(rows, index, "message has no content", field=where,
                             expected="a 'content' (or ShareGPT 'value') key", path=path)
-        content = turn[content_key] if content_key is not None else None
-        if content is None and calls:
-            content = ""
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise row_error(rows, index, f"content is a {type(content).__name__}, not a string",
                             field=f"{where}.{content_key}", expected="a string", path=path)
-        messages.append(message_tool_fields(turn, {"role": canonical, "content": content}, where,
-                                            _failure(rows, index, path)))
+        messages.append(message_tool_fields(turn, {"role": canonical, "content": content}, where, row_failure(rows, index, path)))
     return messages
 
 
@@ -413,15 +409,8 @@ def to_sft_examples(rows: Sequence[dict], *, fmt: str | None = None, prompt_colu
             field = {"messages": "messages", "sharegpt": "conversations"}.get(fmt)
             raise row_error(rows, i, "conversation has no assistant message to learn from", field=field,
                             expected="at least one assistant (ShareGPT: gpt) message", path=path)
-        tools = row_tools(rows[i], _failure(rows, i, path)) if fmt in ("messages", "sharegpt", "prompt_completion") else None
-        examples.append(SftExample(messages=messages, tools=tools))
+        examples.append(SftExample(messages=messages, tools=example_tools(rows, i, fmt, path)))
     return fmt, examples
-
-
-
-def _failure(rows, i, path):
-    """`(message, field, expected) -> DataError` for row `i` (pmetal.data.tool_rows raises them)."""
-    return lambda message, field, expected: row_error(rows, i, message, field=field, expected=expected, path=path)
 
 
 def _row_messages(rows, i, fmt, prompt_column, response_column, think_tags, path) -> list[dict[str, str]]:

@@ -22,6 +22,25 @@ SCHEMA_EXPECTED = ('a JSON schema {"type": "function", "function": {"name", "des
 
 
 Fail = Callable[[str, str, str], DataError]  # (message, field, expected) -> the row's DataError
+TOOL_FORMATS = ("messages", "sharegpt", "prompt_completion")  # the SFT formats whose rows may carry `tools`
+
+
+def row_failure(rows, index: int, path) -> Fail:
+    """The `Fail` of row `index` (`pmetal.data.formats.row_error`: file, line, field, expected)."""
+    from pmetal.data.formats import row_error
+
+    return lambda message, field, expected: row_error(rows, index, message, field=field, expected=expected, path=path)
+
+
+def turn_content(turn: dict, role: str, content_key: str | None) -> Any:
+    """A turn's content as written; "" for an assistant turn of tool calls alone (content missing or null)."""
+    content = turn[content_key] if content_key is not None else None
+    return "" if content is None and role == "assistant" and turn.get("tool_calls") else content
+
+
+def example_tools(rows, index: int, fmt: str, path) -> list[dict] | None:
+    """The tool schemas of an SFT row in a conversational format (None for other formats)."""
+    return row_tools(rows[index], row_failure(rows, index, path)) if fmt in TOOL_FORMATS else None
 
 
 def message_tool_fields(turn: dict, message: dict, where: str, fail: Fail) -> dict:

@@ -33,11 +33,13 @@ class EpisodeGeneration(Generation):
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def prompt_messages(prompt: Any) -> list[dict]:
-    """A dataset prompt (a string or a message list) as messages."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [dict(m) for m in prompt]
+def prompt_messages(prompt: Any, system_prompt: str | None = None) -> list[dict]:
+    """A dataset prompt (a string or a message list) as messages, `system_prompt` first when the
+    prompt has no system turn (as `PromptDataModule` renders its prompts)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if system_prompt and messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
 
 
 class AgentRollout:
@@ -49,11 +51,13 @@ class AgentRollout:
             optionally `get_reward()`), one instance per rollout row.
         settings: turns and token budgets.
         timeout, max_result_chars, workers: the `ToolRunner`'s.
+        system_prompt: the prompt data's system prompt (`PromptDataModule.system_prompt`), put first
+            in every episode whose prompt has no system turn.
     """
 
     def __init__(self, tools: Sequence[str | Callable] = (), environment: str | None = None, *,
                  settings: EpisodeSettings, timeout: float = 10.0, max_result_chars: int = 2000,
-                 workers: int = 2) -> None:
+                 workers: int = 2, system_prompt: str | None = None) -> None:
         if not tools and not environment:
             raise PmetalError("tool episodes need tools (--tools package.module:fn,...) or an environment")
         self.runner = ToolRunner(tools, timeout=timeout, max_result_chars=max_result_chars, workers=workers)
@@ -61,7 +65,7 @@ class AgentRollout:
         self.env_tools = environment_tools(environment) if environment else {}
         self.schemas = [function_schema(resolve_tool(t)) for t in tools]
         self.schemas += [function_schema(fn) for fn in self.env_tools.values()]
-        self.settings = settings
+        self.settings, self.system_prompt = settings, system_prompt
         self._live: list[int] = []  # the previous step's environments (its rewards may still read them)
 
     def episodes(self, prompts: Sequence[Any], columns: dict[str, list], group: int, tokenizer) -> list[Episode]:
@@ -71,7 +75,7 @@ class AgentRollout:
         out = []
         for p, prompt in enumerate(prompts):
             for _ in range(group):
-                messages, handle = prompt_messages(prompt), None
+                messages, handle = prompt_messages(prompt, self.system_prompt), None
                 if self.environment:
                     row = {name: values[p] for name, values in columns.items()}
                     env_id, observation = self.runner.new_environment(self.environment, row)

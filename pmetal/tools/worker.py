@@ -57,7 +57,7 @@ def serve(conn, max_chars: int) -> None:
                 answer = ("ok", as_text(fn(**arguments)))
             elif kind == "env_new":
                 _, env_id, spec, row = request
-                env = resolve(spec)()
+                env = (tools.get(spec) or tools.setdefault(spec, resolve(spec)))()
                 environments[env_id] = env
                 reset = getattr(env, "reset", None)
                 observation = reset(**row) if callable(reset) else None

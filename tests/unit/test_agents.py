@@ -255,3 +255,41 @@ def test_grpo_tools_flags_reach_the_agent_module(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "pmetal", "grpo", "--help"], capture_output=True, text=True, timeout=60)
     assert "--tools" in done.stdout and "--max-tool-turns" in done.stdout and "--environment" in done.stdout
+
+
+def test_a_local_tool_module_is_reported_once_however_often_it_is_resolved(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from pmetal.tools.runner import resolve_tool
+
+    (tmp_path / "localtools_once.py").write_text("def ping() -> str:\n    \"\"\"Ping.\"\"\"\n    return 'pong'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.delitem(sys.modules, "localtools_once", raising=False)
+    with caplog.at_level(logging.INFO, logger="pmetal"):
+        for _ in range(3):  # the runner, the schema and every environment resolve the same path
+            assert resolve_tool("localtools_once:ping")() == "pong"
+    assert caplog.text.count("localtools_once.py") == 1
+
+
+def test_the_prompt_data_system_prompt_opens_every_tool_episode(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from pmetal.data.prompts import PromptDataModule
+    from pmetal.modules.agent import AgentGrpoModule
+
+    module = AgentGrpoModule(str(tiny_model_dir), tools=[LOOKUP], reward_fns=["pmetal.examples.agent_tools:code_reward"],
+                             max_completion_length=8)
+    data = PromptDataModule(str(tmp_path / "unused.jsonl"), system_prompt="Answer tersely.")
+    module._trainer = SimpleNamespace(datamodule=data)  # what Trainer.fit attaches
+    agent = module.agent_rollout()
+    try:
+        plain, with_system = agent.episodes(["Code of zorblat?", [{"role": "system", "content": "Own."},
+                                                                  {"role": "user", "content": "Hi"}]], {}, 1,
+                                            module.tokenizer)
+        assert plain.messages[0] == {"role": "system", "content": "Answer tersely."}
+        text = module.tokenizer.decode(plain.prompt_ids)
+        assert "Answer tersely." in text and "lookup" in text  # beside the tool schemas
+        assert [m["content"] for m in with_system.messages] == ["Own.", "Hi"]  # a prompt's own system turn stays
+    finally:
+        module.teardown("fit")
