@@ -58,7 +58,7 @@ def _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **module_kwargs):
     if method == "agent":  # GRPO with tools: episodes rendered with the tool schemas, their masks in the update
         data = _write(tmp_path / "t.jsonl", [{"prompt": f"Code of {n}?", "name": n} for n in ("zorblat", "quenby")])
         return module_cls(model=model, tools=["pmetal.examples.agent_tools:lookup"], reward_fns=["tests.method_matrix:crc_reward"],
-                          num_generations=4, max_completion_length=6, micro_batch_size=2, max_tool_turns=1), \
+                          num_generations=2, max_completion_length=4, micro_batch_size=4, max_tool_turns=1), \
             dm_cls(path=data, batch_size=2, seed=0)
     if method == "embed":
         data = _write(tmp_path / "e.jsonl", [{"anchor": f"code {i}", "positive": f"item {i}"} for i in range(4)])
