@@ -28,10 +28,11 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pmetal.data.tool_rows import example_tools, message_tool_fields, row_failure, turn_content
+from pmetal.data.tool_rows import example_tools, message_tool_fields, turn_content
 from pmetal.errors import DataError, encoding_error
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -290,8 +291,7 @@ def coerce_messages(rows: Sequence[dict], index: int, field: str, value: Any = N
         raise row_error(rows, index, f"conversation is {got}", field=field,
                         expected='a list of {"role", "content"} objects', path=path)
     if not value:
-        raise row_error(rows, index, "conversation is empty", field=field,
-                        expected="at least one message", path=path)
+        raise row_error(rows, index, "conversation is empty", field=field, expected="at least one message", path=path)
     messages = []
     for t, turn in enumerate(value):
         where = f"{field}[{t}]"
@@ -317,7 +317,7 @@ def coerce_messages(rows: Sequence[dict], index: int, field: str, value: Any = N
         if not isinstance(content, str):
             raise row_error(rows, index, f"content is a {type(content).__name__}, not a string",
                             field=f"{where}.{content_key}", expected="a string", path=path)
-        messages.append(message_tool_fields(turn, {"role": canonical, "content": content}, where, row_failure(rows, index, path)))
+        messages.append(message_tool_fields(turn, {"role": canonical, "content": content}, where, partial(row_error, rows, index, path=path)))
     return messages
 
 
@@ -409,7 +409,7 @@ def to_sft_examples(rows: Sequence[dict], *, fmt: str | None = None, prompt_colu
             field = {"messages": "messages", "sharegpt": "conversations"}.get(fmt)
             raise row_error(rows, i, "conversation has no assistant message to learn from", field=field,
                             expected="at least one assistant (ShareGPT: gpt) message", path=path)
-        examples.append(SftExample(messages=messages, tools=example_tools(rows, i, fmt, path)))
+        examples.append(SftExample(messages=messages, tools=example_tools(rows[i], fmt, partial(row_error, rows, i, path=path))))
     return fmt, examples
 
 

@@ -21,15 +21,8 @@ SCHEMA_EXPECTED = ('a JSON schema {"type": "function", "function": {"name", "des
                    "or a package.module:function string")
 
 
-Fail = Callable[[str, str, str], DataError]  # (message, field, expected) -> the row's DataError
+Fail = Callable[..., DataError]  # fail(message, field=..., expected=...): the row's DataError (formats.row_error)
 TOOL_FORMATS = ("messages", "sharegpt", "prompt_completion")  # the SFT formats whose rows may carry `tools`
-
-
-def row_failure(rows, index: int, path) -> Fail:
-    """The `Fail` of row `index` (`pmetal.data.formats.row_error`: file, line, field, expected)."""
-    from pmetal.data.formats import row_error
-
-    return lambda message, field, expected: row_error(rows, index, message, field=field, expected=expected, path=path)
 
 
 def turn_content(turn: dict, role: str, content_key: str | None) -> Any:
@@ -38,9 +31,9 @@ def turn_content(turn: dict, role: str, content_key: str | None) -> Any:
     return "" if content is None and role == "assistant" and turn.get("tool_calls") else content
 
 
-def example_tools(rows, index: int, fmt: str, path) -> list[dict] | None:
+def example_tools(row: dict, fmt: str, fail: Fail) -> list[dict] | None:
     """The tool schemas of an SFT row in a conversational format (None for other formats)."""
-    return row_tools(rows[index], row_failure(rows, index, path)) if fmt in TOOL_FORMATS else None
+    return row_tools(row, fail) if fmt in TOOL_FORMATS else None
 
 
 def message_tool_fields(turn: dict, message: dict, where: str, fail: Fail) -> dict:
@@ -56,25 +49,25 @@ def message_tool_fields(turn: dict, message: dict, where: str, fail: Fail) -> di
 def coerce_tool_calls(field: str, value: Any, fail: Fail) -> list[dict]:
     """An assistant message's `tool_calls` as OpenAI calls with `arguments` as a dict."""
     if not isinstance(value, list):
-        raise fail(f"tool_calls is a {type(value).__name__}, not a list", field,
-                     f"a list of {CALL_EXPECTED}")
+        raise fail(f"tool_calls is a {type(value).__name__}, not a list", field=field,
+                     expected=f"a list of {CALL_EXPECTED}")
     calls = []
     for c, call in enumerate(value):
         where = f"{field}[{c}]"
         fn = call.get("function", call) if isinstance(call, dict) else None
         name = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(name, str) or not name:
-            raise fail("tool call has no function name", where, CALL_EXPECTED)
+            raise fail("tool call has no function name", field=where, expected=CALL_EXPECTED)
         arguments = fn.get("arguments", {})
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as e:
-                raise fail(f"arguments are not valid JSON ({e.msg})", f"{where}.function.arguments",
-                             "a JSON object (or a string holding one)") from None
+                raise fail(f"arguments are not valid JSON ({e.msg})", field=f"{where}.function.arguments",
+                             expected="a JSON object (or a string holding one)") from None
         if not isinstance(arguments, dict):
-            raise fail(f"arguments are a {type(arguments).__name__}", f"{where}.function.arguments",
-                         "a JSON object (or a string holding one)")
+            raise fail(f"arguments are a {type(arguments).__name__}", field=f"{where}.function.arguments",
+                         expected="a JSON object (or a string holding one)")
         calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
     return calls
 
@@ -90,11 +83,11 @@ def row_tools(row: dict, fail: Fail, field: str = "tools") -> list[dict] | None:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise fail(f"tools is a string that is not JSON ({e.msg})", field,
-                         f"a list of {SCHEMA_EXPECTED}") from None
+            raise fail(f"tools is a string that is not JSON ({e.msg})", field=field,
+                         expected=f"a list of {SCHEMA_EXPECTED}") from None
     if not isinstance(value, list):
-        raise fail(f"tools is a {type(value).__name__}, not a list", field,
-                     f"a list of {SCHEMA_EXPECTED}")
+        raise fail(f"tools is a {type(value).__name__}, not a list", field=field,
+                     expected=f"a list of {SCHEMA_EXPECTED}")
     schemas = []
     for t, tool in enumerate(value):
         where = f"{field}[{t}]"
@@ -102,7 +95,7 @@ def row_tools(row: dict, fail: Fail, field: str = "tools") -> list[dict] | None:
             schemas.append(_schema_of_function(where, tool, fail, function_schema))
             continue
         if not isinstance(tool, dict) or schema_name(tool) is None:
-            raise fail("tool schema has no function name", where, SCHEMA_EXPECTED)
+            raise fail("tool schema has no function name", field=where, expected=SCHEMA_EXPECTED)
         schemas.append(tool if "function" in tool else {"type": "function", "function": tool})
     return schemas or None
 
@@ -120,5 +113,5 @@ def _schema_of_function(where, spec, fail, function_schema) -> dict:
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - an import or a docstring get_json_schema cannot read
-        raise fail(f"cannot build a schema from {spec!r}: {e}", where,
-                     "a function with type hints and a docstring with an Args: section") from None
+        raise fail(f"cannot build a schema from {spec!r}: {e}", field=where,
+                     expected="a function with type hints and a docstring with an Args: section") from None
