@@ -17,6 +17,7 @@ from importlib.machinery import PathFinder
 from types import ModuleType
 
 log = logging.getLogger("pmetal")
+_REPORTED: set[tuple[str, str]] = set()  # (module, file) already named: a tool resolved again logs nothing
 
 
 def import_user_module(module_name: str) -> ModuleType:
@@ -35,14 +36,15 @@ def current_directory_on_path() -> None:
 
 
 def report_local_module(module_name: str, module: ModuleType) -> None:
-    """Name the file when `module_name` resolved to the current directory."""
+    """Name the file when `module_name` resolved to the current directory (once per module and process)."""
     top_name = module_name.partition(".")[0]
     origin = getattr(sys.modules.get(top_name, module), "__file__", None)
     if not origin:
         return
     origin, here = os.path.abspath(origin), os.path.abspath(os.getcwd())
-    if os.path.commonpath([origin, here]) != here:
+    if os.path.commonpath([origin, here]) != here or (module_name, origin) in _REPORTED:
         return
+    _REPORTED.add((module_name, origin))
     elsewhere = [p for p in sys.path if p and os.path.abspath(p) != here]
     installed = PathFinder.find_spec(top_name, elsewhere)
     if installed is not None and installed.origin and os.path.abspath(installed.origin) != origin:

@@ -39,6 +39,10 @@ REWARD = f"{__name__}:crc_reward"
 GRPO_ARGS = ("--num-generations", "4", "--max-completion-length", "4", "--micro-batch-size", "4",
              "--batch-size", "2", "--reward-fn", REWARD)
 
+# GRPO with tools, kept small: episodes rendered with the tool schema (a long prompt), 2 per prompt
+TOOL_ARGS = ("--num-generations", "2", "--max-completion-length", "4", "--micro-batch-size", "4", "--batch-size", "2",
+             "--reward-fn", REWARD, "--tools", "pmetal.examples.agent_tools:lookup", "--max-tool-turns", "1")
+
 
 ONLINE_DPO_ARGS = ("--max-completion-length", "4", "--micro-batch-size", "4", "--batch-size", "2", "--reward-fn", REWARD)
 
@@ -80,6 +84,7 @@ CASES = [
     Case("grpo-speculative", "grpo", "grpo", "prompts", ("--speculative", *GRPO_ARGS), fp16_steps=2),
     Case("grpo-async-rewards", "grpo", "grpo", "prompts", ("--async-rewards", *GRPO_ARGS), fp16_steps=2),
     Case("rloo", "rloo", "rloo", "prompts", GRPO_ARGS, fp16_steps=2),
+    Case("grpo-tools", "grpo", "agent", "prompts", TOOL_ARGS, fp16_steps=1),
     Case("grpo-cispo-tis-entropy", "grpo", "grpo", "prompts",
          ("--loss-type", "cispo", "--tis-cap", "2", "--top-entropy-quantile", "0.5", *GRPO_ARGS), fp16_steps=2),
     Case("grpo-reinforce-pp", "fit", "grpo", "prompts",

@@ -9,6 +9,7 @@ plain `text` rows, the text itself: no template, loss on every token).
 | format            | fields of a row                                                        |
 |-------------------|------------------------------------------------------------------------|
 | messages          | `messages`: [{"role": "system"/"user"/"assistant"/"tool", "content"}]  |
+|                   | (+ `tools` schemas, assistant `tool_calls`: pmetal.data.tool_rows)     |
 | sharegpt          | `conversations`: [{"from": "human"/"gpt"/"system"/..., "value"}]       |
 | reasoning         | `problem`, `thinking`, `solution` (thinking inside `<think>...</think>`) |
 | alpaca            | `instruction`, optional `input`, `output`, optional `system`           |
@@ -27,9 +28,11 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pmetal.data.tool_rows import example_tools, message_tool_fields, turn_content
 from pmetal.errors import DataError, encoding_error
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -288,8 +291,7 @@ def coerce_messages(rows: Sequence[dict], index: int, field: str, value: Any = N
         raise row_error(rows, index, f"conversation is {got}", field=field,
                         expected='a list of {"role", "content"} objects', path=path)
     if not value:
-        raise row_error(rows, index, "conversation is empty", field=field,
-                        expected="at least one message", path=path)
+        raise row_error(rows, index, "conversation is empty", field=field, expected="at least one message", path=path)
     messages = []
     for t, turn in enumerate(value):
         where = f"{field}[{t}]"
@@ -306,16 +308,16 @@ def coerce_messages(rows: Sequence[dict], index: int, field: str, value: Any = N
         if canonical is None:
             raise row_error(rows, index, f"unknown role {role!r}", field=f"{where}.{role_key}",
                             expected=f"one of {', '.join(ROLES)} (ShareGPT: human, gpt, system)", path=path)
-        if content_key is None:
+        content = turn_content(turn, canonical, content_key)  # "" for a turn of tool calls alone
+        if content is None and content_key is None:
             raise row_error(rows, index, "message has no content", field=where,
                             expected="a 'content' (or ShareGPT 'value') key", path=path)
-        content = turn[content_key]
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise row_error(rows, index, f"content is a {type(content).__name__}, not a string",
                             field=f"{where}.{content_key}", expected="a string", path=path)
-        messages.append({"role": canonical, "content": content})
+        messages.append(message_tool_fields(turn, {"role": canonical, "content": content}, where, partial(row_error, rows, index, path=path)))
     return messages
 
 
@@ -329,6 +331,7 @@ class SftExample:
 
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    tools: list[dict] | None = None  # the row's tool schemas (pmetal.data.tool_rows)
 
 
 def detect_format(rows: Sequence[dict], *, prompt_column: str | None = None,
@@ -406,7 +409,7 @@ def to_sft_examples(rows: Sequence[dict], *, fmt: str | None = None, prompt_colu
             field = {"messages": "messages", "sharegpt": "conversations"}.get(fmt)
             raise row_error(rows, i, "conversation has no assistant message to learn from", field=field,
                             expected="at least one assistant (ShareGPT: gpt) message", path=path)
-        examples.append(SftExample(messages=messages))
+        examples.append(SftExample(messages=messages, tools=example_tools(rows[i], fmt, partial(row_error, rows, i, path=path))))
     return fmt, examples
 
 

@@ -107,11 +107,23 @@ def end_of_turn_markers(tokenizer: Any) -> list[str]:
     return markers
 
 
-def render_text(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """The chat template applied to `messages`, as text (template errors become `PmetalError`)."""
+def render_text(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = False,
+                tools: Sequence[dict] | None = None) -> str:
+    """The chat template applied to `messages`, as text (template errors become `PmetalError`).
+
+    A conversation with tools (`tools` schemas, assistant `tool_calls`, `tool` messages) goes to a
+    template that takes tools as it is, else in the fallback format of `pmetal.tools.format`.
+    """
+    from pmetal.tools.format import template_inputs, uses_tools
+
+    extra = {}
+    if uses_tools(messages, tools):
+        messages, template_tools = template_inputs(tokenizer, messages, tools)
+        if template_tools:
+            extra["tools"] = template_tools
     try:
         text = tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, **extra)
     except Exception as e:  # jinja2 raises TemplateError for e.g. "roles must alternate"
         if not getattr(tokenizer, "chat_template", None):
             ensure_chat_template(tokenizer)
@@ -133,25 +145,27 @@ def _trim_after_end_of_turn(text: str, markers: Sequence[str]) -> int | None:
     return best
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]], int]:
-    """Character spans of every assistant turn (content + end-of-turn) in the rendered conversation.
+def assistant_spans(tokenizer: Any, messages: Sequence[dict],
+                    tools: Sequence[dict] | None = None) -> tuple[str, list[tuple[int, int]], int]:
+    """Character spans of every assistant turn (content + end-of-turn) in the rendered conversation
+    (`tools`: the row's tool schemas; tool results are never assistant turns, so never trained).
 
     Returns:
         (full text, [(start, end)] spans in order, number of assistant turns that could not be
         located because the template is not prefix-stable for them).
     """
-    full = render_text(tokenizer, messages)
+    full = render_text(tokenizer, messages, tools=tools)
     markers = end_of_turn_markers(tokenizer)
     spans, skipped = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         try:  # some templates cannot render an empty conversation (an assistant-first row)
-            prompt = render_text(tokenizer, messages[:i], add_generation_prompt=True)
+            prompt = render_text(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         except PmetalError:
             skipped += 1
             continue
-        turn = render_text(tokenizer, messages[: i + 1])
+        turn = render_text(tokenizer, messages[: i + 1], tools=tools)
         if not (turn.startswith(prompt) and full.startswith(turn)) or len(turn) == len(prompt):
             skipped += 1
             continue
@@ -161,7 +175,7 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list
 
 
 def render_messages(tokenizer: Any, messages: Sequence[dict], *, max_seq_len: int | None = None,
-                    train_on_prompt: bool = False) -> RenderedRow:
+                    train_on_prompt: bool = False, tools: Sequence[dict] | None = None) -> RenderedRow:
     """Tokenize a conversation with the chat template; labels on assistant turns only.
 
     Args:
@@ -169,12 +183,13 @@ def render_messages(tokenizer: Any, messages: Sequence[dict], *, max_seq_len: in
         messages: `[{"role", "content"}]` with at least one assistant message.
         max_seq_len: cut the row to this many tokens (the end is dropped).
         train_on_prompt: put the loss on every token (system, user and scaffolding too).
+        tools: the row's tool schemas (see `render_text`).
 
     Returns:
         a `RenderedRow`; the EOS id is appended (and trained) when the template closes the last
         assistant turn with nothing at all.
     """
-    full, spans, _ = assistant_spans(tokenizer, messages)
+    full, spans, _ = assistant_spans(tokenizer, messages, tools)
     input_ids, trained = _tokenize_with_spans(tokenizer, full, spans)
     if spans and spans[-1][1] == len(full) and _trim_after_end_of_turn(full[spans[-1][0]:],
                                                                        end_of_turn_markers(tokenizer)) is None:
@@ -235,21 +250,25 @@ def render_example(tokenizer: Any, example: SftExample, *, max_seq_len: int | No
     """Render one normalized SFT example (`formats.SftExample`): messages or plain text."""
     if example.text is not None:
         return render_plain_text(tokenizer, example.text, max_seq_len=max_seq_len)
-    return render_messages(tokenizer, example.messages, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+    return render_messages(tokenizer, example.messages, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt,
+                           tools=example.tools)
 
 
-def render_prompt(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+def render_prompt(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = True,
+                  tools: Sequence[dict] | None = None) -> list[int]:
     """Token ids of a prompt conversation, ending with the assistant header the model continues from.
 
     Args:
         tokenizer: a tokenizer with a chat template.
         messages: `[{"role", "content"}]`, usually system/user turns.
         add_generation_prompt: append the template's "assistant starts here" header.
+        tools: tool schemas offered to the model (see `render_text`).
 
     Returns:
         the ids exactly as a generator would be fed them (no extra BOS beyond the template's).
     """
-    return _tokenize(tokenizer, render_text(tokenizer, messages, add_generation_prompt=add_generation_prompt))
+    return _tokenize(tokenizer, render_text(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                            tools=tools))
 
 
 def render_prompt_completion(

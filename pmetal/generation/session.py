@@ -47,9 +47,10 @@ import torch
 from pmetal.generation.engine import RolloutEngine, engine_supports
 from pmetal.generation.rowcache import Bucket, RoundCall, RowSlotCache, prefill_layout
 from pmetal.generation.rowsampling import sample_rows
-from pmetal.generation.sampling import SamplingConfig, forward_kwargs
+from pmetal.generation.hf_internals import attn_implementation, cache_layers, forward_kwargs, output_cache
+from pmetal.generation.round import model_logits
+from pmetal.generation.sampling import SamplingConfig
 from pmetal.generation.slots import use_slot_attention
-from pmetal.generation.speculative import model_logits
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (more newcomers: several forwards)
 PARAMS = ("greedy", "temperature", "top_p", "top_k", "min_p", "seed")
@@ -115,7 +116,7 @@ class DecodeSession:
         self.suppress_ids, self.max_stop_ids = tuple(int(i) for i in suppress_ids), max_stop_ids
         self.generator = generator
         self._kwargs = forward_kwargs(model)
-        self._additive = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        self._additive = attn_implementation(model) == "eager"
         self.keys, self.values = self._allocate_cache(model)
         long, dev = dict(dtype=torch.long, device=self.device), self.device
         width = sync_every + 1  # a step emits a prefill's first token and one token per round
@@ -268,11 +269,10 @@ class DecodeSession:
     def _allocate_cache(self, model):
         """Zeroed ``[rows, kv_heads, capacity, head_dim]`` keys and values per layer, shaped as the model's
         own prompt cache (read from a one-token forward)."""
-        from pmetal.generation.prefill import prompt_layers
         from pmetal.generation.sampling import prompt_forward
 
         _, _, _, out, cache = prompt_forward(model, [[0]], 0, self.device)
-        layers = prompt_layers(getattr(out, "past_key_values", None) or cache)
+        layers = cache_layers(output_cache(out, cache))
         if layers is None:
             raise ValueError("the model's prompt cache has no per-layer tensors: the decode session cannot serve it")
         make = lambda t: torch.zeros(self.rows, t.shape[1], self.capacity, t.shape[3], dtype=t.dtype,  # noqa: E731

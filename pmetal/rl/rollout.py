@@ -42,6 +42,7 @@ class RolloutRow:
     group: int  # which prompt (rows of a group share it)
     truncated: bool
     pixel_inputs: dict | None = None  # a VLM prompt's image tensors (shared by its group)
+    model_mask: list[bool] | None = None  # tool episodes: False on tool-result tokens (never trained)
 
 
 def rows_from_generation(gen: Generation, rewards: Sequence[float], group_size: int,
@@ -54,6 +55,8 @@ def rows_from_generation(gen: Generation, rewards: Sequence[float], group_size: 
         n = int(lengths[r])
         rows.append(RolloutRow(prompt, gen.completion_ids[r, :n].tolist(), gen.logps[r, :n].tolist(),
                                float(rewards[r]), first_group + r // group_size, not bool(gen.stopped[r])))
+        if getattr(gen, "model_mask", None) is not None:  # pmetal.tools.agent.EpisodeGeneration
+            rows[-1].model_mask = gen.model_mask[r, :n].tolist()
     return rows
 
 
@@ -144,6 +147,8 @@ def assemble(rows: Sequence[RolloutRow], advantages: torch.Tensor, *, pad_token_
         input_ids[i, : p + c] = torch.tensor(row.prompt_ids + row.completion_ids, dtype=torch.long)
         attention_mask[i, : p + c] = 1
         labels[i, p : p + c] = torch.tensor(row.completion_ids, dtype=torch.long)
+        if row.model_mask is not None:  # tool tokens: outside the loss and the importance ratio
+            labels[i, p : p + c].masked_fill_(~torch.tensor(row.model_mask, dtype=torch.bool), IGNORE_INDEX)
         old_logps[i, p : p + c] = torch.tensor(row.old_logps, dtype=torch.float32)
     batch = RolloutBatch(
         input_ids=input_ids,

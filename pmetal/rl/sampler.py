@@ -96,6 +96,11 @@ class RolloutSampler:
             if placeholders:
                 sampling = dataclasses.replace(sampling,
                                                suppress_ids=tuple(sorted({*sampling.suppress_ids, *placeholders})))
+            if settings.episodes is not None:  # multi-turn tool episodes (pmetal.tools.agent)
+                gen = settings.episodes.generate(engine, part, sampling, stop_ids=self.stop_ids, tokenizer=self.tokenizer,
+                                                 pad_token_id=self.tokenizer.pad_token_id,
+                                                 group=settings.num_generations)
+                return gen, {**engine.last_stats, **gen.metrics}
             gen = engine.generate(part.prompt_ids, sampling, stop_ids=self.stop_ids,
                                   pad_token_id=self.tokenizer.pad_token_id,
                                   num_return_sequences=settings.num_generations, prefill_inputs=prefill_inputs)

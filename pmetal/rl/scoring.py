@@ -29,11 +29,12 @@ def score_completions(rewards, tokenizer, part: PromptBatch, gen, settings: Roll
     """
     group = settings.num_generations
     completion_ids = [row[: int(n)] for row, n in zip(gen.completion_ids.tolist(), gen.lengths.tolist())]
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = getattr(gen, "completions", None) or tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     repeat = lambda values: [v for v in values for _ in range(group)]  # noqa: E731
     columns = {name: repeat(values) for name, values in part.columns.items()}
     prompts = repeat(part.prompts)
-    extra = dict(completion_lengths=gen.lengths.tolist(), max_completion_length=settings.sampling.max_new_tokens)
+    extra = dict(completion_lengths=gen.lengths.tolist(), max_completion_length=settings.sampling.max_new_tokens,
+                 **getattr(gen, "reward_kwargs", {}))  # tool episodes: messages (and environments) per row
     try:
         total, per_function = rewards.score(prompts, completions, **columns, **extra)
     except PmetalError:

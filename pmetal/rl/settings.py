@@ -27,3 +27,4 @@ class RolloutSettings:
     async_rewards: bool = False
     chunks: int = 1
     advantage_estimator: str = "grpo"  # pmetal.losses.policy.estimate_advantages
+    episodes: Any = None  # tool episodes (pmetal.tools.agent.AgentRollout): multi-turn rows instead of one call

@@ -1,107 +1,22 @@
 """The text side of serving: prompts from OpenAI messages (tools included), completions' text as
 tokens arrive (stop strings), and tool calls parsed from a reply.
 
-Tool calls use one format, the one pmetal's agent training writes: the model answers a call as
-
-    <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
-
-(one block per call, any text around them is the reply's content). A chat template that takes
-`tools` (Qwen2.5/3, Llama 3.1, Hermes-style templates) gets them as they are and already asks for
-this format; a template without tools (SmolLM2's) gets them described in the system message, with
-the instruction to answer in this format. Earlier calls (assistant `tool_calls`) and results
-(`tool` messages) are written back in the same tags (`<tool_response>` for results) for templates
-that do not render them themselves.
+Tool calls use one format, the one pmetal's agent training writes and its rollouts parse:
+`pmetal.tools.format` (its docstring states it); this module only applies it to requests.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import uuid
 from collections.abc import Sequence
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-TOOL_CALL_OPEN = "<tool_call>"
-
-
-def template_takes_tools(tokenizer) -> bool:
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return isinstance(template, str) and "tools" in template
-
-
-def tools_system_text(tools: Sequence[dict]) -> str:
-    """The system-message description of `tools` for a template that cannot take them."""
-    listed = "\n".join(json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools)
-    return ("You may call these tools:\n" + listed + "\nTo call one, answer with "
-            '<tool_call>{"name": <tool name>, "arguments": <arguments object>}</tool_call> '
-            "(one block per call).")
-
-
-def plain_messages(messages: Sequence[dict]) -> list[dict]:
-    """OpenAI messages as `{"role", "content"}` text turns for a template that knows no tool roles."""
-    out = []
-    for m in messages:
-        content = m.get("content") or ""
-        if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        role = m["role"]
-        if role == "developer":
-            role = "system"
-        for call in m.get("tool_calls") or []:
-            fn = call.get("function", {})
-            arguments = fn.get("arguments", "{}")
-            arguments = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else arguments
-            content += f'<tool_call>{json.dumps({"name": fn.get("name"), "arguments": arguments})}</tool_call>'
-        if role == "tool":
-            role, content = "user", f"<tool_response>{content}</tool_response>"
-        out.append({"role": role, "content": content})
-    return out
+from pmetal.tools.format import TOOL_CALL_OPEN, parse_tool_calls, template_takes_tools  # noqa: F401 - serve's API
 
 
 def chat_prompt_ids(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
     """Token ids of the conversation ending with the assistant header (PmetalError if the template refuses it)."""
-    from pmetal.data.render import render_prompt, render_text
-    from pmetal.errors import PmetalError
+    from pmetal.data.render import render_prompt
 
-    if tools and template_takes_tools(tokenizer):
-        try:
-            text = tokenizer.apply_chat_template(list(messages), tools=list(tools), tokenize=False,
-                                                 add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - jinja's errors become one line for the client
-            raise PmetalError(f"the chat template rejected this conversation: {e}") from None
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    turns = plain_messages(messages)
-    if tools:
-        described = tools_system_text(tools)
-        if turns and turns[0]["role"] == "system":
-            turns[0] = {"role": "system", "content": turns[0]["content"] + "\n\n" + described}
-        else:
-            turns.insert(0, {"role": "system", "content": described})
-    render_text(tokenizer, turns, add_generation_prompt=True)  # its errors are PmetalErrors
-    return render_prompt(tokenizer, turns)
-
-
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """`(content, tool_calls)` of a reply: each valid `<tool_call>{json}</tool_call>` block becomes an
-    OpenAI tool call (arguments as a JSON string); a block that is not a JSON object with a `name`
-    stays in the content."""
-    calls, kept, cursor = [], [], 0
-    for match in TOOL_CALL.finditer(text):
-        try:
-            call = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            continue
-        arguments = call.get("arguments", call.get("parameters", {}))
-        kept.append(text[cursor: match.start()])
-        cursor = match.end()
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"],
-                                   "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
-    kept.append(text[cursor:])
-    content = "".join(kept).strip()
-    return (content or None) if calls else text, calls
+    return render_prompt(tokenizer, messages, tools=tools)
 
 
 class RowText:

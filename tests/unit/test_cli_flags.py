@@ -50,7 +50,7 @@ def _printed_config(method: str, capsys) -> dict:
 
 def test_the_derived_commands_cover_the_language_and_embedding_methods():
     assert set(DERIVED) == {"train", "grpo", "rloo", "online-dpo", "rlkd", "distill", "reward-train", "embed-train"}
-    assert COMMAND_OF == {"sft": "train", "grpo": "grpo", "dapo": "grpo", "rloo": "rloo", "rlkd": "rlkd",
+    assert COMMAND_OF == {"sft": "train", "grpo": "grpo", "dapo": "grpo", "agent": "grpo", "rloo": "rloo", "rlkd": "rlkd",
                           "online_dpo": "online-dpo", "xpo": "online-dpo", "distill": "distill",
                           "reward": "reward-train",
                           "embed": "embed-train"}

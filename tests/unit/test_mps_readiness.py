@@ -66,6 +66,11 @@ def _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **module_kwargs):
         if method == "dapo":
             kwargs["max_sampling_rounds"] = 1
         return module_cls(**kwargs), dm_cls(path=data, batch_size=2, seed=0)  # an order whose rewards spread
+    if method == "agent":  # GRPO with tools: episodes rendered with the tool schemas, their masks in the update
+        data = _write(tmp_path / "t.jsonl", [{"prompt": f"Code of {n}?", "name": n} for n in ("zorblat", "quenby")])
+        return module_cls(model=model, tools=["pmetal.examples.agent_tools:lookup"], reward_fns=["tests.method_matrix:crc_reward"],
+                          num_generations=2, max_completion_length=4, micro_batch_size=4, max_tool_turns=1), \
+            dm_cls(path=data, batch_size=2, seed=0)
     if method == "embed":
         data = _write(tmp_path / "e.jsonl", [{"anchor": f"code {i}", "positive": f"item {i}"} for i in range(4)])
         return module_cls(model=str(tiny_bert_dir), evaluate_before_training=False), dm_cls(

@@ -42,6 +42,7 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
     from pmetal.data.prompts import PromptDataModule
     from pmetal.data.distill import DistillDataModule
     from pmetal.modules.distill import DistillModule
+    from pmetal.modules.agent import AgentGrpoModule
     from pmetal.modules.dpo import DpoModule
     from pmetal.modules.embed import EmbedModule
     from pmetal.modules.grpo import GrpoModule
@@ -70,6 +71,10 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
         "distill": lambda: (DistillModule(teacher_model=_teacher(tmp), lmbda=0.5, max_new_tokens=4, temperature=1.0, **lm),
                             DistillDataModule(_head("sft", tmp, 6), batch_size=2, max_seq_len=64, val_fraction=0,
                                               seed=1)),
+        "grpo_tools": lambda: (AgentGrpoModule(tools=["pmetal.examples.agent_tools:lookup"], max_tool_turns=1,
+                                               num_generations=2, max_completion_length=4, reward_fns=["length"],
+                                               micro_batch_size=2, **lm),
+                               PromptDataModule(_head("tool_grpo", tmp, 6), batch_size=2, seed=1)),
         "embed": lambda: (EmbedModule(model=str(tiny_bert_dir), learning_rate=1e-3, evaluate_before_training=False),
                           EmbeddingDataModule(_head("embed", tmp, 12), batch_size=4, val_fraction=0, seed=1)),
     }
@@ -134,7 +139,7 @@ def _csv_steps(run_dir: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "online_dpo", "xpo", "distill", "reward", "embed"])
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo", "grpo_mu2", "grpo_tools", "online_dpo", "xpo", "distill", "reward", "embed"])
 def test_killed_run_resumes_to_the_same_losses_and_weights(method, tiny_model_dir, tiny_bert_dir, tmp_path):
     spec = (method, str(tiny_model_dir), str(tiny_bert_dir), tmp_path)
     _fit(spec, tmp_path / "straight")

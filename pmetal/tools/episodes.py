@@ -1,0 +1,242 @@
+"""Multi-turn tool episodes for GRPO: the model writes a turn, its tool calls run, the results are
+appended as a tool turn, and the row goes on, up to `max_tool_turns` tool turns and a budget of
+`max_episode_tokens` completion tokens (model and tool tokens together).
+
+`run_episodes(generate, ...)` drives the loop over any `generate(prompts, max_new_tokens) ->
+[TurnOutput]` callable (one sampled turn per prompt: token ids, their sampling-time log-probs,
+whether the row stopped on its own), so it can run on another engine later. This first version is
+turn-synchronous on pmetal's rollout engine (`engine_generate`): every row that needs another turn
+continues in the next call, which prefills its whole conversation again. Continuous refill (a row
+waiting for tools leaves its slot to others) and KV-cache reuse across turns are not done yet.
+
+Each episode keeps the exact token ids the model sampled (never re-tokenized) and, between them,
+the tokens of the tool turns, with `model_mask` telling them apart: the update trains and weighs
+only model tokens (tool tokens get label -100, so they are outside the loss and the importance
+ratio), and the sampling-time log-probs cover model tokens only (0 on tool tokens). A turn ends at
+its first complete `</tool_call>` block (anything the model wrote after it is dropped) or at a stop
+token. Calls are parsed with `pmetal.tools.format.parse_turn`: a malformed block becomes an error
+message in the tool turn, and is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pmetal.errors import PmetalError
+from pmetal.tools.format import TOOL_CALL_CLOSE, parse_turn
+from pmetal.tools.runner import PARSE_ERROR, Call
+
+
+@dataclass
+class TurnOutput:
+    """One sampled turn of one row."""
+
+    ids: list[int]
+    logps: list[float]
+    stopped: bool  # ended on a stop token (False: cut at max_new_tokens)
+
+
+Generate = Callable[[list[list[int]], int], list[TurnOutput]]
+
+
+@dataclass
+class Episode:
+    """One rollout row's episode."""
+
+    prompt_ids: list[int]
+    messages: list[dict]  # the conversation: the prompt, assistant turns (with tool_calls), tool results
+    completion_ids: list[int] = field(default_factory=list)  # model and tool tokens, in order
+    logps: list[float] = field(default_factory=list)  # sampling-time log-probs; 0 on tool tokens
+    model_mask: list[bool] = field(default_factory=list)  # True on tokens the model sampled
+    final_text: str = ""  # the last assistant turn's text (what rewards read as the completion)
+    stopped: bool = False  # ended on its own (False: cut by a token budget or max_tool_turns)
+    turns: int = 0  # model turns
+    counts: dict[str, int] = field(default_factory=dict)  # tool-call outcomes (ok, error, timeout, ...)
+    environment: Any = None  # its EnvironmentHandle (environment runs)
+    messages_for_render: list[dict] = field(default_factory=list)  # assistant turns as the model wrote them
+    _text: str = ""  # the conversation rendered so far, ending where the model continues
+
+    def add(self, ids: Sequence[int], logps: Sequence[float] | None, model: bool) -> None:
+        self.completion_ids += ids
+        self.logps += list(logps) if model else [0.0] * len(ids)
+        self.model_mask += [model] * len(ids)
+
+
+@dataclass
+class EpisodeSettings:
+    """Args:
+        max_tool_turns: tool turns an episode may take (the model's next turn after the last one
+            still runs, so an episode has at most max_tool_turns + 1 model turns).
+        max_episode_tokens: completion tokens (model and tool) an episode may hold.
+        max_new_tokens: tokens one model turn may generate.
+    """
+
+    max_tool_turns: int = 4
+    max_episode_tokens: int = 1024
+    max_new_tokens: int = 256
+
+
+def cut_at_tool_call(tokenizer, ids: Sequence[int]) -> int | None:
+    """How many tokens of `ids` reach the end of the first complete `</tool_call>` (None: no call).
+
+    Tokens after it are kept only when they are all stop/special tokens (the turn's end-of-turn).
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if TOOL_CALL_CLOSE not in text:
+        return None
+    for k in range(1, len(ids) + 1):
+        if TOOL_CALL_CLOSE in tokenizer.decode(ids[:k], skip_special_tokens=False):
+            rest = tokenizer.decode(ids[k:], skip_special_tokens=True)
+            return len(ids) if not rest.strip() else k
+    return None
+
+
+def _render(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None) -> str:
+    from pmetal.data.render import render_text
+
+    return render_text(tokenizer, messages, add_generation_prompt=True, tools=tools)
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def start_episode(tokenizer, messages: list[dict], tools: Sequence[dict] | None, environment=None) -> Episode:
+    text = _render(tokenizer, messages, tools)
+    return Episode(_tokenize(tokenizer, text), list(messages), environment=environment,
+                   messages_for_render=list(messages), _text=text)
+
+
+def tool_turn_ids(tokenizer, episode: Episode, turn_text: str, model_ended_turn: bool,
+                  results: Sequence[dict], tools: Sequence[dict] | None) -> list[int]:
+    """The tokens between the model's turn and its next one: end of turn, the tool turn(s), the
+    assistant header. The model's own tokens are kept as sampled; only this text is tokenized.
+
+    Raises:
+        PmetalError: the chat template does not render the assistant turn verbatim (it rewrites
+            history), so the appended text cannot be found.
+    """
+    from pmetal.data.render import end_of_turn_markers
+
+    turns = [{"role": "assistant", "content": turn_text}] + list(results)
+    full = _render(tokenizer, episode.messages_for_render + turns, tools)
+    head = episode._text + turn_text
+    if not full.startswith(head):
+        raise PmetalError("the chat template does not render the assistant's turn as written (it rewrites earlier "
+                          "turns), so tool results cannot be appended to the sampled tokens")
+    rest = full[len(head):]
+    if model_ended_turn:
+        marker = next((m for m in end_of_turn_markers(tokenizer) if rest.startswith(m)), "")
+        rest = rest[len(marker):]
+    episode._text = full
+    episode.messages_for_render += turns
+    return _tokenize(tokenizer, rest)
+
+
+def run_episodes(generate: Generate, episodes: list[Episode], tokenizer, runner, settings: EpisodeSettings, *,
+                 tools: Sequence[dict] | None, env_tools: Sequence[str] = ()) -> list[Episode]:
+    """Run every episode to its end (module docstring); the episodes are completed in place."""
+    active = list(episodes)
+    while active:
+        budgets = [settings.max_episode_tokens - len(ep.completion_ids) for ep in active]
+        outputs = generate([ep.prompt_ids + ep.completion_ids for ep in active],
+                           max(1, min(settings.max_new_tokens, max(budgets))))
+        calls, pending = [], []
+        for ep, out, budget in zip(active, outputs, budgets):
+            ids, logps, stopped = list(out.ids[:budget]), list(out.logps[:budget]), out.stopped and len(out.ids) <= budget
+            cut = cut_at_tool_call(tokenizer, ids)
+            if cut is not None:
+                ids, logps = ids[:cut], logps[:cut]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            ep.add(ids, logps, model=True)
+            ep.turns += 1
+            parsed = parse_turn(text) if cut is not None or "<tool_call>" in text else None
+            wants_tools = parsed is not None and (parsed.calls or parsed.errors)
+            room = len(ep.completion_ids) < settings.max_episode_tokens
+            if not wants_tools or ep.turns > settings.max_tool_turns or not room:
+                ep.final_text = text
+                ep.stopped = (stopped or cut is not None) and not wants_tools
+                ep.messages.append(_assistant_message(parsed.content if parsed else text, parsed.calls if parsed else []))
+                continue
+            ep.messages.append(_assistant_message(parsed.content, parsed.calls))
+            env_id = getattr(ep.environment, "_id", None)
+            first = len(calls)
+            calls += [Call(c["name"], c["arguments"], env_id) for c in parsed.calls]
+            pending.append((ep, text, cut is not None and len(ids) > 0 and _ends_turn(tokenizer, ids, cut),
+                            parsed, first))
+        results = runner.run(calls, env_tools=env_tools) if calls else []
+        still = []
+        for ep, text, ended, parsed, first in pending:
+            tool_messages = []
+            for call, result in zip(parsed.calls, results[first: first + len(parsed.calls)]):
+                ep.counts[result.status] = ep.counts.get(result.status, 0) + 1
+                tool_messages.append({"role": "tool", "name": call["name"], "content": result.content})
+            for error in parsed.errors:
+                ep.counts[PARSE_ERROR] = ep.counts.get(PARSE_ERROR, 0) + 1
+                runner.stats.add(PARSE_ERROR)
+                tool_messages.append({"role": "tool", "name": "error", "content": f"error: {error}"})
+            ep.messages += tool_messages
+            appended = tool_turn_ids(tokenizer, ep, text, ended, tool_messages, tools)
+            room = settings.max_episode_tokens - len(ep.completion_ids)
+            ep.add(appended[:room], None, model=False)
+            if len(appended) >= room:  # no token left for the model's next turn
+                ep.final_text, ep.stopped = text, False
+                continue
+            still.append(ep)
+        active = still
+    return episodes
+
+
+def _ends_turn(tokenizer, ids: Sequence[int], cut: int) -> bool:
+    """The model wrote its end-of-turn token after the call (kept in `ids`)."""
+    return cut == len(ids) and tokenizer.decode(ids[-1:], skip_special_tokens=True) == ""
+
+
+def _assistant_message(content: str, calls: Sequence[dict]) -> dict:
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [{"type": "function", "function": {"name": c["name"],
+                                                                    "arguments": json.dumps(c["arguments"])}}
+                                 for c in calls]
+    return message
+
+
+def engine_generate(engine, sampling, *, stop_ids: Sequence[int], pad_token_id: int) -> Generate:
+    """A `Generate` over pmetal's rollout engine: one call per turn for every row still going."""
+
+    def generate(prompts: list[list[int]], max_new_tokens: int) -> list[TurnOutput]:
+        config = dataclasses.replace(sampling, max_new_tokens=max_new_tokens)
+        gen = engine.generate(prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id)
+        lengths = gen.lengths.tolist()
+        return [TurnOutput(gen.completion_ids[r, :n].tolist(), gen.logps[r, :n].tolist(), bool(gen.stopped[r]))
+                for r, n in enumerate(lengths)]
+
+    return generate
+
+
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Per-step tool metrics (TRL's names where TRL has them: tools/call_frequency, tools/failure_frequency)."""
+    n = max(len(episodes), 1)
+    total: dict[str, int] = {}
+    for ep in episodes:
+        for status, count in ep.counts.items():
+            total[status] = total.get(status, 0) + count
+    calls = sum(total.values())
+    failures = calls - total.get("ok", 0)
+    rate = lambda status: total.get(status, 0) / calls if calls else 0.0  # noqa: E731
+    return {
+        "tools/call_frequency": calls / n,  # calls per episode (TRL: per completion)
+        "tools/failure_frequency": failures / calls if calls else 0.0,
+        "tools/success_rate": rate("ok"),
+        "tools/parse_error_rate": rate(PARSE_ERROR),
+        "tools/timeout_rate": rate("timeout"),
+        "tools/error_rate": rate("error") + rate("unknown_tool"),
+        "episodes/mean_turns": sum(ep.turns for ep in episodes) / n,
+        "episodes/mean_length": sum(len(ep.completion_ids) for ep in episodes) / n,
+        "episodes/mean_model_tokens": sum(sum(ep.model_mask) for ep in episodes) / n,
+        "episodes/truncated_ratio": sum(not ep.stopped for ep in episodes) / n,
+    }
