@@ -208,7 +208,7 @@ def test_malformed_calls_and_the_turn_limit_are_counted(tiny_model_dir):
 def test_tool_tokens_have_zero_gradient_in_the_grpo_update(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from pmetal.generation.rollout import RolloutRow, assemble
+    from pmetal.rl.rollout import RolloutRow, assemble
     from pmetal.logps import completion_logps
     from pmetal.losses.policy import grpo_loss
 
