@@ -62,7 +62,7 @@ def test_the_loss_history_and_plot_are_written_atomically(tmp_path, monkeypatch)
     history.write(tmp_path)
     before = (tmp_path / "loss_history.json").read_text()
 
-    def broken_plot(train, val, path):
+    def broken_plot(train, val, path, **options):
         path.write_bytes(b"\x89PNG half")
         raise OSError("disk full")
 
