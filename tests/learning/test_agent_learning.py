@@ -81,8 +81,8 @@ def test_sft_then_grpo_with_tools_raises_correct_calls_and_episode_reward(smollm
                              learning_rate=GRPO_LR, lr_schedule="constant", lora_r=16, gradient_checkpointing=False,
                              max_grad_norm=1.0)
     history = EpisodeHistory()
-    _trainer(GRPO_STEPS, [history], clip=None).fit(module, PromptDataModule(str(example_path("tool_grpo.jsonl")),
-                                                                 batch_size=PROMPTS, seed=0))
+    prompts = PromptDataModule(str(example_path("tool_grpo.jsonl")), batch_size=PROMPTS, seed=0)
+    _trainer(GRPO_STEPS, [history], clip=None).fit(module, prompts)
     first, last = slice(0, 1), slice(GRPO_STEPS - LAST, GRPO_STEPS)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     print(f"correct calls per step {history.correct_calls}; episode reward per step {history.reward}")
