@@ -35,9 +35,10 @@ import torch
 
 from pmetal.errors import PmetalError
 from pmetal.modules.base import PmetalModule
+from pmetal.modules.teacher import FrozenTeacherMixin
 
 
-class DistillModule(PmetalModule):
+class DistillModule(FrozenTeacherMixin, PmetalModule):
     """Generalized knowledge distillation (GKD) from a frozen teacher (see the module docstring).
 
     Args:
@@ -86,14 +87,6 @@ class DistillModule(PmetalModule):
         self._teacher: list[torch.nn.Module] = [load_teacher(self, teacher_model, quantization=teacher_quantization,
                                                              method="GKD")]
         self._stop_ids: tuple[object, list[int]] | None = None  # (tokenizer, its stop ids), read once
-
-    @property
-    def teacher(self) -> torch.nn.Module:
-        return self._teacher[0]
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.teacher.to(self.device)
 
     # ------------------------------------------------------------------ on-policy batches
     def on_policy_step(self) -> bool:

@@ -24,10 +24,11 @@ import torch
 
 from pmetal.errors import PmetalError
 from pmetal.modules.grpo import GrpoModule
+from pmetal.modules.teacher import FrozenTeacherMixin
 from pmetal.modules.teacher import check_same_vocabulary  # noqa: F401 (its home before modules/teacher.py)
 
 
-class RlkdModule(GrpoModule):
+class RlkdModule(FrozenTeacherMixin, GrpoModule):
     """GRPO + distillation from a frozen teacher (see the module docstring).
 
     Args:
@@ -65,14 +66,6 @@ class RlkdModule(GrpoModule):
 
         hp = self.hparams
         self._teacher.append(load_teacher(self, hp.teacher_model, quantization=hp.teacher_quantization, method="RLKD"))
-
-    @property
-    def teacher(self) -> torch.nn.Module:
-        return self._teacher[0]
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.teacher.to(self.device)
 
     def current_alpha(self) -> float:
         hp = self.hparams

@@ -43,3 +43,18 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: st
         f"{method} compares token distributions position by position: pick a teacher of the same model family "
         "(same tokenizer)"
     )
+
+
+class FrozenTeacherMixin:
+    """The frozen teacher of a distilling method: kept in a one-item list (out of state_dict,
+    checkpoints and the optimizer) and moved to the student's device when fitting starts."""
+
+    _teacher: list[torch.nn.Module]
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self._teacher[0]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.to(self.device)
