@@ -202,18 +202,29 @@ def _parameters(function: ast.FunctionDef, module: str, skip_self: bool):
 
 
 def _base_chain(module: str, cls: ast.ClassDef) -> list[tuple[str, ast.ClassDef]]:
-    """The class and its pmetal bases, most derived first (single inheritance only)."""
+    """The class and its pmetal bases, most derived first.
+
+    Several bases are read only when all but one are mixins: pmetal classes with neither an
+    `__init__` nor bases of their own, so they add no settings and leave the order plain.
+    """
     chain = [(module, cls)]
     while True:
         module, cls = chain[-1]
-        if len(cls.bases) != 1:
-            if cls.bases:
-                raise _Unreadable(f"{cls.name}: several bases")
+        if not cls.bases:
             return chain
-        where, node = _base(module, cls.bases[0])
+        resolved = [_base(module, base) for base in cls.bases]
+        main = [(where, node) for where, node in resolved if not _is_mixin(node)]
+        if len(main) != 1:
+            raise _Unreadable(f"{cls.name}: several bases with settings")
+        where, node = main[0]
         if node is None:
             return chain  # L.LightningModule: a framework base ends the walk
         chain.append((where, node))
+
+
+def _is_mixin(node: ast.ClassDef | None) -> bool:
+    return node is not None and not node.bases and not any(
+        isinstance(n, ast.FunctionDef) and n.name == "__init__" for n in node.body)
 
 
 def _base(module: str, base: ast.expr) -> tuple[str, ast.ClassDef | None]:
