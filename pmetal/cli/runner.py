@@ -166,7 +166,7 @@ def build_trainer(
     *,
     accelerator: Literal["auto", "mps", "cuda", "cpu"] = "auto",
     precision: str = "auto",
-    max_epochs: Optional[int] = 1,
+    max_epochs: Optional[int] = None,
     max_steps: int = -1,
     accumulate_grad_batches: int = 1,
     gradient_clip_val: Optional[float] = 1.0,
@@ -194,7 +194,8 @@ def build_trainer(
         accelerator: "auto" (mps, then cuda, then cpu), "mps", "cuda" or "cpu".
         precision: "auto" (bf16 autocast where the device has it, fp16 autocast otherwise on a GPU,
             fp32 on CPU), or a Lightning precision: "32-true", "bf16-mixed", "16-mixed", "bf16-true".
-        max_epochs: passes over the training data; None lets max_steps alone decide.
+        max_epochs: passes over the training data; None: one pass, or as many as max_steps needs
+            when max_steps is set (as Hugging Face's Trainer, max_steps alone then decides).
         max_steps: stop after this many optimizer steps (-1: the epochs decide).
         accumulate_grad_batches: batches whose gradients add up to one optimizer step.
         gradient_clip_val: clip the gradient norm to this value; 0 or None turns clipping off.
@@ -243,6 +244,8 @@ def build_trainer(
     if choice.accelerator == "cpu" and choice.precision == "16-mixed":
         plugins.append(cpu_fp16_autocast())
         precision_setting = None  # the plugin is the precision; Lightning refuses both
+    if max_epochs is None and max_steps < 0:
+        max_epochs = 1  # neither given: one pass (with max_steps given, Lightning then runs epochs until it)
     if isinstance(val_check_interval, int) and not isinstance(val_check_interval, bool):
         check_val_every_n_epoch = None  # N batches across epochs, not N batches of one epoch
     return L.Trainer(

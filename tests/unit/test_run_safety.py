@@ -253,3 +253,23 @@ def test_killed_run_with_validation_over_several_epochs_keeps_metrics_csv(tiny_m
     assert [float(r["train/loss"]) for r in a] == pytest.approx([float(r["train/loss"]) for r in b], abs=1e-5)
     assert [float(r["val/loss"]) for r in a if r["val/loss"]] == pytest.approx(
         [float(r["val/loss"]) for r in b if r["val/loss"]], abs=1e-5)
+
+
+def test_max_steps_alone_runs_past_the_first_epoch(tiny_model_dir, tmp_path):
+    """`--max-steps 8` on 3 batches an epoch trains 8 steps (as Hugging Face's Trainer), not 3;
+    with neither setting a run makes one pass, and an explicit epoch count still stops it."""
+    from pmetal.cli.runner import build_trainer
+    from pmetal.data.datamodule import SftDataModule
+    from pmetal.modules import SftModule
+
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=6)  # batches of 2: 3 steps an epoch
+
+    def steps(run, **limits):
+        trainer = build_trainer(tmp_path / run, enable_progress_bar=False, logger=False, **limits)
+        trainer.fit(SftModule(model=str(tiny_model_dir)),
+                    datamodule=SftDataModule(path=str(data), batch_size=2, max_seq_len=64, val_fraction=0.0))
+        return trainer.global_step
+
+    assert steps("max-steps", max_steps=8) == 8
+    assert steps("default") == 3
+    assert steps("both", max_steps=8, max_epochs=2) == 6
