@@ -19,25 +19,28 @@ How the random model calls tools. A model with random weights never writes a too
 trained briefly would call tools a random number of times, so the two trainers would not do the same
 work. The model is therefore scripted in its weights, identically for both trainers: a Qwen3-shaped
 model (`--model qwen3-0.6b-shape`: Qwen3-0.6B's layers, heads and vocabulary, with an untied LM
-head; `tiny` for the CPU smoke) whose attention output and MLP down projections are zero, so the
-residual stream carries the current token's embedding unchanged to the head, and whose LM head maps
-the embedding of each token of a fixed script to the next one with a margin of `SCRIPT_MARGIN`
-logits (orthonormal embeddings for the script's tokens, so no two steps interfere). It is a bigram
-machine that still runs every matmul of the real shape (attention, MLP, the 151,936-word head): the
-cost per token is a Qwen3-0.6B's, and at temperature 1 it samples the script with probability
-1 - 1e-10 per token. After every assistant header it writes `--think-tokens` words of "reasoning",
-then `<tool_call>{"name": "lookup", "arguments": {"name": "zorblat"}}</tool_call>` and its
-end-of-turn token. So every episode calls the tool on every turn until `--max-tool-turns` is reached,
-then writes one more turn (whose call neither trainer runs): each episode has max_tool_turns calls
-and max_tool_turns + 1 model turns on both sides, which the table checks (its `calls/episode` and
-`turns/episode` columns). The tokenizer is a byte-level BPE trained here on pmetal's example data
-(`tests/tiny.py`; no model hub on the GPU machines) with Qwen2.5's chat template (the one TRL ships,
-which renders tools and which TRL's tool-call parser knows) and the script's words as added tokens;
-prompts are "Tell me the registry code for <name>." rendered with the tool's schema, as both
-trainers render them (identical ids). Rewards are a fixed spread over each group's rows (never all
-equal, so neither trainer skips an update), the same for both.
+head, so the same matmuls and 0.3 GB more weights; `tiny` for the CPU smoke) whose attention output
+and MLP down projections are zero, so that the residual stream carries the current token's
+embedding unchanged to the head, and whose LM head maps the embedding of each token of a fixed
+script to the next one with a margin of `SCRIPT_MARGIN` logits (orthonormal embeddings for the
+script's tokens, so no two steps interfere). It is a bigram machine that still runs every matmul of
+the real shape (attention, MLP, the 151,936-word head): the cost per token is a Qwen3-0.6B's, and at
+temperature 1 it samples the script with probability 1 - 1e-10 per token. After every assistant
+header it writes `--think-tokens` words of "reasoning", then
+`<tool_call>{"name": "lookup", "arguments": {"name": "zorblat"}}</tool_call>` and its end-of-turn
+token. So every episode calls the tool on every turn until `--max-tool-turns` is reached, then
+writes one more turn (whose call neither trainer runs): each episode has max_tool_turns calls and
+max_tool_turns + 1 model turns on both sides, which the table shows (`calls/episode`,
+`turns/episode`; a warning line when the trainers differ). The tokenizer is a byte-level BPE trained
+here on pmetal's example data (`tests/tiny.py`; no model hub on the GPU machines) with Qwen2.5's
+chat template (the one TRL ships, which renders tools and whose tool calls TRL's parser knows) and
+the script's words as added tokens. The prompts are "Tell me the registry code for <name>." over the
+example registry's names (each trainer shuffles the file its own way; the rendered prompts differ by
+a few tokens at most), rendered with the tool's schema into the same ids by both trainers. Rewards
+are a fixed spread over each group's rows (never all equal, so neither trainer skips an update),
+the same for both.
 
-    # CPU smoke (seconds): a tiny Qwen3-shaped model
+    # CPU smoke (under a minute): a tiny Qwen3-shaped model
     python benchmarks/bench_agents.py --device cpu --model tiny --threads 1
     # GPU: the Qwen3-0.6B shape, 8 prompts x 8 episodes, 3 tool turns of 32 thinking tokens each
     python benchmarks/bench_agents.py --device cuda --model qwen3-0.6b-shape --prompts 8 --num-generations 8 \\
