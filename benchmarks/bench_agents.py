@@ -123,8 +123,8 @@ def plant_script(model, pairs: list[tuple[int, int]], margin: float = SCRIPT_MAR
         for (token, following), direction in zip(pairs, basis):
             # the token's embedding: entries of the init's size; after the final RMSNorm it is
             # sqrt(d) * direction, so this head row gives `margin` on it and 0 on every other script token
-            embed[token] = (direction * 0.02 * math.sqrt(d)).to(embed.dtype)
-            head[following] = (direction * margin / math.sqrt(d)).to(head.dtype)
+            embed[token] = (direction * 0.02 * math.sqrt(d)).to(embed.device, embed.dtype)
+            head[following] = (direction * margin / math.sqrt(d)).to(head.device, head.dtype)
 
 
 def check_script(model, tokenizer, pairs, prompt_ids: list[int]) -> None:
