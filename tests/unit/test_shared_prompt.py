@@ -53,9 +53,12 @@ def batch_and_tokenizer(tiny_model_dir, tmp_path_factory):
     return next(iter(dm._loader(dm.train_items, shuffle=False)))
 
 
-CASES = [(DpoModule, dict(loss_type="sigmoid", label_smoothing=0.1)), (DpoModule, dict(loss_type="hinge")),
-         (DpoModule, dict(loss_type="ipo")), (DpoModule, dict(loss_type="robust", label_smoothing=0.2)),
-         (SimpoModule, {}), (OrpoModule, dict(nll_scope="completion")), (OrpoModule, dict(nll_scope="full"))]
+# (class, attention, settings switched on one module between steps): DPO's four losses, SimPO, ORPO's two scopes
+CASES = [(DpoModule, "sdpa", [dict(loss_type="sigmoid", label_smoothing=0.1), dict(loss_type="hinge", label_smoothing=0.0),
+                              dict(loss_type="ipo"), dict(loss_type="robust", label_smoothing=0.2)]),
+         (SimpoModule, "sdpa", [{}]),
+         (OrpoModule, "sdpa", [dict(nll_scope="completion"), dict(nll_scope="full")]),
+         (OrpoModule, "eager", [dict(nll_scope="full")])]
 
 
 def _step(module, batch, shared: bool, autocast: bool):
@@ -65,35 +68,33 @@ def _step(module, batch, shared: bool, autocast: bool):
     with context:
         loss, metrics = module.compute_loss(batch)
         chosen, rejected = module.pair_logps(batch)
+        reference = module._compute_reference(batch) if isinstance(module, DpoModule) else torch.zeros(())
     loss.backward()
     grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
-    return loss.detach(), metrics, torch.stack([chosen.sum, rejected.sum]).detach(), grads
+    return loss.detach(), metrics, torch.stack([chosen.sum, rejected.sum]).detach(), reference, grads
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("autocast", [False, True], ids=["32-true", "bf16-mixed"])
-def test_shared_prompt_equals_separate_rows(tiny_model_dir, batch_and_tokenizer, attention, autocast):
+@pytest.mark.parametrize("cls,attention,variants", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_shared_prompt_equals_separate_rows(tiny_model_dir, batch_and_tokenizer, cls, attention, variants):
     batch = batch_and_tokenizer
-    tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
-    for cls, settings in CASES:
-        module = cls(model=str(tiny_model_dir), attn_implementation=attention, **settings, **COMMON)
-        randomize_lora_b(module)
-        assert module._shared_prompt_attention(module.policy) == attention
-        plain, shared = (_step(module, batch, flag, autocast) for flag in (False, True))
-        name = f"{cls.__name__} {settings}"
-        torch.testing.assert_close(shared[2], plain[2], **tol, msg=f"{name}: policy log-probs")
-        torch.testing.assert_close(shared[0], plain[0], **tol, msg=f"{name}: loss")
-        for key in plain[1]:
-            torch.testing.assert_close(shared[1][key], plain[1][key], **tol, msg=f"{name}: {key}")
-        assert plain[3].keys() == shared[3].keys() and plain[3]
-        for key in plain[3]:
-            scale = plain[3][key].abs().max().clamp_min(1e-6)
-            torch.testing.assert_close(shared[3][key] / scale, plain[3][key] / scale, **tol, msg=f"{name}: {key}")
-        if cls is DpoModule:
-            module.hparams.shared_prompt = False
-            reference = module._compute_reference(batch)
-            module.hparams.shared_prompt = True
-            torch.testing.assert_close(module._compute_reference(batch), reference, **tol)
+    module = cls(model=str(tiny_model_dir), attn_implementation=attention, **COMMON)
+    randomize_lora_b(module)
+    assert module._shared_prompt_attention(module.policy) == attention
+    for settings in variants:
+        module.hparams.update(settings)
+        for autocast in (False, True):
+            tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+            plain, shared = (_step(module, batch, flag, autocast) for flag in (False, True))
+            name = f"{cls.__name__} {settings} autocast={autocast}"
+            torch.testing.assert_close(shared[2], plain[2], **tol, msg=f"{name}: policy log-probs")
+            torch.testing.assert_close(shared[3], plain[3], **tol, msg=f"{name}: reference log-probs")
+            torch.testing.assert_close(shared[0], plain[0], **tol, msg=f"{name}: loss")
+            for key in plain[1]:
+                torch.testing.assert_close(shared[1][key], plain[1][key], **tol, msg=f"{name}: {key}")
+            assert plain[4].keys() == shared[4].keys() and plain[4]
+            for key in plain[4]:
+                scale = plain[4][key].abs().max().clamp_min(1e-6)
+                torch.testing.assert_close(shared[4][key] / scale, plain[4][key] / scale, **tol, msg=f"{name}: {key}")
 
 
 def test_shared_prompt_saves_tokens_and_falls_back(tiny_model_dir, batch_and_tokenizer):
