@@ -108,19 +108,14 @@ class PreferenceModule(PmetalModule):
             half = batch["chosen_input_ids"].shape[0]
             scored = labels.clone()
             scored[:half] = input_ids[:half].masked_fill(attention_mask[:half] == 0, IGNORE_INDEX)
-        out = self.side_logps(self.policy, batch, input_ids, attention_mask, scored, return_token_logps=True,
-                              return_mean_logits=True)
-        return out, labels
-
-    def side_logps(self, model, batch, input_ids, attention_mask, labels, **kwargs):
-        """`completion_logps` of the `[2B, T]` rows chosen-then-rejected under `model`: on the
-        shared-prompt layout where the run and the model allow it, else on the concatenated rows."""
-        attention = self._shared_prompt_attention(model)
+        attention = self._shared_prompt_attention(self.policy)
         if attention is None:
-            from pmetal.logps import completion_logps
-
-            return completion_logps(model, input_ids, attention_mask, labels, **kwargs)
-        return shared_prompt_logps(model, batch, labels, attn_implementation=attention, **kwargs)
+            out = self.completion_logps(input_ids, attention_mask, scored, return_token_logps=True,
+                                        return_mean_logits=True)
+        else:
+            out = shared_prompt_logps(self.policy, batch, scored, attn_implementation=attention,
+                                      return_token_logps=True, return_mean_logits=True)
+        return out, labels
 
     def _shared_prompt_attention(self, model) -> str | None:
         """The attention implementation the shared-prompt layout runs with, or None for the plain path."""
@@ -132,18 +127,21 @@ class PreferenceModule(PmetalModule):
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         return attention if shared_prompt_supported(text, attention, self.is_vlm) else None
 
+    def pair_logps(self, batch: dict[str, torch.Tensor]) -> tuple[SideLogps, SideLogps]:
+        """Policy log-probs of chosen and rejected completions from one forward."""
+        return completion_sides(*self.pair_forward(batch))
+
     def pair_reference_logps(self, batch: dict[str, torch.Tensor]):
         """Reference log-probs (`CompletionLogps` over chosen-then-rejected rows) of the completions of a batch."""
         input_ids, attention_mask, labels = concat_sides(batch, "chosen_", "rejected_")
+        attention = self._shared_prompt_attention(self.policy)
+        if attention is None:
+            return self.reference_logps(input_ids, attention_mask, labels)
         with torch.no_grad():
             if self.hparams.adapter == "full":
-                return self.side_logps(self._reference_model(), batch, input_ids, attention_mask, labels)
+                return shared_prompt_logps(self._reference_model(), batch, labels, attn_implementation=attention)
             with self.policy.disable_adapter():
-                return self.side_logps(self.policy, batch, input_ids, attention_mask, labels)
-
-    def pair_logps(self, batch: dict[str, torch.Tensor]) -> tuple[SideLogps, SideLogps]:
-        """Policy log-probs of chosen and rejected completions from one `[2B, T]` forward."""
-        return completion_sides(*self.pair_forward(batch))
+                return shared_prompt_logps(self.policy, batch, labels, attn_implementation=attention)
 
     # ------------------------------------------------------------------ reference
     def _compute_reference(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -181,7 +179,7 @@ class PreferenceModule(PmetalModule):
             keys = index.tolist()
             if all(k in cache for k in keys):
                 return torch.stack([cache[k] for k in keys]).to(self.device)
-            if self.hparams.adapter == "full" and cache:
+            if self._precompute and self.hparams.adapter == "full" and cache:
                 raise PmetalError(
                     "precompute_ref_logps cached the reference log-probs of the DataModule's splits and released "
                     "the frozen reference model; this batch holds examples outside those splits"
