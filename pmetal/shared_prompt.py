@@ -46,7 +46,8 @@ def _common_prefix(a: torch.Tensor, b: torch.Tensor, len_a: torch.Tensor, len_b:
     width = min(a.shape[1], b.shape[1])
     same = a[:, :width] == b[:, :width]
     same &= torch.arange(width, device=a.device) < torch.minimum(len_a, len_b).unsqueeze(1)
-    return same.long().cumprod(1).sum(1)
+    differ = ~same
+    return torch.where(differ.any(1), differ.int().argmax(1), width).long()  # the first difference
 
 
 def shared_layout(chosen_ids: torch.Tensor, chosen_mask: torch.Tensor, rejected_ids: torch.Tensor,
