@@ -60,8 +60,10 @@ class DpoModule(PairPreferenceModule):
 
     def compute_loss(self, batch):
         hp = self.hparams
-        chosen, rejected = self.pair_logps(batch)
+        # the reference first: its cache lookup reads the batch's indices on the host, which waits for
+        # the device, and at the start of the step the device has almost nothing queued
         ref = self.reference_values(batch)  # [B, 4]: sums then means
+        chosen, rejected = self.pair_logps(batch)
         if hp.loss_type == "ipo":
             policy_c, policy_r, ref_c, ref_r = chosen.mean, rejected.mean, ref[:, 2], ref[:, 3]
         else:

@@ -186,7 +186,8 @@ class PreferenceModule(PmetalModule):
                 )
         values = self._compute_reference(batch).float()
         if self._caches_reference and index is not None:
-            for k, row in zip(index.tolist(), values.detach().cpu()):
+            # kept on the device: a copy to the host would wait for the reference forward every step
+            for k, row in zip(index.tolist(), values.detach()):
                 cache[k] = row
         return values
 
@@ -195,7 +196,8 @@ class PreferenceModule(PmetalModule):
         cache = self.__dict__.get("_ref_cache")
         if cache:  # a resumed run reuses the values the straight run would
             keys = sorted(cache)
-            checkpoint[_CACHE_KEY] = {"index": torch.tensor(keys), "values": torch.stack([cache[k] for k in keys])}
+            checkpoint[_CACHE_KEY] = {"index": torch.tensor(keys),
+                                      "values": torch.stack([cache[k] for k in keys]).cpu()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
