@@ -14,9 +14,15 @@ gradient checkpointing on, bf16 on CUDA / fp32 on CPU. The first `--warmup` step
     python benchmarks/bench_dpo.py --device cuda --model qwen3-0.6b-shape --batch-size 8 \
         --prompt-len 256 --completion-len 256 --steps 20 --warmup 5
 
-Trainers (`--trainers`): `pmetal`, `trl`, and `pmetal-compile` / `trl-compile` (the same with the
-decoder compiled: pmetal's `compile=True`, each decoder layer; TRL's `torch_compile=True`), and
-`pmetal-compile-model` (pmetal's `compile_scope="model"`: the whole decoder stack as one graph). With `--profile DIR` each
+Trainers (`--trainers`): `pmetal` (its defaults: each pair one row holding the prompt once, reference
+log-probs reused after an example's first epoch), `pmetal-plain` (chosen and rejected as separate
+rows, the reference run every step: the path before the shared prompt), `trl`, and `pmetal-compile` /
+`trl-compile` (the same with the decoder compiled: pmetal's `compile=True`, each decoder layer; TRL's
+`torch_compile=True`), `pmetal-compile-model` (pmetal's `compile_scope="model"`: the whole decoder
+stack as one graph), and `trl-precompute` (TRL's `precompute_ref_log_probs=True`: its reference pass
+runs over the data set before the first step, outside the timing). `--pairs N` writes N distinct pairs
+(default: one epoch, `batch_size * (steps + 1)`); fewer make the timed steps later epochs, where
+pmetal reuses its reference log-probs. With `--profile DIR` each
 trainer's timed steps also run under torch.profiler: DIR/<trainer>_ops.txt holds the top operators by
 device time and the table gains the fraction of wall time the GPU was busy.
 
@@ -38,7 +44,7 @@ from _common import WORDS, Profile, report, write_model_dir  # noqa: E402  (benc
 
 
 
-TRAINERS = ("pmetal", "trl", "pmetal-compile", "trl-compile", "pmetal-compile-model")
+TRAINERS = ("pmetal", "trl", "pmetal-compile", "trl-compile", "pmetal-compile-model", "pmetal-plain", "trl-precompute")
 
 
 def prepare(args, work: Path) -> tuple[Path, Path]:
@@ -48,7 +54,7 @@ def prepare(args, work: Path) -> tuple[Path, Path]:
     words = lambda n: " ".join(f"w{rng.randrange(3, WORDS)}" for _ in range(n))  # noqa: E731
     pairs = work / "pairs.jsonl"
     with open(pairs, "w") as f:
-        for _ in range(args.batch_size * (args.steps + 1)):
+        for _ in range(args.pairs or args.batch_size * (args.steps + 1)):
             row = {"prompt": words(args.prompt_len), "chosen": " " + words(args.completion_len),
                    "rejected": " " + words(args.completion_len)}
             f.write(json.dumps(row) + "\n")
@@ -79,14 +85,15 @@ def run_pmetal(args, model_dir: Path, pairs: Path) -> float:
     from pmetal.modules.dpo import DpoModule
 
     class Timer(L.Callback):
+        # global_step, not batch_idx: with --pairs the steps run over several epochs
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == args.warmup:
+            if trainer.global_step == args.warmup:
                 _sync(args.device)
                 PROFILE.start()
                 self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if batch_idx == args.steps - 1:
+            if trainer.global_step == args.steps:
                 _sync(args.device)
                 self.seconds = time.perf_counter() - self.start
                 PROFILE.stop()
@@ -95,7 +102,8 @@ def run_pmetal(args, model_dir: Path, pairs: Path) -> float:
                        lora_alpha=2 * args.lora_r, learning_rate=1e-5, gradient_checkpointing=True,
                        weight_dtype="bfloat16" if args.device == "cuda" else "float32",
                        compile="-compile" in args.only,
-                       compile_scope="model" if args.only.endswith("-model") else "layers")
+                       compile_scope="model" if args.only.endswith("-model") else "layers",
+                       **(dict(shared_prompt=False, reuse_ref_logps=False) if args.only == "pmetal-plain" else {}))
     data = PreferenceDataModule(str(pairs), batch_size=args.batch_size, max_seq_len=args.prompt_len +
                                 args.completion_len + 8)
     timer = Timer()
@@ -134,7 +142,8 @@ def run_trl(args, model_dir: Path, pairs: Path) -> float:
                        max_steps=args.steps, learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"],
                        gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, report_to=[], logging_steps=1000,
                        save_strategy="no", max_length=None, dataloader_num_workers=0, seed=0,
-                       torch_compile=args.only.endswith("-compile"))
+                       torch_compile=args.only.endswith("-compile"),
+                       precompute_ref_log_probs=args.only.endswith("-precompute"))
     peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                              target_modules="all-linear", task_type="CAUSAL_LM")
     timer = Timer()
@@ -175,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps in all")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--pairs", type=int, help="distinct pairs in the data (default: one epoch of the steps)")
     parser.add_argument("--trainers", default="pmetal,trl",
                         help="comma-separated: " + ", ".join(TRAINERS))
     parser.add_argument("--profile", type=Path, help="profile the timed steps; operator tables go to this folder")

@@ -6,7 +6,9 @@ per-token average log-probs as TRL and the IPO authors do) and "robust" (rDPO, C
 
 Departures from the paper: the reference policy is the base model with the adapter switched off
 (no second model in memory under LoRA/DoRA; a frozen copy only under full fine-tuning), as in TRL;
-chosen and rejected completions go through the policy in one concatenated forward. Logged rewards
+chosen and rejected completions go through the policy in one forward, by default as one row per
+pair holding the prompt once (`pmetal.shared_prompt`); reference log-probs are computed once per
+example and reused in later epochs (`reuse_ref_logps`). Logged rewards
 are beta times the *summed* log-ratios for every loss type (for IPO too, so they compare across
 runs), the loss itself is the batch mean.
 """
@@ -18,10 +20,10 @@ from typing import Literal
 import torch
 
 from pmetal.losses.preference import dpo_loss
-from pmetal.modules.preference import PreferenceModule, concat_sides, split_sides
+from pmetal.modules.preference import PairPreferenceModule, split_sides
 
 
-class DpoModule(PreferenceModule):
+class DpoModule(PairPreferenceModule):
     """DPO and its variants on preference pairs (see PmetalModule for the model/adapter/optimizer arguments).
 
     Args:
@@ -31,7 +33,10 @@ class DpoModule(PreferenceModule):
             for "sigmoid", the noise rate of "robust"; must be 0 for "hinge" and "ipo".
         precompute_ref_logps: compute the reference log-probs of every example once before training
             and reuse them (under full fine-tuning this frees the frozen reference copy).
-        **kwargs: the arguments of PmetalModule (model, adapter, lora_r, learning_rate, ...).
+        reuse_ref_logps: keep each example's reference log-probs from its first visit and reuse them
+            in later epochs instead of running the reference again (saved in checkpoints; skipped
+            when the reference forward has active dropout, where a recomputation would differ).
+        **kwargs: the arguments of PairPreferenceModule (shared_prompt) and PmetalModule (model, adapter, ...).
     """
 
     def __init__(
@@ -40,6 +45,7 @@ class DpoModule(PreferenceModule):
         loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid",
         label_smoothing: float = 0.0,
         precompute_ref_logps: bool = False,
+        reuse_ref_logps: bool = True,
         **kwargs,
     ) -> None:
         # Check the settings before the (slow) model load.
@@ -48,15 +54,16 @@ class DpoModule(PreferenceModule):
         super().__init__(**kwargs)
 
     def _compute_reference(self, batch):
-        input_ids, attention_mask, labels = concat_sides(batch, "chosen_", "rejected_")
-        ref = self.reference_logps(input_ids, attention_mask, labels)
+        ref = self.pair_reference_logps(batch)
         chosen, rejected = split_sides(ref.sum, ref.mean, ref.num_tokens)
         return torch.stack([chosen.sum, rejected.sum, chosen.mean, rejected.mean], dim=1)  # [B, 4]
 
     def compute_loss(self, batch):
         hp = self.hparams
-        chosen, rejected = self.pair_logps(batch)
+        # the reference first: its cache lookup reads the batch's indices on the host, which waits for
+        # the device, and at the start of the step the device has almost nothing queued
         ref = self.reference_values(batch)  # [B, 4]: sums then means
+        chosen, rejected = self.pair_logps(batch)
         if hp.loss_type == "ipo":
             policy_c, policy_r, ref_c, ref_r = chosen.mean, rejected.mean, ref[:, 2], ref[:, 3]
         else:

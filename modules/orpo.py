@@ -23,17 +23,17 @@ from typing import Literal
 import torch
 
 from pmetal.losses.preference import orpo_loss
-from pmetal.modules.preference import PreferenceModule, completion_sides
+from pmetal.modules.preference import PairPreferenceModule, completion_sides
 
 
-class OrpoModule(PreferenceModule):
+class OrpoModule(PairPreferenceModule):
     """ORPO on preference pairs (see PmetalModule for the model/adapter/optimizer arguments).
 
     Args:
         beta: weight lambda of the odds-ratio term against the NLL of the chosen completion (paper: 0.1).
         nll_scope: the tokens of the chosen rows the NLL term covers: "completion" (the paper's SFT
             term) or "full" (prompt and completion, as TRL's ORPOTrainer).
-        **kwargs: the arguments of PmetalModule (model, adapter, lora_r, learning_rate, ...).
+        **kwargs: the arguments of PairPreferenceModule (shared_prompt) and PmetalModule (model, adapter, ...).
     """
 
     needs_reference = False

@@ -12,17 +12,17 @@ the average log-probs, as in TRL.
 from __future__ import annotations
 
 from pmetal.losses.preference import simpo_loss
-from pmetal.modules.preference import PreferenceModule
+from pmetal.modules.preference import PairPreferenceModule
 
 
-class SimpoModule(PreferenceModule):
+class SimpoModule(PairPreferenceModule):
     """SimPO on preference pairs (see PmetalModule for the model/adapter/optimizer arguments).
 
     Args:
         beta: reward scale beta (the paper uses 2.0-2.5 for instruction-tuned models).
         gamma_beta_ratio: the target reward margin gamma as a fraction of beta (the paper's 0.5).
         label_smoothing: assumed fraction of flipped preference labels, in [0, 0.5).
-        **kwargs: the arguments of PmetalModule (model, adapter, lora_r, learning_rate, ...).
+        **kwargs: the arguments of PairPreferenceModule (shared_prompt) and PmetalModule (model, adapter, ...).
     """
 
     needs_reference = False

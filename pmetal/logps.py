@@ -240,11 +240,20 @@ def completion_logps(
             distribution at the temperature; without gradient).
         pixel_inputs: a VLM batch's image tensors (`pixel_values`, ...; see `pmetal.vlm`).
     """
-    config = _config(model)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    _, head = backbone_and_head(model)
     hidden, targets, mask = selected_hidden(model, input_ids, attention_mask, labels, position_ids, seq_lens,
                                             pixel_inputs)
+    return scored_logps(model, hidden, targets, mask, seq_lens=seq_lens, temperature=temperature,
+                        return_token_logps=return_token_logps, return_mean_logits=return_mean_logits,
+                        return_token_entropy=return_token_entropy)
+
+
+def scored_logps(model, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
+                 seq_lens: torch.Tensor | None = None, temperature: float = 1.0, return_token_logps: bool = False,
+                 return_mean_logits: bool = False, return_token_entropy: bool = False) -> CompletionLogps:
+    """`completion_logps` from the hidden states that predict each scored label (`selected_hidden`'s
+    `hidden [M, H]`, `targets [M]`, `mask [B, T]`, or a caller's own selection of them)."""
+    softcap = getattr(_config(model), "final_logit_softcapping", None)
+    _, head = backbone_and_head(model)
     logps = _head_logps(hidden, head, targets, temperature=temperature, softcap=softcap)  # [M] fp32
     token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
     if seq_lens is None:

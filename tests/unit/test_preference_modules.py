@@ -115,16 +115,24 @@ def test_reference_is_the_frozen_base(tiny_model_dir, pair_file):
 
 
 def test_one_forward_for_chosen_and_rejected_matches_separate_forwards(tiny_model_dir, pair_file):
-    """One [2B, T] policy forward (+ one reference forward); its log-probs equal separate padded forwards."""
+    """One policy forward (+ one reference forward): by default one row per pair (the shared prompt),
+    with shared_prompt=False the [2B, T] rows; its log-probs equal separate padded forwards."""
     module = DpoModule(model=str(tiny_model_dir), **COMMON)
-    batch = next(iter(_datamodule(module, pair_file).train_dataloader()))
+    off = DpoModule(model=str(tiny_model_dir), shared_prompt=False, **COMMON)
+    batch = next(iter(_datamodule(off, pair_file).train_dataloader()))
+    rows = []
+    handle = off.policy.get_base_model().model.register_forward_hook(
+        lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    off.compute_loss(batch)
+    handle.remove()
+    assert rows == [8, 8]  # policy, reference: each over 2 x 4 rows
     rows = []
     backbone = module.policy.get_base_model().model
     handle = backbone.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]),
                                             with_kwargs=True)
     loss, metrics = module.compute_loss(batch)
     handle.remove()
-    assert rows == [8, 8]  # policy, reference: each over 2 x 4 rows
+    assert rows == [4, 4]  # policy, reference: each over 4 rows holding both sides
     chosen, rejected = module.pair_logps(batch)
     for side, logps in (("chosen", chosen), ("rejected", rejected)):
         alone = module.completion_logps(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
@@ -219,7 +227,7 @@ class _TableLogps:
 
 @pytest.mark.parametrize("scope, nll", [("completion", (0.7 + 0.8 + 0.3) / 3), ("full", (0.6 + 0.7 + 0.8 + 0.2 + 0.3) / 5)])
 def test_orpo_nll_scope_by_hand(tiny_model_dir, scope, nll):
-    module = OrpoModule(model=str(tiny_model_dir), nll_scope=scope, **COMMON)
+    module = OrpoModule(model=str(tiny_model_dir), nll_scope=scope, shared_prompt=False, **COMMON)  # the table replaces the rows' forward
     table = _TableLogps()
     module.completion_logps = table
     # chosen rows: prompt [5, 6] + completion [7, 8]; prompt [1, 2] + completion [3] and a pad
