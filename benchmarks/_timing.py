@@ -189,4 +189,5 @@ def run_workers(script: str, argv: list[str] | None, names: list[str], work: Pat
             results.append(dict(name=name, error=" | ".join(tail)))
         else:
             results.append(dict(json.loads(line[len("RESULT "):]), worker_s=time.perf_counter() - t0))
+            print(f"{name} done: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # partial runs still tell
     return results
