@@ -134,21 +134,33 @@ def summary(name: str, clock: StepClock, device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return rl_main(__file__, __doc__, "GRPO", run_pmetal, run_trl, argv, model="default", prompt_len=32,
+                   completion_len=32, steps=2)
+
+
+def rl_main(script: str, doc: str, method: str, run_pmetal, run_trl, argv=None, *, model: str, prompt_len: int,
+            completion_len: int, steps: int, group: int | None = None) -> int:
+    """The command line of the GRPO-family benchmarks (this one, RLOO, Online DPO): parse, then either
+    run one worker (`run_pmetal`/`run_trl`) or prepare the inputs, run both workers and print the table.
+    `group` fixes the completions per prompt (Online DPO's 2); None makes it `--num-generations`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--model", default="default",
+    p.add_argument("--model", default=model,
                    help="default (SmolLM2-135M), tiny or qwen3-0.6b-shape (random weights), or an HF directory")
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-completion-length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=1)
+    if group is None:
+        p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (the group)")
+    p.add_argument("--prompt-len", type=int, default=prompt_len)
+    p.add_argument("--max-completion-length", type=int, default=completion_len)
+    p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--only", choices=["pmetal", "trl"], default=None)
     p.add_argument("--markdown", default=None, help="append the table to this Markdown file")
     add_worker_arguments(p)
     args = p.parse_args(argv)
+    if group is not None:
+        args.num_generations = group
     if args.threads:
         import torch
 
@@ -158,19 +170,13 @@ def main(argv=None) -> int:
         runner = run_pmetal if args._worker == "pmetal" else run_trl
         print_result(runner(args, work / "model", work / "prompts.jsonl"))
         return 0
-
-    results = run_rl_workers(__file__, args, argv, prepare)
-    header = (f"GRPO, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} completions, "
+    with tempfile.TemporaryDirectory(prefix="bench_rl_") as tmp:
+        prepare(args, Path(tmp))
+        results = run_workers(script, argv, [args.only] if args.only else ["pmetal", "trl"], Path(tmp))
+    header = (f"{method}, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} completions, "
               f"prompt {args.prompt_len} tokens, completions <= {args.max_completion_length}, {args.steps} timed steps")
     report(header + "\n\n" + results_table(results) + "\n", args.markdown)
     return 0
-
-
-def run_rl_workers(script: str, args, argv, prepare_inputs) -> list[dict]:
-    """`script`'s pmetal and TRL workers (or `--only` one) on the same inputs; their results."""
-    with tempfile.TemporaryDirectory(prefix="bench_rl_") as tmp:
-        prepare_inputs(args, Path(tmp))
-        return run_workers(script, argv, [args.only] if args.only else ["pmetal", "trl"], Path(tmp))
 
 
 def results_table(results: list[dict]) -> str:

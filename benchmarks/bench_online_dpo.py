@@ -24,14 +24,12 @@ Prints a table; `--markdown FILE` appends it as Markdown.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from _common import report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from _timing import StepClock, add_worker_arguments, print_result  # noqa: E402
-from bench_grpo import fit_lightning, length_reward, prepare, results_table, run_rl_workers, summary  # noqa: E402
+from _timing import StepClock  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_grpo import fit_lightning, length_reward, rl_main, summary  # noqa: E402
 
 
 def run_pmetal(args, model_dir: Path, prompts: Path) -> dict:
@@ -89,35 +87,8 @@ def generation_counts(out) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--model", default="default",
-                   help="default (SmolLM2-135M), tiny or qwen3-0.6b-shape (random weights), or an HF directory")
-    p.add_argument("--prompts", type=int, default=2, help="prompts per step (x 2 completions)")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--max-completion-length", type=int, default=16)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--only", choices=["pmetal", "trl"], default=None)
-    p.add_argument("--markdown", default=None, help="append the table to this Markdown file")
-    add_worker_arguments(p)
-    args = p.parse_args(argv)
-    args.num_generations = 2  # bench_grpo.prepare writes prompts x (steps + warmup + 1)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args._worker:
-        work = Path(args._work)
-        runner = run_pmetal if args._worker == "pmetal" else run_trl
-        print_result(runner(args, work / "model", work / "prompts.jsonl"))
-        return 0
-    results = run_rl_workers(__file__, args, argv, prepare)
-    header = (f"Online DPO, {args.model} on {args.device}: {args.prompts} prompts x 2 completions, "
-              f"prompt {args.prompt_len} tokens, completions <= {args.max_completion_length}, {args.steps} timed steps")
-    report(header + "\n\n" + results_table(results) + "\n", args.markdown)
-    return 0
+    return rl_main(__file__, __doc__, "Online DPO", run_pmetal, run_trl, argv, model="default", prompt_len=16,
+                   completion_len=16, steps=1, group=2)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,12 @@ time); `--markdown FILE` appends it as Markdown.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from _common import report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from _timing import StepClock, add_worker_arguments, print_result  # noqa: E402
-from bench_grpo import (fit_lightning, generation_counts, length_reward, prepare, results_table,  # noqa: E402
-                        rollout_counts, run_rl_workers, summary)
+from _timing import StepClock  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_grpo import fit_lightning, generation_counts, length_reward, rl_main, rollout_counts, summary  # noqa: E402
 
 
 def run_pmetal(args, model_dir: Path, prompts: Path) -> dict:
@@ -81,35 +78,8 @@ def run_trl(args, model_dir: Path, prompts: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--model", default="tiny",
-                   help="tiny, qwen3-0.6b-shape (random weights), default (SmolLM2-135M) or an HF directory")
-    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
-    p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (the RLOO group)")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--max-completion-length", type=int, default=16)
-    p.add_argument("--steps", type=int, default=1, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--only", choices=["pmetal", "trl"], default=None)
-    p.add_argument("--markdown", default=None, help="append the table to this Markdown file")
-    add_worker_arguments(p)
-    args = p.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args._worker:
-        work = Path(args._work)
-        runner = run_pmetal if args._worker == "pmetal" else run_trl
-        print_result(runner(args, work / "model", work / "prompts.jsonl"))
-        return 0
-    results = run_rl_workers(__file__, args, argv, prepare)
-    header = (f"RLOO, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} completions, "
-              f"prompt {args.prompt_len} tokens, completions <= {args.max_completion_length}, {args.steps} timed steps")
-    report(header + "\n\n" + results_table(results) + "\n", args.markdown)
-    return 0
+    return rl_main(__file__, __doc__, "RLOO", run_pmetal, run_trl, argv, model="tiny", prompt_len=16,
+                   completion_len=16, steps=1)
 
 
 if __name__ == "__main__":
