@@ -34,7 +34,7 @@ def _module(student, teacher, **kwargs):
     from pmetal.modules.distill import DistillModule
 
     kwargs.setdefault("gradient_checkpointing", False)
-    return DistillModule(str(student), teacher_model=str(teacher), max_new_tokens=5, **kwargs)
+    return DistillModule(str(student), teacher_model=str(teacher), max_completion_length=5, **kwargs)
 
 
 def _batch(module, path, **data):
