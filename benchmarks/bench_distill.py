@@ -68,7 +68,7 @@ def run_pmetal(args, work: Path, clock: StepClock) -> None:
 
     cuda = args.device == "cuda"
     module = DistillModule(model=str(work / "student"), teacher_model=str(work / "teacher"), lmbda=args.lmbda,
-                           beta=args.beta, temperature=SAMPLING_TEMPERATURE, max_new_tokens=args.completion_len,
+                           beta=args.beta, temperature=SAMPLING_TEMPERATURE, max_completion_length=args.completion_len,
                            lora_r=args.lora_r, lora_alpha=2 * args.lora_r, learning_rate=1e-5,
                            gradient_checkpointing=args.checkpointing,
                            weight_dtype="bfloat16" if cuda else "float32")
