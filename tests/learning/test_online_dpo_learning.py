@@ -60,7 +60,8 @@ def held_out_metrics(module, held_path) -> dict[str, float]:
     data = PromptDataModule(str(held_path), batch_size=16, seed=0, tokenizer=module.tokenizer)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    settings = dataclasses.replace(module.rollout_settings(), num_generations=EVAL_SAMPLES)
+    # uncompiled: the same samples (checked: identical metrics), without a CPU inductor compile (175 s -> 80 s here)
+    settings = dataclasses.replace(module.rollout_settings(), num_generations=EVAL_SAMPLES, compile_decode=False)
     with torch.random.fork_rng():
         torch.manual_seed(1234)
         return evaluate_prompts(module.policy, module.tokenizer, module.rewards, settings, batch)
