@@ -1,5 +1,6 @@
-"""Shared pieces of the DPO and GRPO benchmarks: the Qwen3-0.6B shape, a word-level tokenizer, and the
-model directory both contenders load (identical token ids for pmetal and TRL)."""
+"""Shared pieces of the DPO, GRPO, RLOO, Online DPO and GKD benchmarks: the Qwen3 shapes, a word-level
+tokenizer, and the model directory both contenders load (identical token ids for pmetal and TRL).
+Their step timing and worker processes are in `_timing.py`."""
 
 from __future__ import annotations
 
@@ -27,26 +28,46 @@ def word_tokenizer():
     return fast
 
 
-def write_model_dir(model: str, work: Path) -> Path:
-    """`work/model`: random Qwen3-0.6B-shaped bf16 weights, or links to a real model's files, plus the
-    word-level tokenizer."""
+# Random-weight shapes a benchmark writes to disk (`write_model_dir`): the Qwen3-0.6B/1.7B shapes on a
+# GPU, tiny ones (the word-level vocabulary) for CPU smokes in seconds.
+SHAPES = {
+    "qwen3-0.6b-shape": QWEN3_06B_SHAPE,
+    "qwen3-1.7b-shape": dict(QWEN3_06B_SHAPE, hidden_size=2048, intermediate_size=6144),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=128, vocab_size=WORDS, tie_word_embeddings=True, max_position_embeddings=4096),
+    "tiny-wide": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=32, intermediate_size=256, vocab_size=WORDS, tie_word_embeddings=True,
+                      max_position_embeddings=4096),
+}
+
+
+def write_model_dir(model: str, work: Path, name: str = "model", seed: int = 0, device: str = "cpu") -> Path:
+    """`work/name`: random bf16 weights of one of `SHAPES` (built on `device`: a GPU makes a 1.7B model
+    in a second, a CPU in tens of seconds), or links to a real model's files, plus the word-level
+    tokenizer."""
     import torch
 
-    model_dir = work / "model"
+    model_dir = work / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    if model == "qwen3-0.6b-shape":
+    if model in SHAPES:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        torch.manual_seed(0)
-        config = Qwen3Config(**QWEN3_06B_SHAPE, bos_token_id=None, eos_token_id=2, pad_token_id=0)
-        Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
+        torch.manual_seed(seed)
+        config = Qwen3Config(**SHAPES[model], bos_token_id=None, eos_token_id=2, pad_token_id=0)
+        if device == "cuda":
+            with torch.device(device):
+                built = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16)
+        else:
+            built = Qwen3ForCausalLM(config).to(torch.bfloat16)
+        built.save_pretrained(model_dir, safe_serialization=True)
+        del built
     else:
         from pmetal.models import default_model_path
 
         source = default_model_path() if model == "default" else Path(model)
-        for name in ("config.json", "model.safetensors", "generation_config.json"):
-            if (source / name).exists() and not (model_dir / name).exists():
-                os.symlink((source / name).resolve(), model_dir / name)
+        for file in ("config.json", "model.safetensors", "generation_config.json"):
+            if (source / file).exists() and not (model_dir / file).exists():
+                os.symlink((source / file).resolve(), model_dir / file)
     word_tokenizer().save_pretrained(model_dir)
     return model_dir
 

@@ -3,23 +3,31 @@
 Each trainer runs in its own subprocess (so peak memory is its own) on the same synthetic SFT rows:
 a user turn of `--prompt-len` random words and an assistant turn of `--completion-len`, tokenized by
 the word-level tokenizer of benchmarks/_common.py (one word = one token, a chat template that only
-concatenates), written beside both random models. Shared settings: LoRA on the student (rank, alpha
-2r, every linear layer), the teacher frozen in the student's dtype, generalized JSD with `--beta`,
-on-policy fraction `--lmbda` (1 = every step samples `--completion-len` new tokens per row from the
-student: the random models never sample the EOS word, so every row is as long in both trainers),
-sampling temperature 0.9 (TRL's default), AdamW, gradient checkpointing (TRL then generates without a
-KV cache, as its code does with checkpointing on; `--no-checkpointing` turns it off for both), bf16
-on CUDA / fp32 on CPU. The first `--warmup` steps are not timed.
+concatenates), written beside both random models (built on the GPU under `--device cuda`: seconds,
+where a 1.7B model's random init on the CPU takes tens). Shared settings: LoRA on the student (rank,
+alpha 2r, every linear layer), the teacher frozen in the student's dtype, generalized JSD with
+`--beta`, on-policy fraction `--lmbda` (1 = every step samples `--completion-len` new tokens per row
+from the student: the random models never sample the EOS word, so every row is as long in both
+trainers), sampling temperature 0.9 (TRL's default), AdamW, gradient checkpointing (TRL's default;
+TRL then generates without a KV cache, as its code does with checkpointing on; `--no-checkpointing`
+turns it off for both), bf16 on CUDA / fp32 on CPU. The first `--warmup` steps are not timed (pmetal's
+first step compiles the rollout engine's round on CUDA).
 
-    # CPU smoke (tiny random models, a minute or two on 2 cores)
+Each step is split into the student's sampling (`generate`: pmetal's rollout engine, TRL's
+`generate_on_policy_outputs`, HF `generate`), the teacher's forward and the rest (the student's
+forward, the divergence, backward and optimizer step); a second table gives these per step with
+each worker's first step, set-up (imports, both models' loads) and whole time, so a run that is
+too long shows where it went.
+
+    # CPU smoke (tiny random models, about a minute on 2 shared cores)
     python benchmarks/bench_distill.py --device cpu --student tiny --teacher tiny-wide --batch-size 2 \
         --prompt-len 16 --completion-len 8 --steps 3 --warmup 1
-    # GPU: a Qwen3-0.6B-shaped student, a Qwen3-1.7B-shaped teacher (random bf16 weights, vocab 151,936)
+    # GPU: a Qwen3-0.6B-shaped student, a Qwen3-1.7B-shaped teacher (random bf16 weights, vocab 151,936),
+    # sized to finish in under 150 s with TRL
     python benchmarks/bench_distill.py --device cuda --student qwen3-0.6b-shape --teacher qwen3-1.7b-shape \
-        --batch-size 8 --prompt-len 256 --completion-len 256 --steps 8 --warmup 2
+        --batch-size 8 --prompt-len 128 --completion-len 128 --steps 3 --warmup 1
 
-Prints a table (seconds per step, trained tokens/s, peak memory, and each trainer's step time
-against the first one's) and, with `--markdown FILE`, appends it as Markdown.
+Prints the tables and, with `--markdown FILE`, appends them as Markdown.
 """
 
 from __future__ import annotations
@@ -27,42 +35,22 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import QWEN3_06B_SHAPE, WORDS, report, word_tokenizer  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import SHAPES, WORDS, report, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path)
+from _timing import StepClock, add_worker_arguments, peak_gib, print_result, run_workers  # noqa: E402
 
-SHAPES = {
-    "qwen3-0.6b-shape": QWEN3_06B_SHAPE,
-    "qwen3-1.7b-shape": dict(QWEN3_06B_SHAPE, hidden_size=2048, intermediate_size=6144),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 intermediate_size=128, vocab_size=WORDS, tie_word_embeddings=True, max_position_embeddings=4096),
-    "tiny-wide": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=32, intermediate_size=256, vocab_size=WORDS, tie_word_embeddings=True,
-                      max_position_embeddings=4096),
-}
 TRAINERS = ("pmetal", "trl")
 SAMPLING_TEMPERATURE = 0.9
-
-
-def write_model(shape: str, folder: Path, seed: int) -> Path:
-    """A random Qwen3 model of `shape` in bf16 with the word-level tokenizer."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen3Config(**SHAPES[shape], bos_token_id=None, eos_token_id=2, pad_token_id=0)
-    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
-    word_tokenizer().save_pretrained(folder)
-    return folder
+PHASES = ("generate", "teacher")  # timed inside each step; the rest is the student's forward, loss, backward, step
 
 
 def prepare(args, work: Path) -> None:
-    write_model(args.student, work / "student", seed=0)
-    write_model(args.teacher, work / "teacher", seed=1)
+    write_model_dir(args.student, work, name="student", seed=0, device=args.device)
+    write_model_dir(args.teacher, work, name="teacher", seed=1, device=args.device)
     rng = random.Random(0)
     words = lambda n: " ".join(f"w{rng.randrange(3, WORDS)}" for _ in range(n))  # noqa: E731
     with open(work / "rows.jsonl", "w") as f:
@@ -71,74 +59,37 @@ def prepare(args, work: Path) -> None:
                                              {"role": "assistant", "content": " " + words(args.completion_len)}]}) + "\n")
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_memory_gib(device: str) -> float:
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def run_pmetal(args, work: Path) -> float:
+def run_pmetal(args, work: Path, clock: StepClock) -> None:
     import lightning as L
 
     from pmetal.data.distill import DistillDataModule
+    from pmetal.logps import backbone_and_head
     from pmetal.modules.distill import DistillModule
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == args.warmup:
-                _sync(args.device)
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if batch_idx == args.steps - 1:
-                _sync(args.device)
-                self.seconds = time.perf_counter() - self.start
 
     cuda = args.device == "cuda"
     module = DistillModule(model=str(work / "student"), teacher_model=str(work / "teacher"), lmbda=args.lmbda,
-                           beta=args.beta, temperature=SAMPLING_TEMPERATURE, max_new_tokens=args.completion_len,
+                           beta=args.beta, temperature=SAMPLING_TEMPERATURE, max_completion_length=args.completion_len,
                            lora_r=args.lora_r, lora_alpha=2 * args.lora_r, learning_rate=1e-5,
                            gradient_checkpointing=args.checkpointing,
                            weight_dtype="bfloat16" if cuda else "float32")
+    clock.wrap(module, "sample_batch", "generate")
+    teacher_backbone = backbone_and_head(module.teacher)[0]  # what the loss runs: hidden states, then chunked heads
+    clock.wrap(teacher_backbone, "forward", "teacher")
     data = DistillDataModule(str(work / "rows.jsonl"), batch_size=args.batch_size, val_fraction=0,
                              max_seq_len=args.prompt_len + args.completion_len + 8, chat_template=None)
-    timer = Timer()
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=args.steps,
                         precision="bf16-mixed" if cuda else "32-true", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[timer])
+                        num_sanity_val_steps=0, callbacks=[clock.lightning()])
     trainer.fit(module, datamodule=data)
-    return timer.seconds
 
 
-def run_trl(args, work: Path) -> float:
+def run_trl(args, work: Path, clock: StepClock) -> None:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, targs, state, control, **kw):
-            if state.global_step == args.warmup:
-                _sync(args.device)
-                self.start = time.perf_counter()
-
-        def on_step_end(self, targs, state, control, **kw):
-            if state.global_step == args.steps:
-                _sync(args.device)
-                self.seconds = time.perf_counter() - self.start
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -153,12 +104,12 @@ def run_trl(args, work: Path) -> float:
                        logging_steps=1000, save_strategy="no", dataloader_num_workers=0, seed=0)
     peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                              target_modules="all-linear", task_type="CAUSAL_LM")
-    timer = Timer()
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=config,
                          train_dataset=load_dataset("json", data_files=str(work / "rows.jsonl"), split="train"),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[clock.trl()])
+    clock.wrap(trainer, "generate_on_policy_outputs", "generate")  # HF generate (no KV cache under checkpointing)
+    clock.wrap(trainer.teacher_model, "forward", "teacher")
     trainer.train()
-    return timer.seconds
 
 
 def child(args) -> None:
@@ -167,11 +118,13 @@ def child(args) -> None:
     torch.manual_seed(0)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = (run_pmetal if args.only == "pmetal" else run_trl)(args, Path(args.work))
-    timed = args.steps - args.warmup
+    clock = StepClock(args.device, warmup=args.warmup)
+    (run_pmetal if args._worker == "pmetal" else run_trl)(args, Path(args._work), clock)
+    seconds, timed = clock.seconds(), len(clock.timed())
     tokens = timed * args.batch_size * args.completion_len  # trained (completion) tokens
-    print("RESULT " + json.dumps({"trainer": args.only, "step_s": seconds / timed, "tokens_per_s": tokens / seconds,
-                                  "peak_gib": _peak_memory_gib(args.device)}), flush=True)
+    print_result({"trainer": args._worker, "step_s": seconds / timed, "tokens_per_s": tokens / seconds,
+                  "peak_gib": peak_gib(args.device), "setup_s": clock.setup_seconds(),
+                  "first_step_s": clock.steps[0]["step"], **clock.phase_means(*PHASES)})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,39 +143,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--trainers", default="pmetal,trl", help="comma-separated: " + ", ".join(TRAINERS))
     parser.add_argument("--markdown", type=Path, help="append the table to this Markdown file")
-    parser.add_argument("--only", choices=TRAINERS, help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
     if set(args.trainers.split(",")) - set(TRAINERS):
         parser.error(f"--trainers: expected a comma-separated subset of {TRAINERS}")
-    if args.only:
+    if args._worker:
         return child(args)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-distill-"))
-    prepare(args, work)
-    results = []
-    for name in args.trainers.split(","):
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", name,
-               "--work", str(work)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        t0 = time.perf_counter()
+        prepare(args, Path(tmp))
+        prepared = time.perf_counter() - t0
+        print(f"models and rows written in {prepared:.1f} s", file=sys.stderr, flush=True)
+        results = run_workers(__file__, argv, args.trainers.split(","), Path(tmp))
+    report(results_table(args, results) + f"\n\nModels and rows written in {prepared:.1f} s.\n", args.markdown)
+
+
+def results_table(args, results: list[dict]) -> str:
+    """The step table, then where each step's time goes (mean seconds per timed step) and the set-up."""
     memory = "peak GPU memory allocated (GiB)" if args.device == "cuda" else "peak RSS (GiB)"
     shape = (f"student {args.student}, teacher {args.teacher}, {args.device}, LoRA r{args.lora_r}, "
              f"{args.batch_size} rows x {args.prompt_len}+{args.completion_len} tokens, lmbda {args.lmbda}, "
              f"beta {args.beta}, checkpointing {'on' if args.checkpointing else 'off'}, "
              f"{args.steps - args.warmup} timed steps")
-    first = results[0]["step_s"] if results else 1.0
+    done = [r for r in results if "error" not in r]
+    first = done[0]["step_s"] if done else 1.0
     table = [f"GKD step: {shape}", "", f"| trainer | s/step | trained tokens/s | {memory} | step time vs first |",
              "|---|---|---|---|---|"]
     table += [f"| {r['trainer']} | {r['step_s']:.3f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} | "
-              f"{r['step_s'] / first:.2f}x |" for r in results]
-    report("\n".join(table) + "\n", args.markdown)
+              f"{r['step_s'] / first:.2f}x |" for r in done]
+    table += [f"| {r['name']} | failed: {r['error'][:200]} | | | |" for r in results if "error" in r]
+    table += ["", "| trainer | generate s/step | teacher forward s/step | rest s/step | first step s | setup s | "
+              "worker s |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['trainer']} | {r['generate']:.3f} | {r['teacher']:.3f} | {r['other']:.3f} | "
+              f"{r['first_step_s']:.2f} | {r['setup_s']:.1f} | {r['worker_s']:.1f} |" for r in done]
+    return "\n".join(table)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _common import WORDS, Profile, report, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _timing import StepClock, add_worker_arguments, peak_gib, print_result, run_workers  # noqa: E402
 
 
 
@@ -61,79 +59,35 @@ def prepare(args, work: Path) -> tuple[Path, Path]:
     return model_dir, pairs
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_memory_gib(device: str) -> float:
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def run_pmetal(args, model_dir: Path, pairs: Path) -> float:
     import lightning as L
 
     from pmetal.data.preference import PreferenceDataModule
     from pmetal.modules.dpo import DpoModule
 
-    class Timer(L.Callback):
-        # global_step, not batch_idx: with --pairs the steps run over several epochs
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == args.warmup:
-                _sync(args.device)
-                PROFILE.start()
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if trainer.global_step == args.steps:
-                _sync(args.device)
-                self.seconds = time.perf_counter() - self.start
-                PROFILE.stop()
-
     module = DpoModule(model=str(model_dir), beta=0.1, loss_type="sigmoid", lora_r=args.lora_r,
                        lora_alpha=2 * args.lora_r, learning_rate=1e-5, gradient_checkpointing=True,
                        weight_dtype="bfloat16" if args.device == "cuda" else "float32",
-                       compile="-compile" in args.only,
-                       compile_scope="model" if args.only.endswith("-model") else "layers",
-                       **(dict(shared_prompt=False, reuse_ref_logps=False) if args.only == "pmetal-plain" else {}))
+                       compile="-compile" in args._worker,
+                       compile_scope="model" if args._worker.endswith("-model") else "layers",
+                       **(dict(shared_prompt=False, reuse_ref_logps=False) if args._worker == "pmetal-plain" else {}))
     data = PreferenceDataModule(str(pairs), batch_size=args.batch_size, max_seq_len=args.prompt_len +
                                 args.completion_len + 8)
-    timer = Timer()
+    clock = step_clock(args)
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_steps=args.steps,
                         precision="bf16-mixed" if args.device == "cuda" else "32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock.lightning()])
     trainer.fit(module, datamodule=data)
-    return timer.seconds
+    return clock.seconds()
 
 
 def run_trl(args, model_dir: Path, pairs: Path) -> float:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, targs, state, control, **kw):
-            if state.global_step == args.warmup:
-                _sync(args.device)
-                PROFILE.start()
-                self.start = time.perf_counter()
-
-        def on_step_end(self, targs, state, control, **kw):
-            if state.global_step == args.steps:
-                _sync(args.device)
-                self.seconds = time.perf_counter() - self.start
-                PROFILE.stop()
 
     cuda = args.device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -142,18 +96,24 @@ def run_trl(args, model_dir: Path, pairs: Path) -> float:
                        max_steps=args.steps, learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"],
                        gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, report_to=[], logging_steps=1000,
                        save_strategy="no", max_length=None, dataloader_num_workers=0, seed=0,
-                       torch_compile=args.only.endswith("-compile"),
-                       precompute_ref_log_probs=args.only.endswith("-precompute"))
+                       torch_compile=args._worker.endswith("-compile"),
+                       precompute_ref_log_probs=args._worker.endswith("-precompute"))
     peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                              target_modules="all-linear", task_type="CAUSAL_LM")
-    timer = Timer()
+    clock = step_clock(args)
     trainer = DPOTrainer(model=model, args=config, train_dataset=load_dataset("json", data_files=str(pairs),
-                         split="train"), processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+                         split="train"), processing_class=tokenizer, peft_config=peft_config, callbacks=[clock.trl()])
     trainer.train()
-    return timer.seconds
+    return clock.seconds()
 
 
 PROFILE = Profile()
+
+
+def step_clock(args) -> StepClock:
+    """The steps after the warmup are timed (and profiled with --profile)."""
+    return StepClock(args.device, warmup=args.warmup, last=args.steps, on_timed_start=PROFILE.start,
+                     on_timed_end=PROFILE.stop)
 
 
 def child(args) -> None:
@@ -162,15 +122,14 @@ def child(args) -> None:
     torch.manual_seed(0)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    work = Path(args.work)
+    work = Path(args._work)
     model_dir, pairs = work / "model", work / "pairs.jsonl"
-    PROFILE.setup(args.profile, args.only, args.device)
-    seconds = (run_pmetal if args.only.startswith("pmetal") else run_trl)(args, model_dir, pairs)
+    PROFILE.setup(args.profile, args._worker, args.device)
+    seconds = (run_pmetal if args._worker.startswith("pmetal") else run_trl)(args, model_dir, pairs)
     timed_pairs = args.batch_size * (args.steps - args.warmup)
     tokens = timed_pairs * 2 * (args.prompt_len + args.completion_len + 1)
-    print("RESULT " + json.dumps({"trainer": args.only, "pairs_per_s": timed_pairs / seconds,
-                                  "tokens_per_s": tokens / seconds, "peak_gib": _peak_memory_gib(args.device),
-                                  "seconds": seconds, "device_busy": PROFILE.busy}), flush=True)
+    print_result({"trainer": args._worker, "pairs_per_s": timed_pairs / seconds, "tokens_per_s": tokens / seconds,
+                  "peak_gib": peak_gib(args.device), "seconds": seconds, "device_busy": PROFILE.busy})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,29 +148,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: " + ", ".join(TRAINERS))
     parser.add_argument("--profile", type=Path, help="profile the timed steps; operator tables go to this folder")
     parser.add_argument("--markdown", type=Path, help="append the table to this Markdown file")
-    parser.add_argument("--only", choices=TRAINERS, help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
     unknown = set(args.trainers.split(",")) - set(TRAINERS)
     if unknown:
         parser.error(f"unknown trainer(s) {sorted(unknown)}; expected {TRAINERS}")
-    if args.only:
+    if args._worker:
         return child(args)
 
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     prepare(args, work)
-    results = []
-    for name in args.trainers.split(","):
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", name,
-               "--work", str(work)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+    results = [r for r in run_workers(__file__, argv, args.trainers.split(","), work) if "error" not in r]
     memory = "peak GPU memory allocated (GiB)" if args.device == "cuda" else "peak RSS (GiB)"
     shape = (f"{args.model}, {args.device}, LoRA r{args.lora_r}, {args.batch_size} pairs/step, "
              f"{args.prompt_len}+{args.completion_len} tokens a side, {args.steps - args.warmup} timed steps")

@@ -24,76 +24,45 @@ Prints a table; `--markdown FILE` appends it as Markdown.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from _common import report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from bench_grpo import _summary, _sync, length_reward, prepare, results_table, run_workers  # noqa: E402
+from _timing import StepClock  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_grpo import fit_lightning, length_reward, rl_main, summary  # noqa: E402
 
 
 def run_pmetal(args, model_dir: Path, prompts: Path) -> dict:
     import lightning as L
 
-    from pmetal.data.prompts import PromptDataModule
     from pmetal.modules.online_dpo import OnlineDpoModule
 
-    class Timer(L.Callback):
-        def __init__(self):
-            self.steps = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            _sync(args.device)
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            _sync(args.device)
-            rollout = batch["rollout"]  # the pairs that ranked: the rollout's metrics cover every completion
-            generated = rollout.metrics["completions/mean_length"] * 2 * args.prompts
-            self.steps.append(dict(step=time.perf_counter() - self.t0, rollout=rollout.metrics["rollout/seconds"],
-                                   generated=int(generated), update_tokens=int(rollout.attention_mask.sum())))
+    def counts(batch) -> dict:  # the pairs that ranked: the rollout's metrics cover every completion
+        rollout = batch["rollout"]
+        return dict(rollout=rollout.metrics["rollout/seconds"],
+                    generated=int(rollout.metrics["completions/mean_length"] * 2 * args.prompts),
+                    update_tokens=int(rollout.attention_mask.sum()))
 
     L.seed_everything(0, verbose=False)
     module = OnlineDpoModule(str(model_dir), reward_fns=[length_reward], max_completion_length=args.max_completion_length,
                              temperature=1.0, beta=0.1, micro_batch_size=2 * args.prompts, learning_rate=1e-6, lora_r=16,
                              weight_dtype="bfloat16" if args.device == "cuda" else "float32",
                              gradient_checkpointing=True, max_grad_norm=1.0)
-    timer = Timer()
-    trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator=args.device, devices=1,
-                        precision="bf16-mixed" if args.device == "cuda" else "32-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer])
-    trainer.fit(module, PromptDataModule(str(prompts), batch_size=args.prompts, max_prompt_length=4 * args.prompt_len))
-    return _summary("pmetal OnlineDpoModule", timer.steps[args.warmup :], args.device)
+    return fit_lightning(args, module, prompts, "pmetal OnlineDpoModule", counts)
 
 
 def run_trl(args, model_dir: Path, prompts: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     rows = [json.loads(line) for line in open(prompts)]
-    steps: list[dict] = []
-    current: dict = {}
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            _sync(args.device)
-            current.clear()
-            current.update(t0=time.perf_counter(), rollout=0.0, generated=0, update_tokens=0)
-
-        def on_step_end(self, *a, **k):
-            _sync(args.device)
-            steps.append(dict(step=time.perf_counter() - current["t0"], rollout=current["rollout"],
-                              generated=current["generated"], update_tokens=current["update_tokens"]))
-
+    clock = StepClock(args.device, warmup=args.warmup)
     config = OnlineDPOConfig(
         output_dir=str(model_dir.parent / "trl_out"), per_device_train_batch_size=args.prompts,
         max_new_tokens=args.max_completion_length, max_length=args.prompt_len + args.max_completion_length + 8,
@@ -102,57 +71,24 @@ def run_trl(args, model_dir: Path, prompts: Path) -> dict:
         gradient_checkpointing=True, max_grad_norm=1.0, seed=0,
     )
     trainer = OnlineDPOTrainer(model=model, reward_funcs=length_reward, args=config,
-                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Timer()],
+                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[clock.trl()],
                                peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                       task_type="CAUSAL_LM"))
-    generate = trainer._generate
-
-    def timed_generate(*a, **k):  # the rollout: generation here, the rewards are scored after the forwards
-        _sync(args.device)
-        t0 = time.perf_counter()
-        out = generate(*a, **k)
-        _sync(args.device)
-        prompt_mask, completion_mask = out[1], out[3]
-        current["rollout"] = current.get("rollout", 0.0) + time.perf_counter() - t0
-        current["generated"] = current.get("generated", 0) + int(completion_mask.sum())
-        current["update_tokens"] = current.get("update_tokens", 0) + int(prompt_mask.sum() + completion_mask.sum())
-        return out
-
-    trainer._generate = timed_generate
+    # the rollout: generation here, the rewards are scored after the forwards
+    clock.wrap(trainer, "_generate", "rollout", counts=generation_counts)
     trainer.train()
-    return _summary("TRL OnlineDPOTrainer", steps[args.warmup :], args.device)
+    return summary("TRL OnlineDPOTrainer", clock, args.device)
+
+
+def generation_counts(out) -> dict:
+    """Generated and update tokens of OnlineDPOTrainer's `_generate` result (ids and masks)."""
+    prompt_mask, completion_mask = out[1], out[3]
+    return dict(generated=int(completion_mask.sum()), update_tokens=int(prompt_mask.sum() + completion_mask.sum()))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--model", default="default", help="default (SmolLM2-135M), qwen3-0.6b-shape, or an HF directory")
-    p.add_argument("--prompts", type=int, default=2, help="prompts per step (x 2 completions)")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--max-completion-length", type=int, default=16)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--only", choices=["pmetal", "trl"], default=None)
-    p.add_argument("--markdown", default=None, help="append the table to this Markdown file")
-    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_work", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.num_generations = 2  # bench_grpo.prepare writes prompts x (steps + warmup + 1)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args._worker:
-        work = Path(args._work)
-        runner = run_pmetal if args._worker == "pmetal" else run_trl
-        print("RESULT " + json.dumps(runner(args, work / "model", work / "prompts.jsonl")), flush=True)
-        return 0
-    results = run_workers(__file__, args, argv, prepare)
-    header = (f"Online DPO, {args.model} on {args.device}: {args.prompts} prompts x 2 completions, "
-              f"prompt {args.prompt_len} tokens, completions <= {args.max_completion_length}, {args.steps} timed steps")
-    report(header + "\n\n" + results_table(results) + "\n", args.markdown)
-    return 0
+    return rl_main(__file__, __doc__, "Online DPO", run_pmetal, run_trl, argv, model="default", prompt_len=16,
+                   completion_len=16, steps=1, group=2)
 
 
 if __name__ == "__main__":

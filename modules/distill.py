@@ -20,6 +20,9 @@ Where pmetal departs from the paper and TRL's ``GKDTrainer``:
   of completion tokens (``chunked_jsd_loss``), with the gradient made in closed form in forward.
 - ``teacher_temperature`` divides both models' logits in the divergence (1 by default, as
   ``GKDTrainer`` compares them); ``temperature`` is the sampling temperature (TRL's default 0.9).
+  The sampling settings are the GRPO family's (``modules/sampling.py``: ``max_completion_length``,
+  TRL's ``max_new_tokens``, and ``temperature``, ``top_p``, ``top_k``, ``min_p``); GKD restates only
+  the defaults of the first two (128 tokens, TRL's 0.9).
 - The on-policy coin is one draw per training batch from torch's CPU generator (restored on resume
   by ``RngCheckpoint``; rank 0's draw under several processes, so every rank makes the same kind
   of step), where TRL draws Python's ``random`` per process.
@@ -34,11 +37,11 @@ from typing import Any, Literal, Optional
 import torch
 
 from pmetal.errors import PmetalError
-from pmetal.modules.base import PmetalModule
+from pmetal.modules.sampling import SamplingModule
 from pmetal.modules.teacher import FrozenTeacherMixin
 
 
-class DistillModule(FrozenTeacherMixin, PmetalModule):
+class DistillModule(FrozenTeacherMixin, SamplingModule):
     """Generalized knowledge distillation (GKD) from a frozen teacher (see the module docstring).
 
     Args:
@@ -49,12 +52,12 @@ class DistillModule(FrozenTeacherMixin, PmetalModule):
             the student's own samples; 0 = offline distillation on the dataset's completions.
         beta: generalized-JSD interpolation: 0 = forward KL(teacher || student), 1 = reverse
             KL(student || teacher), in between the JSD with mixture beta*teacher + (1-beta)*student.
-        temperature: sampling temperature of the student's on-policy completions.
         teacher_temperature: softmax temperature of both distributions in the divergence.
-        max_new_tokens: the most tokens sampled per on-policy completion.
         teacher_quantization: quantize the teacher's linear layers ("nf4", "fp4", "int8") to save memory.
         learning_rate: peak learning rate of AdamW.
-        **kwargs: the base module's settings (adapter, lora_r, quantization, warmup_steps, ...).
+        **kwargs: the sampling settings of the student's on-policy completions (`SamplingModule`:
+            max_completion_length, temperature, top_p, top_k, min_p) and the base module's (adapter,
+            lora_r, quantization, warmup_steps, ...).
     """
 
     def __init__(
@@ -63,22 +66,20 @@ class DistillModule(FrozenTeacherMixin, PmetalModule):
         teacher_model: str = "default",
         lmbda: float = 0.5,
         beta: float = 0.5,
-        temperature: float = 0.9,
         teacher_temperature: float = 1.0,
-        max_new_tokens: int = 128,
+        max_completion_length: int = 128,
+        temperature: float = 0.9,
         teacher_quantization: Optional[Literal["nf4", "fp4", "int8"]] = None,
         learning_rate: float = 2e-4,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("lmbda", lmbda), ("beta", beta)):
-            if not 0.0 <= value <= 1.0:
-                raise PmetalError(f"{name}={value} is out of range; expected a value in [0, 1]")
-        if teacher_temperature <= 0 or temperature < 0:
-            raise PmetalError(f"teacher_temperature={teacher_temperature}, temperature={temperature}: expected "
-                              "teacher_temperature > 0 and temperature >= 0 (0 samples greedily)")
-        if max_new_tokens < 1:
-            raise PmetalError(f"max_new_tokens={max_new_tokens}; expected at least 1")
-        super().__init__(model, learning_rate=learning_rate, **kwargs)
+        from pmetal.ranges import check_settings, out_of_range
+
+        check_settings(type(self).__name__, dict(lmbda=lmbda, teacher_temperature=teacher_temperature))
+        if rule := out_of_range("distill_beta", beta):  # a mixture weight (the table's "beta" is a KL weight >= 0)
+            raise PmetalError(f"beta={beta} is out of range; expected {rule.describe()}")
+        super().__init__(model, max_completion_length=max_completion_length, temperature=temperature,
+                         learning_rate=learning_rate, **kwargs)
         if self.is_vlm:
             raise PmetalError(f"{model} is a vision-language model; distill trains text models only")
         from pmetal.modules.teacher import load_teacher
@@ -109,20 +110,17 @@ class DistillModule(FrozenTeacherMixin, PmetalModule):
         """The batch with each row's completion replaced by one the student samples, and the
         completions' TRL metrics (`completions/mean_length`, `completions/clipped_ratio`)."""
         from pmetal.data.distill import batch_prompts, sampled_batch
-        from pmetal.generation import SamplingConfig, generate
+        from pmetal.generation import generate
 
         prompts = batch_prompts(batch)
         if not prompts:
             return batch, {}
-        hp = self.hparams
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         policy, was_training = self.policy, self.policy.training
         policy.eval()
         try:
             with torch.autocast(self.device.type, enabled=False):  # the engine runs in the weights' dtype
-                gen = generate(policy, prompts, SamplingConfig(max_new_tokens=hp.max_new_tokens,
-                                                               temperature=hp.temperature),
-                               stop_ids=self.stop_ids(), pad_token_id=pad)
+                gen = generate(policy, prompts, self.sampling_config(), stop_ids=self.stop_ids(), pad_token_id=pad)
         finally:
             policy.train(was_training)
         lengths = gen.lengths.float()

@@ -49,12 +49,12 @@ from typing import Any, Literal, Optional
 import torch
 
 from pmetal.errors import PmetalError
-from pmetal.modules.base import PmetalModule
+from pmetal.modules.sampling import SamplingModule
 from pmetal.tokens import IGNORE_INDEX
 from pmetal.modules.distributed import global_sum, sync_metrics, world_size
 
 
-class GrpoModule(PmetalModule):
+class GrpoModule(SamplingModule):
     """Group Relative Policy Optimization with reward functions (see the module docstring).
 
     Args:
@@ -66,11 +66,6 @@ class GrpoModule(PmetalModule):
             length shaping (0.2).
         reward_model: path of a sequence-classification reward model scoring prompt + completion.
         num_generations: completions sampled per prompt (the group size G).
-        max_completion_length: the most tokens generated per completion.
-        temperature: sampling temperature (the log-probs in the loss use the same temperature).
-        top_p: nucleus sampling threshold (1 = off).
-        top_k: sample from the k most likely tokens only (0 = off).
-        min_p: drop tokens less likely than min_p times the most likely one (0 = off).
         num_iterations: optimizer steps per rollout (the paper's mu); above 1 the importance ratio
             departs from 1 and the clipping engages.
         micro_batch_size: completions per forward/backward in the update (memory, not the math).
@@ -111,7 +106,8 @@ class GrpoModule(PmetalModule):
         max_grad_norm: clip the update's gradient norm to this value; None or 0 = off. The update
             is manual, so this replaces the Trainer's gradient_clip_val (which must stay unset).
         learning_rate: peak learning rate of AdamW.
-        **kwargs: the base module's settings (adapter, lora_r, quantization, warmup_steps, ...).
+        **kwargs: the sampling settings (max_completion_length, temperature, top_p, top_k, min_p:
+            `SamplingModule`) and the base module's (adapter, lora_r, quantization, warmup_steps, ...).
     """
 
     needs_reference = True
@@ -125,11 +121,6 @@ class GrpoModule(PmetalModule):
         reasoning_rewards: bool = False,
         reward_model: Optional[str] = None,
         num_generations: int = 8,
-        max_completion_length: int = 512,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
         num_iterations: int = 1,
         micro_batch_size: int = 8,
         beta: float = 0.0,
@@ -159,7 +150,8 @@ class GrpoModule(PmetalModule):
         from pmetal.ranges import check_settings
         from pmetal.rewards import OverlongPunishment, RewardSet
 
-        check_settings(type(self).__name__, dict(locals()))  # every argument the range table names
+        # every argument the range table names, the sampling settings (kwargs) too: before the rewards load
+        check_settings(type(self).__name__, {**locals(), **kwargs})
         try:
             check_draft_settings(speculative, draft_model, num_draft_tokens)
         except ValueError as exc:
@@ -195,13 +187,10 @@ class GrpoModule(PmetalModule):
 
     # ------------------------------------------------------------------ rollout side
     def rollout_settings(self):
-        from pmetal.generation import SamplingConfig
         from pmetal.rl.settings import RolloutSettings
 
         hp = self.hparams
-        sampling = SamplingConfig(max_new_tokens=hp.max_completion_length, temperature=hp.temperature,
-                                  top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p)
-        return RolloutSettings(sampling, hp.num_generations, hp.scale_rewards, hp.dynamic_sampling,
+        return RolloutSettings(self.sampling_config(), hp.num_generations, hp.scale_rewards, hp.dynamic_sampling,
                                hp.max_sampling_rounds, speculative=hp.speculative, draft=self.draft,
                                num_draft_tokens=hp.num_draft_tokens, compile_decode=hp.compile_rollouts,
                                async_rewards=hp.async_rewards,

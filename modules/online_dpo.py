@@ -59,12 +59,11 @@ class OnlineDpoModule(GrpoModule):
             "robust": the noise rate); must be 0 for "hinge" and "ipo".
         missing_eos_penalty: subtract this from the reward of a completion that ends without a stop
             token (cut at max_completion_length) before the pair is ranked; None = off.
-        max_completion_length: the most tokens generated per completion.
-        temperature: sampling temperature (the log-probs in the loss use the same temperature).
         micro_batch_size: completions per forward/backward in the update (even: pairs stay whole).
         learning_rate: peak learning rate of AdamW.
-        **kwargs: GrpoModule's rollout settings (reward_fns, reward_model, top_p, async_rewards,
-            speculative, dynamic_sampling, ...) and the base module's (adapter, lora_r, ...).
+        **kwargs: GrpoModule's rollout settings (reward_fns, reward_model, async_rewards, speculative,
+            dynamic_sampling, ...), the sampling settings (`SamplingModule`: max_completion_length and
+            temperature, here 64 and 0.9 by default, top_p, ...) and the base module's (adapter, lora_r, ...).
     """
 
     def __init__(

@@ -102,6 +102,7 @@ RANGES: dict[str, Range] = {
     "final_alpha": _fraction("the distillation weight"),
     "teacher_temperature": _positive(),
     "distill_beta": _fraction("0 forward KL, 1 reverse KL"),
+    "lmbda": _fraction("the on-policy fraction"),
     "temperature": _at_least(0, "0 samples greedily"),
     "margin": _at_least(0),
     "cosent_scale": _positive(),

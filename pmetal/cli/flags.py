@@ -54,7 +54,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
 
 # The online methods' settings by topic: a PMetal command lists these flags under these headings
 # in --help, whichever class declares them (GRPO, DAPO, RLOO, RLKD and the methods built on
-# GrpoModule share one set of rollout settings; the sampler receives them as pmetal.rl's RolloutSettings).
+# GrpoModule share one set of rollout settings; the sampler receives them as pmetal.rl's RolloutSettings;
+# the sampling ones are declared once in modules/sampling.py, which GKD shares too).
 GROUPS: dict[str, tuple[str, ...]] = {
     "rollout: sampling": ("num_generations", "max_completion_length", "temperature", "top_p", "top_k", "min_p"),
     "rollout: engine": ("speculative", "draft_model", "num_draft_tokens", "compile_rollouts", "async_rewards",

@@ -84,7 +84,7 @@ def test_gkd_lowers_the_held_out_kl_to_the_teacher(smollm2_dir, perturbed_studen
     train_path, held_path = distill_data
     L.seed_everything(0)
     module = DistillModule(str(perturbed_student), teacher_model=str(smollm2_dir), lmbda=0.5, beta=0.5,
-                           max_new_tokens=16, learning_rate=1e-3, lr_schedule="constant", lora_r=16,
+                           max_completion_length=16, learning_rate=1e-3, lr_schedule="constant", lora_r=16,
                            target_modules="all-linear", gradient_checkpointing=False)
     held = DistillDataModule(str(held_path), batch_size=8, val_fraction=0.0, max_seq_len=128,
                              tokenizer=module.tokenizer)

@@ -34,7 +34,7 @@ def _module(student, teacher, **kwargs):
     from pmetal.modules.distill import DistillModule
 
     kwargs.setdefault("gradient_checkpointing", False)
-    return DistillModule(str(student), teacher_model=str(teacher), max_new_tokens=5, **kwargs)
+    return DistillModule(str(student), teacher_model=str(teacher), max_completion_length=5, **kwargs)
 
 
 def _batch(module, path, **data):
@@ -117,6 +117,31 @@ def test_on_policy_batch_keeps_the_prompts_and_labels_the_samples(tiny_model_dir
         assert labels[len(prompt): len(row)].tolist() == row[len(prompt):] and len(row) > len(prompt)
     text = module.tokenizer.decode(prompts[0])
     assert text.rstrip().endswith("assistant") and "Colour" not in text  # the generation prompt, no answer
+
+
+def test_gkd_samples_with_the_sampling_settings_grpo_declares(tiny_model_dir, teacher_dir, sft_file):
+    """One declaration (modules/sampling.py): GKD's sampling flags have GRPO's names, types and help
+    (GKD restates only two defaults), TRL's --max-new-tokens still sets the length, and top_k reaches
+    the engine (top_k=1 samples the same completions under any seed)."""
+    from pmetal.cli.dispatch import build_parser
+    from pmetal.cli.flags import CommandFlags
+
+    distill = CommandFlags(methods=("distill",)).settings()["model"]
+    grpo = CommandFlags(methods=("grpo",)).settings()["model"]
+    for name in ("max_completion_length", "temperature", "top_p", "top_k", "min_p"):
+        assert (distill[name].annotation, distill[name].doc) == (grpo[name].annotation, grpo[name].doc)
+    assert (distill["temperature"].default, distill["max_completion_length"].default) == (0.9, 128)
+    for flag in ("--max-new-tokens", "--max-completion-length"):
+        args = build_parser("distill").parse_args(["distill", "--teacher-model", "t", flag, "7"])
+        assert args.max_completion_length == 7
+
+    module = _module(tiny_model_dir, teacher_dir, lmbda=1.0, temperature=1.0, top_k=1)
+    batch = _batch(module, sft_file)
+    samples = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        samples.append(module.sample_batch(batch)[0]["input_ids"])
+    assert torch.equal(samples[0], samples[1])
 
 
 def test_lmbda_draws_the_coin_only_between_0_and_1(tiny_model_dir, teacher_dir):

@@ -55,7 +55,7 @@ def _build(method, tiny_model_dir, tiny_bert_dir, tmp_path, **module_kwargs):
 
         data = _write(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)])
         teacher = str(make_tiny_causal_lm(tmp_path / "teacher", seed=1))
-        return (module_cls(model=model, teacher_model=teacher, lmbda=1.0, max_new_tokens=4),
+        return (module_cls(model=model, teacher_model=teacher, lmbda=1.0, max_completion_length=4),
                 dm_cls(path=data, batch_size=2, val_fraction=0.0))
     if method in ("grpo", "dapo", "rloo", "rlkd"):
         data = _write(tmp_path / "g.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)])

@@ -68,7 +68,7 @@ def _build(method: str, tiny_model_dir, tiny_bert_dir, tmp):
                                                **lm), PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
         "xpo": lambda: (XpoModule(max_completion_length=4, reward_fns=[DISTINCT], micro_batch_size=2, alpha=0.1,
                                   **lm), PromptDataModule(_head("grpo", tmp, 6), batch_size=2, seed=1)),
-        "distill": lambda: (DistillModule(teacher_model=_teacher(tmp), lmbda=0.5, max_new_tokens=4, temperature=1.0, **lm),
+        "distill": lambda: (DistillModule(teacher_model=_teacher(tmp), lmbda=0.5, max_completion_length=4, temperature=1.0, **lm),
                             DistillDataModule(_head("sft", tmp, 6), batch_size=2, max_seq_len=64, val_fraction=0,
                                               seed=1)),
         "grpo_tools": lambda: (AgentGrpoModule(tools=["pmetal.examples.agent_tools:lookup"], max_tool_turns=1,

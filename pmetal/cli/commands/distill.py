@@ -1,6 +1,7 @@
 """GKD: on-policy distillation from a frozen teacher of the same tokenizer (LoRA by default).
 
     pmetal distill --teacher-model TEACHER [--model STUDENT] [--dataset D] [--lmbda 0.5] [--beta 0.5]
+        [--max-completion-length 128] [--temperature 0.9]
 
 With probability --lmbda a batch's completions are the student's own samples (rollout engine),
 else the dataset's; the student minimizes the generalized JSD to the teacher's token distributions
@@ -17,7 +18,9 @@ import argparse
 from pmetal.cli.commands.train import ADAPTER_SHORTCUTS, build
 from pmetal.cli.flags import CommandFlags, add_overwrite_argument, add_resume_argument
 
-FLAGS = CommandFlags(methods=("distill",), shortcuts=ADAPTER_SHORTCUTS, required=("teacher_model",))
+# --max-new-tokens: GKD's name for it before it became the rollout methods' shared setting (and TRL GKDConfig's)
+FLAGS = CommandFlags(methods=("distill",), shortcuts=ADAPTER_SHORTCUTS, required=("teacher_model",),
+                     aliases={"max_completion_length": ("--max-completion-length", "--max-new-tokens")})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

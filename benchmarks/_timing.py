@@ -1,0 +1,193 @@
+"""Step timing shared by the benchmarks that set a pmetal module beside a TRL trainer (DPO, GRPO, RLOO,
+Online DPO, GKD): one clock for both sides, driven by a Lightning callback or a TRL `TrainerCallback`,
+and the worker subprocesses (one per trainer, so that peak memory is its own).
+
+The clock synchronizes the device at both ends of every optimizer step, and methods wrapped with
+`StepClock.wrap` add their own synchronized time to a named phase of the current step (the rollout,
+the teacher's forward, ...), so each trainer's step splits into the same parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+WORKER_FLAG, WORK_FLAG = "--_worker", "--_work"
+PROCESS_START = time.perf_counter()  # a worker's setup time (imports, model loads) runs from here to its first step
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: str) -> float:
+    """Peak GPU memory allocated on CUDA; the process's peak RSS elsewhere."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class StepClock:
+    """Wall time of each optimizer step, with named phases inside it.
+
+    `steps` holds one dict per step: `step` (seconds), each phase's seconds and the counts added by
+    `wrap`/`add`. `on_timed_start` runs as step `warmup` begins, `on_timed_end` as step `last` ends
+    (a profiler's start and stop).
+    """
+
+    def __init__(self, device: str, warmup: int = 0, last: int | None = None,
+                 on_timed_start: Callable[[], None] | None = None, on_timed_end: Callable[[], None] | None = None):
+        self.device, self.warmup, self.last = device, warmup, last
+        self.on_timed_start, self.on_timed_end = on_timed_start, on_timed_end
+        self.steps: list[dict] = []
+        self.current: dict = {}
+        self.first_step_at: float | None = None
+
+    def begin(self) -> None:
+        sync(self.device)
+        if len(self.steps) == self.warmup and self.on_timed_start:
+            self.on_timed_start()
+        self.current = {"t0": time.perf_counter()}
+        if self.first_step_at is None:
+            self.first_step_at = self.current["t0"]
+
+    def end(self, **counts: float) -> None:
+        sync(self.device)
+        step = dict(self.current)
+        step["step"] = time.perf_counter() - step.pop("t0")
+        self.add_to(step, counts)
+        self.steps.append(step)
+        if self.last is not None and len(self.steps) == self.last and self.on_timed_end:
+            self.on_timed_end()
+
+    @staticmethod
+    def add_to(step: dict, counts: dict) -> None:
+        for name, value in counts.items():
+            step[name] = step.get(name, 0) + value
+
+    def add(self, **counts: float) -> None:
+        self.add_to(self.current, counts)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.add(**{name: time.perf_counter() - t0})
+
+    def wrap(self, owner, attribute: str, phase: str, counts: Callable[..., dict] | None = None) -> None:
+        """Replace `owner.attribute` (a method) by one timed into `phase`; `counts(result)` adds to the step."""
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            with self.phase(phase):
+                result = original(*args, **kwargs)
+            if counts is not None:
+                self.add(**counts(result))
+            return result
+
+        setattr(owner, attribute, timed)
+
+    def timed(self) -> list[dict]:
+        """The steps after the warmup."""
+        return self.steps[self.warmup:]
+
+    def seconds(self) -> float:
+        return sum(s["step"] for s in self.timed())
+
+    def phase_means(self, *names: str) -> dict[str, float]:
+        """Mean seconds per timed step of each phase, and of the rest of the step (`other`)."""
+        timed = self.timed()
+        n = max(len(timed), 1)
+        means = {name: sum(s.get(name, 0.0) for s in timed) / n for name in names}
+        means["other"] = self.seconds() / n - sum(means.values())
+        return means
+
+    def setup_seconds(self) -> float:
+        """From the worker's start (imports, model loads, trainer set-up) to its first step."""
+        return (self.first_step_at or time.perf_counter()) - PROCESS_START
+
+    def lightning(self, counts: Callable[[dict], dict] | None = None):
+        """A Lightning callback timing each training batch (one optimizer step); `counts(batch)` adds to it."""
+        import lightning as L
+
+        clock = self
+
+        class LightningStepClock(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                clock.begin()
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                clock.end(**(counts(batch) if counts else {}))
+
+        return LightningStepClock()
+
+    def trl(self):
+        """A transformers `TrainerCallback` timing each optimizer step of a TRL trainer."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class TrlStepClock(TrainerCallback):
+            def on_step_begin(self, *args, **kwargs):
+                clock.begin()
+
+            def on_step_end(self, *args, **kwargs):
+                clock.end()
+
+        return TrlStepClock()
+
+
+def add_worker_arguments(parser) -> None:
+    """The hidden flags a benchmark's worker subprocess is started with."""
+    import argparse
+
+    parser.add_argument(WORKER_FLAG, dest="_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(WORK_FLAG, dest="_work", default=None, help=argparse.SUPPRESS)
+
+
+def print_result(result: dict) -> None:
+    """A worker's result, on the line `run_workers` reads."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_workers(script: str, argv: list[str] | None, names: list[str], work: Path) -> list[dict]:
+    """Run `script` once per worker name (`--_worker NAME --_work WORK` added to the command line, less
+    `--markdown`) and return each worker's result, or {"name", "error"} with the tail of its output
+    (also printed to stderr)."""
+    passthrough, raw = [], list(argv if argv is not None else sys.argv[1:])
+    while raw:  # the workers only print their result
+        arg = raw.pop(0)
+        if arg == "--markdown":
+            raw.pop(0) if raw else None
+        elif not arg.startswith("--markdown="):
+            passthrough.append(arg)
+    results = []
+    for name in names:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, script, *passthrough, WORKER_FLAG, name, WORK_FLAG, str(work)],
+                              capture_output=True, text=True)
+        line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            results.append(dict(name=name, error=" | ".join(tail)))
+        else:
+            results.append(dict(json.loads(line[len("RESULT "):]), worker_s=time.perf_counter() - t0))
+            print(f"{name} done: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # partial runs still tell
+    return results
