@@ -55,11 +55,12 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from _common import QWEN3_06B_SHAPE, report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from bench_grpo import _peak_gib, _sync, run_workers  # noqa: E402
+from _timing import add_worker_arguments, peak_gib, print_result, run_workers, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = "pmetal.examples.agent_tools:lookup"
@@ -190,11 +191,11 @@ def run_pmetal(args, model_dir: Path, prompts: Path) -> dict:
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            _sync(args.device)
+            sync(args.device)
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            _sync(args.device)
+            sync(args.device)
             rollout = batch["rollout"]
             episodes = rollout.num_sequences
             calls = rollout.metrics["tools/call_frequency"] * episodes
@@ -237,13 +238,13 @@ def run_trl(args, model_dir: Path, prompts: Path) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            _sync(args.device)
+            sync(args.device)
             current.clear()
             current.update(t0=time.perf_counter(), rollout=0.0, episodes=0, model_tokens=0, update_tokens=0,
                            calls=0.0, failed=0.0, turns=0)
 
         def on_step_end(self, *a, **k):
-            _sync(args.device)
+            sync(args.device)
             steps.append(dict(current, step=time.perf_counter() - current["t0"]))
 
     config = GRPOConfig(
@@ -260,10 +261,10 @@ def run_trl(args, model_dir: Path, prompts: Path) -> dict:
     generate = trainer._generate
 
     def timed_generate(prompt_batch):
-        _sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         out = generate(prompt_batch)
-        _sync(args.device)
+        sync(args.device)
         prompt_ids, completion_ids, tool_mask, completions = out[0], out[1], out[2], out[3]
         current["rollout"] += time.perf_counter() - t0
         current["episodes"] += len(completion_ids)
@@ -291,7 +292,7 @@ def summary(name: str, steps: list[dict], device: str) -> dict:
                 update_tok_s=total["update_tokens"] / max(total["step"] - total["rollout"], 1e-9),
                 calls_per_episode=total["calls"] / episodes, failed_calls=round(total["failed"]),
                 turns_per_episode=total["turns"] / episodes,
-                model_tokens_per_episode=total["model_tokens"] / episodes, peak_gib=_peak_gib(device))
+                model_tokens_per_episode=total["model_tokens"] / episodes, peak_gib=peak_gib(device))
 
 
 def results_table(results: list[dict]) -> str:
@@ -331,8 +332,7 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=["pmetal", "trl"], default=None)
     p.add_argument("--markdown", default=None, help="append the table to this Markdown file")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_work", default=None, help=argparse.SUPPRESS)
+    add_worker_arguments(p)
     return p.parse_args(argv)
 
 
@@ -349,10 +349,12 @@ def main(argv=None) -> int:
     if args._worker:
         work = Path(args._work)
         runner = run_pmetal if args._worker == "pmetal" else run_trl
-        print("RESULT " + json.dumps(runner(args, work / "model", work / "prompts.jsonl")), flush=True)
+        print_result(runner(args, work / "model", work / "prompts.jsonl"))
         return 0
 
-    results = run_workers(__file__, args, argv, prepare)
+    with tempfile.TemporaryDirectory(prefix="bench_agents_") as tmp:
+        prepare(args, Path(tmp))
+        results = run_workers(__file__, argv, [args.only] if args.only else ["pmetal", "trl"], Path(tmp))
     header = (f"Multi-turn tool rollouts, {args.model} on {args.device}: {args.prompts} prompts x "
               f"{args.num_generations} episodes, {args.max_tool_turns} tool turns (lookup) of {args.think_tokens} "
               f"thinking tokens + the call, <= {args.max_episode_tokens} completion tokens, {args.steps} timed steps")
