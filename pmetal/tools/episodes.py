@@ -2,12 +2,16 @@
 appended as a tool turn, and the row goes on, up to `max_tool_turns` tool turns and a budget of
 `max_episode_tokens` completion tokens (model and tool tokens together).
 
-`run_episodes(generate, ...)` drives the loop over any `generate(prompts, max_new_tokens) ->
-[TurnOutput]` callable (one sampled turn per prompt: token ids, their sampling-time log-probs,
-whether the row stopped on its own), so it can run on another engine later. This first version is
-turn-synchronous on pmetal's rollout engine (`engine_generate`): every row that needs another turn
-continues in the next call, which prefills its whole conversation again. Continuous refill (a row
-waiting for tools leaves its slot to others) and KV-cache reuse across turns are not done yet.
+`run_episodes(turns, ...)` is one loop over a small driver interface (:mod:`pmetal.tools.turns`:
+begin a row's turn, step, pause, end). On pmetal's rollout engine the driver is a decode session
+(`SessionTurns`): every row decodes in one `DecodeSession`; a row whose turn ends in a tool call is
+paused with its KV kept while its calls run in the tool workers (`ToolRunner.submit`/`poll`), the
+other rows keep decoding, and when the results arrive the tool turn is appended with `extend` (only
+its tokens are prefilled, on the kept prefix) and the row resumes; finished episodes free their row
+for episodes waiting in the queue. A model no session serves (sliding-window or hybrid caches)
+runs the same loop on `BatchTurns` over the engine (`engine_generate`): turn-synchronous, every
+row's next turn in one call that prefills its whole conversation again. A plain `generate(prompts,
+max_new_tokens)` callable (a scripted model in tests) is run as a `BatchTurns`.
 
 Each episode keeps the exact token ids the model sampled (never re-tokenized) and, between them,
 the tokens of the tool turns, with `model_mask` telling them apart: the update trains and weighs
@@ -15,7 +19,10 @@ only model tokens (tool tokens get label -100, so they are outside the loss and 
 ratio), and the sampling-time log-probs cover model tokens only (0 on tool tokens). A turn ends at
 its first complete `</tool_call>` block (anything the model wrote after it is dropped) or at a stop
 token. Calls are parsed with `pmetal.tools.format.parse_turn`: a malformed block becomes an error
-message in the tool turn, and is counted.
+message in the tool turn, and is counted. On a session a row is paused as soon as non-blank text
+follows its first complete call, so the same tokens are kept as by a whole turn cut afterwards:
+greedy episodes equal the turn-synchronous ones token for token, sampled ones (hashed per-row
+draws) follow the same distribution.
 """
 
 from __future__ import annotations

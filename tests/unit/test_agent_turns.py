@@ -19,7 +19,7 @@ from pmetal.generation.engine import RolloutEngine
 from pmetal.generation.session import DecodeSession
 from pmetal.tools.episodes import EpisodeSettings, run_episodes, start_episode
 from pmetal.tools.format import function_schema
-from pmetal.tools.runner import ToolRunner, resolve_tool
+from pmetal.tools.runner import Call, ToolRunner, resolve_tool
 from pmetal.tools.turns import BatchTurns, SessionTurns, engine_generate
 from tests.tiny import bpe_tokenizer, tiny_llama
 from tests.unit.test_engine import _chi2_two_sample
@@ -126,10 +126,10 @@ def test_sampled_session_episodes_have_the_turn_synchronous_distribution(calls):
 
     tokenizer, _, allowed = calls
     # three tokens (the call, the end of turn, a word), two per turn, one tool turn: a few dozen outcomes
-    model = _confined(len(tokenizer), allowed[:1] + allowed[2:3] + allowed[-1:], seed=SEED, init=0.05)
+    model = _confined(len(tokenizer), allowed[:1] + allowed[2:3] + allowed[-1:], seed=SEED, init=0.3)
     sampled = SamplingConfig(temperature=1.0)
     settings = EpisodeSettings(max_tool_turns=1, max_episode_tokens=64, max_new_tokens=2)
-    stop, n = [tokenizer.eos_token_id], 1200
+    stop, n = [tokenizer.eos_token_id], 1000
     names = ["zorblat"] * n
     torch.manual_seed(0)
     reference = _run(BatchTurns(engine_generate(RolloutEngine(model), sampled, stop_ids=stop, pad_token_id=0)),
@@ -201,19 +201,77 @@ def test_a_row_waiting_for_a_slow_tool_never_stalls_the_others(tmp_path, monkeyp
     greedy = SamplingConfig(temperature=0.0)
     session = DecodeSession(model, rows=4, capacity=64)
     turns = _Counting(session, greedy, stop_ids=[tokenizer.eos_token_id])
-    tools = ["slow_tools:wait_flag", "slow_tools:noop", "slow_tools:set_flag"]
-    episodes = [start_episode(tokenizer, [{"role": "user", "content": u}], None) for u in ("<A>", "<B>", "<C>", "<C>")]
-    with ToolRunner(tools, timeout=30, workers=2) as runner:
-        run_episodes(turns, episodes, tokenizer, runner, EpisodeSettings(max_tool_turns=2, max_new_tokens=16),
-                     tools=None)
-    a, b, c, d = episodes
+    a, b, c, d = _slow_episodes(turns, tokenizer, timeout=30)
     assert a.counts == {"ok": 1} and b.counts == {"ok": 2}  # A's wait ended by B's call, not by the timeout
     assert tokenizer.decode(a.completion_ids) == call("wait_flag") + eos + "<waited>" + eos
     assert tokenizer.decode(b.completion_ids) == call("noop") + eos + "<noop>" + "".join(chain_b) \
         + call("set_flag") + eos + "<set>" + eos
     assert tokenizer.decode(c.completion_ids) == tokenizer.decode(d.completion_ids) == "".join(chain_c) + eos
-    assert all(ep.stopped for ep in episodes)
+    assert all(ep.stopped for ep in (a, b, c, d))
     # counted in decode rounds: while A waited, B decoded its second turn and C and D their episodes
     begins = [r for what, key, r in turns.log if what == "begin" and key == 0]  # A's two turns
     ends = {key: r for what, key, r in turns.log if what == "end"}
     assert len(begins) == 2 and begins[1] >= len(chain_b) + 2 and max(ends[2], ends[3]) < begins[1]
+    # turn-synchronous (every tool result gathered before the next turns): A's call stalls the batch and times out
+    batch = BatchTurns(engine_generate(RolloutEngine(model), greedy, stop_ids=[tokenizer.eos_token_id], pad_token_id=0))
+    flag.unlink()
+    a, b, _, _ = _slow_episodes(batch, tokenizer, timeout=1.5)
+    assert a.counts["timeout"] == 1 and b.counts == {"ok": 2}
+
+
+def _slow_episodes(turns, tokenizer, timeout: float):
+    tools = ["slow_tools:wait_flag", "slow_tools:noop", "slow_tools:set_flag"]
+    episodes = [start_episode(tokenizer, [{"role": "user", "content": u}], None) for u in ("<A>", "<B>", "<C>", "<C>")]
+    with ToolRunner(tools, timeout=timeout, workers=2) as runner:
+        run_episodes(turns, episodes, tokenizer, runner, EpisodeSettings(max_tool_turns=2, max_new_tokens=16),
+                     tools=None)
+    return episodes
+
+
+def test_the_runner_hands_back_each_batch_when_its_calls_are_answered(tmp_path, monkeypatch):
+    (tmp_path / "nap_tools.py").write_text("import time\ndef nap(s: float) -> str:\n    time.sleep(s)\n    return 'up'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with ToolRunner(["nap_tools:nap", LOOKUP], timeout=5, workers=2) as runner:
+        slow = runner.submit([Call("nap", {"s": 0.5})])
+        fast = runner.submit([Call("lookup", {"name": "zorblat"}), Call("nope", {})])  # the free worker takes it
+        assert runner.poll(timeout=None) == [fast] and not slow.done
+        assert [(r.status, r.content) for r in fast.results][0] == ("ok", "512")
+        assert fast.results[1].status == "unknown_tool"
+        assert runner.poll(timeout=None) == [slow] and slow.results[0].content == "up"
+        assert runner.poll(timeout=None) == []  # nothing submitted: no wait
+        runner.submit([Call("nap", {"s": 30})])
+        runner.cancel()  # its worker is killed: no stale answer reaches a later call
+        assert runner.run([Call("nap", {"s": 0})])[0].content == "up"
+        assert runner.stats.counts == {"ok": 3, "unknown_tool": 1}
+
+
+def test_grpo_rollouts_keep_one_session_and_reprefill_only_where_no_session_serves(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pmetal.generation.engine import engine_for
+    from pmetal.rl.prompts import PromptBatch
+    from pmetal.tools.agent import AgentRollout
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    agent = AgentRollout([LOOKUP], settings=EpisodeSettings(max_new_tokens=4, max_episode_tokens=12))
+    part = PromptBatch([[0]], ["Code of zorblat?"])
+    engine = engine_for(model, compile_decode=False, cuda_graphs=False)
+
+    def rollout():
+        return agent.generate(engine, part, SamplingConfig(temperature=1.0), stop_ids=[tokenizer.eos_token_id],
+                              pad_token_id=0, tokenizer=tokenizer, group=3)
+
+    try:
+        gen = rollout()
+        session = agent.turns.session
+        assert isinstance(session, DecodeSession) and session.prefilled and session.free_rows == session.rows == 3
+        assert gen.completion_ids.shape[0] == 3 and gen.model_mask.shape == gen.completion_ids.shape
+        rollout()  # the next step decodes on the same session (its buffers, and on CUDA its graphs, kept)
+        assert agent.turns.session is session and session.free_rows == 3
+        monkeypatch.setattr("pmetal.generation.session.engine_supports", lambda model: False)  # e.g. sliding window
+        agent.turns.close()
+        gen = rollout()
+        assert agent.turns.session is None and gen.completion_ids.shape[0] == 3
+    finally:
+        agent.close()
