@@ -215,8 +215,8 @@ def test_a_row_waiting_for_a_slow_tool_never_stalls_the_others(tmp_path, monkeyp
     # turn-synchronous (every tool result gathered before the next turns): A's call stalls the batch and times out
     batch = BatchTurns(engine_generate(RolloutEngine(model), greedy, stop_ids=[tokenizer.eos_token_id], pad_token_id=0))
     flag.unlink()
-    a, b, _, _ = _slow_episodes(batch, tokenizer, timeout=1.5)
-    assert a.counts["timeout"] == 1 and b.counts == {"ok": 2}
+    a, _, _, _ = _slow_episodes(batch, tokenizer, timeout=1.5)
+    assert a.messages[2]["role"] == "tool" and "did not answer within" in a.messages[2]["content"]
 
 
 def _slow_episodes(turns, tokenizer, timeout: float):
@@ -232,6 +232,7 @@ def test_the_runner_hands_back_each_batch_when_its_calls_are_answered(tmp_path, 
     (tmp_path / "nap_tools.py").write_text("import time\ndef nap(s: float) -> str:\n    time.sleep(s)\n    return 'up'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with ToolRunner(["nap_tools:nap", LOOKUP], timeout=5, workers=2) as runner:
+        runner.run([Call("lookup", {"name": "zorblat"})] * 2)  # both workers started
         slow = runner.submit([Call("nap", {"s": 0.5})])
         fast = runner.submit([Call("lookup", {"name": "zorblat"}), Call("nope", {})])  # the free worker takes it
         assert runner.poll(timeout=None) == [fast] and not slow.done
@@ -242,7 +243,7 @@ def test_the_runner_hands_back_each_batch_when_its_calls_are_answered(tmp_path, 
         runner.submit([Call("nap", {"s": 30})])
         runner.cancel()  # its worker is killed: no stale answer reaches a later call
         assert runner.run([Call("nap", {"s": 0})])[0].content == "up"
-        assert runner.stats.counts == {"ok": 3, "unknown_tool": 1}
+        assert runner.stats.counts == {"ok": 5, "unknown_tool": 1}
 
 
 def test_grpo_rollouts_keep_one_session_and_reprefill_only_where_no_session_serves(tiny_model_dir, monkeypatch):
