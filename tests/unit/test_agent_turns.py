@@ -276,3 +276,11 @@ def test_grpo_rollouts_keep_one_session_and_reprefill_only_where_no_session_serv
         assert agent.turns.session is None and gen.completion_ids.shape[0] == 3
     finally:
         agent.close()
+
+
+def test_called_lookup_scores_a_call_whose_name_is_not_a_string_as_zero():
+    from pmetal.examples.agent_tools import called_lookup
+
+    messages = [[{"role": "assistant", "tool_calls": [{"function": {"name": "lookup", "arguments": {"name": {"x": 1}}}}]}],
+                [{"role": "assistant", "tool_calls": [{"function": {"name": "lookup", "arguments": '{"name": "Zorblat"}'}}]}]]
+    assert called_lookup(["p", "p"], ["", ""], ["zorblat", "zorblat"], messages=messages) == [0.0, 1.0]
