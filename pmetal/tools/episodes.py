@@ -193,7 +193,8 @@ def run_episodes(turns: Any, episodes: list[Episode], tokenizer, runner, setting
                 tool_turn = waiting.pop(batch)
                 ep = episodes[tool_turn.row]
                 appended = _tool_turn(ep, tool_turn, batch.results, tokenizer, runner, tools)
-                keep, room = len(ep.prompt_ids) + len(ep.completion_ids), settings.max_episode_tokens - len(ep.completion_ids)
+                keep = len(ep.prompt_ids) + len(ep.completion_ids)  # the row's KV is kept up to here
+                room = settings.max_episode_tokens - len(ep.completion_ids)
                 ep.add(appended[:room], None, model=False)
                 if len(appended) >= room:  # no token left for the model's next turn
                     ep.final_text, ep.stopped = tool_turn.text, False
