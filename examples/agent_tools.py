@@ -53,7 +53,7 @@ def called_lookup(prompts, completions, name, messages=None, **kwargs) -> list[f
     out = []
     for i, asked in enumerate(name):
         calls = [c["function"] for m in (messages[i] if messages else []) for c in m.get("tool_calls") or []]
-        out.append(1.0 if any(c["name"] == "lookup" and _arguments(c).get("name", "").lower() == asked
+        out.append(1.0 if any(c["name"] == "lookup" and str(_arguments(c).get("name", "")).lower() == asked
                               for c in calls) else 0.0)
     return out
 

@@ -14,9 +14,11 @@ result, errors as text), the results are appended as a tool turn and the row con
 - rewards receive `messages` (each episode's conversation) and, with an environment,
   `environments` (handles whose method calls run in the environment's worker); the completion a
   reward reads is the final assistant turn's text;
-- the engine runs episodes turn-synchronously (every row needing another turn continues in the
-  next engine call, its conversation prefilled again): continuous refill of waiting slots and KV
-  reuse across turns are not done yet.
+- episodes decode on one decode session (`pmetal.tools.turns.SessionTurns`, kept between steps with
+  the engine's options: CUDA graphs, compiled rounds): a row waiting for its tools keeps its KV
+  while the others decode, its tool turn is appended without re-prefilling the conversation, and
+  its draws come from per-row hashed uniforms (TRL generates each turn again from the whole
+  conversation). Models no session serves (sliding-window, hybrid caches) run turn-synchronously.
 """
 
 from __future__ import annotations

@@ -140,6 +140,7 @@ class DecodeSession:
         self._handles = itertools.count()
         self._buckets: dict[int, Bucket] = {}
         self.rounds = 0  # decode rounds run so far
+        self.prefilled = 0  # tokens prefilled so far (prompts, and what extend() appended)
         self.refresh()
 
     # ------------------------------------------------------------------ the API
@@ -241,6 +242,7 @@ class DecodeSession:
         pending = [r for r in self._rows.values() if r.state == "pending"]
         if pending:
             per_forward = max(1, PREFILL_TOKENS // max(len(r.feed) for r in pending))
+            self.prefilled += sum(len(r.feed) for r in pending)
             for start in range(0, len(pending), per_forward):
                 self._prefill(pending[start: start + per_forward])
         live = [r for r in self._rows.values() if r.state == "live"]

@@ -20,9 +20,10 @@ import torch
 
 from pmetal.errors import PmetalError
 from pmetal.generation.sampling import Generation
-from pmetal.tools.episodes import Episode, EpisodeSettings, engine_generate, episode_metrics, run_episodes, start_episode
+from pmetal.tools.episodes import Episode, EpisodeSettings, episode_metrics, run_episodes, start_episode
 from pmetal.tools.format import function_schema
 from pmetal.tools.runner import EnvironmentHandle, ToolRunner, environment_tools, resolve_tool
+from pmetal.tools.turns import TurnSource
 
 
 @dataclass
@@ -67,6 +68,7 @@ class AgentRollout:
         self.schemas += [function_schema(fn) for fn in self.env_tools.values()]
         self.settings, self.system_prompt = settings, system_prompt
         self._live: list[int] = []  # the previous step's environments (its rewards may still read them)
+        self.turns = TurnSource()  # the decode session, kept from one rollout to the next
 
     def episodes(self, prompts: Sequence[Any], columns: dict[str, list], group: int, tokenizer) -> list[Episode]:
         for env_id in self._live:
@@ -90,13 +92,16 @@ class AgentRollout:
                  group: int) -> EpisodeGeneration:
         """The episodes of a prompt chunk (a `pmetal.rl.prompts.PromptBatch`), `group` per prompt, in the engine's Generation layout."""
         episodes = self.episodes(part.prompts, part.columns, group, tokenizer)
-        turn = engine_generate(engine, sampling, stop_ids=stop_ids, pad_token_id=pad_token_id)
-        run_episodes(turn, episodes, tokenizer, self.runner, self.settings, tools=self.schemas,
+        capacity = max(len(ep.prompt_ids) for ep in episodes) + self.settings.max_episode_tokens + 1
+        turns = self.turns.driver(engine, sampling, stop_ids=stop_ids, pad_token_id=pad_token_id, rows=len(episodes),
+                                  capacity=capacity)
+        run_episodes(turns, episodes, tokenizer, self.runner, self.settings, tools=self.schemas,
                      env_tools=list(self.env_tools))
         return to_generation(episodes, pad_token_id)
 
     def close(self) -> None:
         self.runner.close()
+        self.turns.close()
         self._live = []
 
 

@@ -2,12 +2,16 @@
 appended as a tool turn, and the row goes on, up to `max_tool_turns` tool turns and a budget of
 `max_episode_tokens` completion tokens (model and tool tokens together).
 
-`run_episodes(generate, ...)` drives the loop over any `generate(prompts, max_new_tokens) ->
-[TurnOutput]` callable (one sampled turn per prompt: token ids, their sampling-time log-probs,
-whether the row stopped on its own), so it can run on another engine later. This first version is
-turn-synchronous on pmetal's rollout engine (`engine_generate`): every row that needs another turn
-continues in the next call, which prefills its whole conversation again. Continuous refill (a row
-waiting for tools leaves its slot to others) and KV-cache reuse across turns are not done yet.
+`run_episodes(turns, ...)` is one loop over a small driver interface (:mod:`pmetal.tools.turns`:
+begin a row's turn, step, pause, end). On pmetal's rollout engine the driver is a decode session
+(`SessionTurns`): every row decodes in one `DecodeSession`; a row whose turn ends in a tool call is
+paused with its KV kept while its calls run in the tool workers (`ToolRunner.submit`/`poll`), the
+other rows keep decoding, and when the results arrive the tool turn is appended with `extend` (only
+its tokens are prefilled, on the kept prefix) and the row resumes; finished episodes free their row
+for episodes waiting in the queue. A model no session serves (sliding-window or hybrid caches)
+runs the same loop on `BatchTurns` over the engine (`engine_generate`): turn-synchronous, every
+row's next turn in one call that prefills its whole conversation again. A plain `generate(prompts,
+max_new_tokens)` callable (a scripted model in tests) is run as a `BatchTurns`.
 
 Each episode keeps the exact token ids the model sampled (never re-tokenized) and, between them,
 the tokens of the tool turns, with `model_mask` telling them apart: the update trains and weighs
@@ -15,32 +19,23 @@ only model tokens (tool tokens get label -100, so they are outside the loss and 
 ratio), and the sampling-time log-probs cover model tokens only (0 on tool tokens). A turn ends at
 its first complete `</tool_call>` block (anything the model wrote after it is dropped) or at a stop
 token. Calls are parsed with `pmetal.tools.format.parse_turn`: a malformed block becomes an error
-message in the tool turn, and is counted.
+message in the tool turn, and is counted. On a session a row is paused as soon as non-blank text
+follows its first complete call, so the same tokens are kept as by a whole turn cut afterwards:
+greedy episodes equal the turn-synchronous ones token for token, sampled ones (hashed per-row
+draws) follow the same distribution.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pmetal.errors import PmetalError
-from pmetal.tools.format import TOOL_CALL_CLOSE, parse_turn
+from pmetal.tools.format import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ParsedTurn, parse_turn
 from pmetal.tools.runner import PARSE_ERROR, Call
-
-
-@dataclass
-class TurnOutput:
-    """One sampled turn of one row."""
-
-    ids: list[int]
-    logps: list[float]
-    stopped: bool  # ended on a stop token (False: cut at max_new_tokens)
-
-
-Generate = Callable[[list[list[int]], int], list[TurnOutput]]
+from pmetal.tools.turns import BatchTurns, Generate, TurnOutput, engine_generate  # noqa: F401 (public here too)
 
 
 @dataclass
@@ -137,58 +132,133 @@ def tool_turn_ids(tokenizer, episode: Episode, turn_text: str, model_ended_turn:
     return _tokenize(tokenizer, rest)
 
 
-def run_episodes(generate: Generate, episodes: list[Episode], tokenizer, runner, settings: EpisodeSettings, *,
+@dataclass
+class _Turn:
+    """The model turn a row is writing."""
+
+    budget: int  # its max_new_tokens
+    ids: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _ToolTurn:
+    """A row whose model turn called tools: what the tool turn after it is built from."""
+
+    row: int
+    text: str  # the model's turn as text
+    ended: bool  # the model closed its turn itself (its end-of-turn token is kept)
+    parsed: ParsedTurn
+    calls: list[Call]
+
+
+def run_episodes(turns: Any, episodes: list[Episode], tokenizer, runner, settings: EpisodeSettings, *,
                  tools: Sequence[dict] | None, env_tools: Sequence[str] = ()) -> list[Episode]:
-    """Run every episode to its end (module docstring); the episodes are completed in place."""
-    active = list(episodes)
-    while active:
-        budgets = [settings.max_episode_tokens - len(ep.completion_ids) for ep in active]
-        outputs = generate([ep.prompt_ids + ep.completion_ids for ep in active],
-                           max(1, min(settings.max_new_tokens, max(budgets))))
-        calls, pending = [], []
-        for ep, out, budget in zip(active, outputs, budgets):
-            ids, logps, stopped = list(out.ids[:budget]), list(out.logps[:budget]), out.stopped and len(out.ids) <= budget
-            cut = cut_at_tool_call(tokenizer, ids)
-            if cut is not None:
-                ids, logps = ids[:cut], logps[:cut]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            ep.add(ids, logps, model=True)
-            ep.turns += 1
-            parsed = parse_turn(text) if cut is not None or "<tool_call>" in text else None
-            wants_tools = parsed is not None and (parsed.calls or parsed.errors)
-            room = len(ep.completion_ids) < settings.max_episode_tokens
-            if not wants_tools or ep.turns > settings.max_tool_turns or not room:
-                ep.final_text = text
-                ep.stopped = (stopped or cut is not None) and not wants_tools
-                ep.messages.append(_assistant_message(parsed.content if parsed else text, parsed.calls if parsed else []))
-                continue
-            ep.messages.append(_assistant_message(parsed.content, parsed.calls))
-            env_id = getattr(ep.environment, "_id", None)
-            first = len(calls)
-            calls += [Call(c["name"], c["arguments"], env_id) for c in parsed.calls]
-            pending.append((ep, text, cut is not None and len(ids) > 0 and _ends_turn(tokenizer, ids, cut),
-                            parsed, first))
-        results = runner.run(calls, env_tools=env_tools) if calls else []
-        still = []
-        for ep, text, ended, parsed, first in pending:
-            tool_messages = []
-            for call, result in zip(parsed.calls, results[first: first + len(parsed.calls)]):
-                ep.counts[result.status] = ep.counts.get(result.status, 0) + 1
-                tool_messages.append({"role": "tool", "name": call["name"], "content": result.content})
-            for error in parsed.errors:
-                ep.counts[PARSE_ERROR] = ep.counts.get(PARSE_ERROR, 0) + 1
-                runner.stats.add(PARSE_ERROR)
-                tool_messages.append({"role": "tool", "name": "error", "content": f"error: {error}"})
-            ep.messages += tool_messages
-            appended = tool_turn_ids(tokenizer, ep, text, ended, tool_messages, tools)
-            room = settings.max_episode_tokens - len(ep.completion_ids)
-            ep.add(appended[:room], None, model=False)
-            if len(appended) >= room:  # no token left for the model's next turn
-                ep.final_text, ep.stopped = text, False
-                continue
-            still.append(ep)
-        active = still
+    """Run every episode to its end (module docstring); the episodes are completed in place.
+
+    `turns`: where model turns are sampled: a driver of :mod:`pmetal.tools.turns` (`SessionTurns`
+    or `BatchTurns`), or a `generate(prompts, max_new_tokens) -> [TurnOutput]` callable, run as a
+    `BatchTurns`. `runner`: a :class:`pmetal.tools.runner.ToolRunner` (its `submit` and `poll`).
+    """
+    driver = turns if hasattr(turns, "begin") else BatchTurns(turns)
+    writing: dict[int, _Turn] = {}  # row -> the model turn it is writing
+    waiting: dict[Any, _ToolTurn] = {}  # runner batch -> the row waiting for its results
+
+    def begin(row: int, tokens: list[int], keep: int) -> None:
+        room = settings.max_episode_tokens - len(episodes[row].completion_ids)
+        writing[row] = _Turn(min(settings.max_new_tokens, room))
+        driver.begin(row, tokens, keep=keep, max_new_tokens=writing[row].budget)
+
+    try:
+        for row, ep in enumerate(episodes):
+            begin(row, ep.prompt_ids, 0)
+        while driver.busy or waiting:
+            for event in driver.step():
+                turn = writing[event.key]
+                turn.ids += event.tokens
+                turn.logps += event.logps
+                if event.finish is None:
+                    cut = cut_at_tool_call(tokenizer, turn.ids)
+                    if cut is None or cut == len(turn.ids):  # no call yet, or only blanks after one so far
+                        continue
+                    driver.pause(event.key)  # the turn ends at its call: what follows would be dropped
+                del writing[event.key]
+                tool_turn = _end_model_turn(episodes[event.key], event.key, turn, event.finish == "stop", tokenizer,
+                                            settings)
+                if tool_turn is None:
+                    driver.end(event.key)
+                else:
+                    waiting[runner.submit(tool_turn.calls, env_tools=env_tools)] = tool_turn
+            for batch in _results(runner, waiting, driver):
+                tool_turn = waiting.pop(batch)
+                ep = episodes[tool_turn.row]
+                appended = _tool_turn(ep, tool_turn, batch.results, tokenizer, runner, tools)
+                keep = len(ep.prompt_ids) + len(ep.completion_ids)  # the row's KV is kept up to here
+                room = settings.max_episode_tokens - len(ep.completion_ids)
+                ep.add(appended[:room], None, model=False)
+                if len(appended) >= room:  # no token left for the model's next turn
+                    ep.final_text, ep.stopped = tool_turn.text, False
+                    driver.end(tool_turn.row)
+                else:
+                    begin(tool_turn.row, appended, keep)
+    except BaseException:
+        runner.cancel()  # no call of this rollout may answer a later one
+        raise
+    finally:
+        driver.close()
     return episodes
+
+
+def _results(runner, waiting: dict, driver) -> list:
+    """The runner batches answered now; while the driver decodes, none is waited for; a driver of
+    whole turns (`BatchTurns`) gets every one before its next step, so its next call batches them all."""
+    if not waiting:
+        return []
+    if not getattr(driver, "whole_turns", False):
+        return runner.poll(timeout=0.0 if driver.busy else None)
+    done = []
+    while len(done) < len(waiting):
+        done += runner.poll(timeout=None)
+    return done
+
+
+def _end_model_turn(ep: Episode, row: int, turn: _Turn, stopped: bool, tokenizer,
+                    settings: EpisodeSettings) -> _ToolTurn | None:
+    """Add a finished model turn to its episode; the tool turn it asks for (None: the episode is over)."""
+    ids, logps = turn.ids[: turn.budget], turn.logps[: turn.budget]
+    stopped = stopped and len(turn.ids) <= turn.budget
+    cut = cut_at_tool_call(tokenizer, ids)
+    if cut is not None:
+        ids, logps = ids[:cut], logps[:cut]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    ep.add(ids, logps, model=True)
+    ep.turns += 1
+    parsed = parse_turn(text) if cut is not None or TOOL_CALL_OPEN in text else None
+    wants_tools = parsed is not None and bool(parsed.calls or parsed.errors)
+    room = len(ep.completion_ids) < settings.max_episode_tokens
+    if not wants_tools or ep.turns > settings.max_tool_turns or not room:
+        ep.final_text = text
+        ep.stopped = (stopped or cut is not None) and not wants_tools
+        ep.messages.append(_assistant_message(parsed.content if parsed else text, parsed.calls if parsed else []))
+        return None
+    ep.messages.append(_assistant_message(parsed.content, parsed.calls))
+    env_id = getattr(ep.environment, "_id", None)
+    ended = cut is not None and len(ids) > 0 and _ends_turn(tokenizer, ids, cut)
+    return _ToolTurn(row, text, ended, parsed, [Call(c["name"], c["arguments"], env_id) for c in parsed.calls])
+
+
+def _tool_turn(ep: Episode, tool_turn: _ToolTurn, results, tokenizer, runner, tools) -> list[int]:
+    """Count the results, add them to the conversation and return the tool turn's tokens."""
+    messages = []
+    for call, result in zip(tool_turn.parsed.calls, results):
+        ep.counts[result.status] = ep.counts.get(result.status, 0) + 1
+        messages.append({"role": "tool", "name": call["name"], "content": result.content})
+    for error in tool_turn.parsed.errors:
+        ep.counts[PARSE_ERROR] = ep.counts.get(PARSE_ERROR, 0) + 1
+        runner.stats.add(PARSE_ERROR)
+        messages.append({"role": "tool", "name": "error", "content": f"error: {error}"})
+    ep.messages += messages
+    return tool_turn_ids(tokenizer, ep, tool_turn.text, tool_turn.ended, messages, tools)
 
 
 def _ends_turn(tokenizer, ids: Sequence[int], cut: int) -> bool:
@@ -203,19 +273,6 @@ def _assistant_message(content: str, calls: Sequence[dict]) -> dict:
                                                                     "arguments": json.dumps(c["arguments"])}}
                                  for c in calls]
     return message
-
-
-def engine_generate(engine, sampling, *, stop_ids: Sequence[int], pad_token_id: int) -> Generate:
-    """A `Generate` over pmetal's rollout engine: one call per turn for every row still going."""
-
-    def generate(prompts: list[list[int]], max_new_tokens: int) -> list[TurnOutput]:
-        config = dataclasses.replace(sampling, max_new_tokens=max_new_tokens)
-        gen = engine.generate(prompts, config, stop_ids=stop_ids, pad_token_id=pad_token_id)
-        lengths = gen.lengths.tolist()
-        return [TurnOutput(gen.completion_ids[r, :n].tolist(), gen.logps[r, :n].tolist(), bool(gen.stopped[r]))
-                for r, n in enumerate(lengths)]
-
-    return generate
 
 
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:

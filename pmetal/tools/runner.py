@@ -7,6 +7,10 @@ hangs past the timeout gets its worker killed (and a fresh one started on the ne
 back as a timeout message; every result is cut to `max_result_chars`. Each outcome is counted
 (`ToolStats`).
 
+`run(calls)` waits for its calls; `submit(calls)` returns a `Batch` at once and `poll()` hands
+batches back as they complete, so a caller (the episode loop) keeps decoding while tools run. Each
+worker runs one request at a time; a call goes to any idle worker, an environment's to its own.
+
 An environment (`environment: package.module:Factory`, as TRL's `environment_factory`) lives in
 one worker for its episode: `new_environment(row)` builds it there and calls its `reset(**row)`,
 its public methods are the episode's tools, and `EnvironmentHandle` forwards attribute calls
@@ -91,6 +95,44 @@ class Result:
     status: str  # OK, ERROR, TIMEOUT, UNKNOWN
 
 
+ENVIRONMENT_LOST = "environment lost (its worker was killed after a tool timed out)"
+
+
+@dataclass(eq=False)
+class _Request:
+    """One message for a worker: any free one (`slot` None) or an environment's own (`slot`, `worker`)."""
+
+    message: tuple
+    slot: int | None = None
+    worker: Any = None
+    answer: tuple[str, Any] | None = None
+    deadline: float = 0.0
+
+
+@dataclass(eq=False)
+class Batch:
+    """The calls of one `submit`: `results` (one per call, in order) are complete once `done`."""
+
+    results: list[Result | None]
+    _requests: list[tuple[int, _Request]] = field(default_factory=list)
+    _counted: bool = False
+
+    @property
+    def done(self) -> bool:
+        return all(request.answer is not None for _, request in self._requests)
+
+    def finish(self, stats: ToolStats) -> list[Result]:
+        """The results (counted in `stats` once)."""
+        for i, request in self._requests:
+            status, text = request.answer
+            self.results[i] = Result(text if status == OK else f"error: {text}", status)
+        if not self._counted:
+            for result in self.results:
+                stats.add(result.status)
+            self._counted = True
+        return self.results
+
+
 class _Worker:
     """One worker: `python -m pmetal.tools.worker` over two pipes (a fresh interpreter, never a fork
     of the training process; no re-import of the user's main script as multiprocessing's spawn does).
@@ -145,23 +187,26 @@ class ToolRunner:
         self.stats = ToolStats()
         self._env_worker: dict[int, tuple[int, _Worker]] = {}
         self._next_env = 0
+        self._waiting: list[_Request] = []  # requests not yet sent, in order
+        self._running: dict[int, _Request] = {}  # worker slot -> the request it runs
+        self._batches: list[Batch] = []  # submitted, not yet handed back by poll
 
     # -- environments ------------------------------------------------------------------------
     def new_environment(self, factory: str, row: dict) -> tuple[int, str | None]:
         """Build an environment in a worker and `reset(**row)` it; (its id, reset's text or None)."""
         env_id, self._next_env = self._next_env, self._next_env + 1
         slot = env_id % len(self.workers)
-        worker = self._worker(slot)
-        self._env_worker[env_id] = (slot, worker)
-        [(status, text)] = self._exchange([(slot, ("env_new", env_id, tool_spec(factory), row))])
+        self._env_worker[env_id] = (slot, self._worker(slot))
+        [(status, text)] = self.run_requests([(env_id, ("env_new", env_id, tool_spec(factory), row))], count=False)
         if status != OK:
             raise PmetalError(f"environment {factory!r}: building or resetting it failed: {text}")
         return env_id, text
 
     def close_environment(self, env_id: int) -> None:
-        slot, worker = self._env_worker.pop(env_id, (None, None))
+        slot, worker = self._env_worker.get(env_id, (None, None))
         if worker is not None and self.workers[slot] is worker:
-            self._exchange([(slot, ("env_del", env_id))])
+            self.run_requests([(env_id, ("env_del", env_id))], count=False)
+        self._env_worker.pop(env_id, None)
 
     def call_environment(self, env_id: int, method: str, arguments: dict | None = None) -> Any:
         """One method of an environment (outside an episode: get_reward, a reward's own questions)."""
@@ -173,96 +218,144 @@ class ToolRunner:
 
     # -- calls ---------------------------------------------------------------------------------
     def run(self, calls: Sequence[Call], env_tools: Sequence[str] = ()) -> list[Result]:
-        """Run the calls (side by side on the workers); a result per call, in order."""
-        results: list[Result | None] = [None] * len(calls)
-        requests = []
+        """Run the calls (side by side on the workers) and wait for them; a result per call, in order."""
+        batch = self.submit(calls, env_tools)
+        t0 = time.perf_counter()
+        self._until([request for _, request in batch._requests])
+        self.stats.seconds += time.perf_counter() - t0
+        self._batches.remove(batch)
+        return batch.finish(self.stats)
+
+    def submit(self, calls: Sequence[Call], env_tools: Sequence[str] = ()) -> Batch:
+        """Start the calls and return at once; `poll` hands the batch back once every call is answered."""
+        batch = Batch([None] * len(calls))
         for i, call in enumerate(calls):
             if call.environment is not None and call.name in env_tools:
-                requests.append((i, call.environment, ("env_call", call.environment, call.name, call.arguments)))
+                message = ("env_call", call.environment, call.name, call.arguments)
+                batch._requests.append((i, self._request(call.environment, message)))
             elif call.name in self.specs:
-                requests.append((i, None, ("call", self.specs[call.name], call.arguments)))
+                batch._requests.append((i, self._request(None, ("call", self.specs[call.name], call.arguments))))
             else:
                 known = sorted({*self.specs, *env_tools})
-                results[i] = Result(f"error: unknown tool {call.name!r}; the tools are: {', '.join(known)}", UNKNOWN)
-                self.stats.add(UNKNOWN)
-        answers = self.run_requests([(env, request) for _, env, request in requests])
-        for (i, _, _), (status, text) in zip(requests, answers):
-            results[i] = Result(text if status == OK else f"error: {text}", status)
-        return results
+                batch.results[i] = Result(f"error: unknown tool {call.name!r}; the tools are: {', '.join(known)}",
+                                          UNKNOWN)
+        self._batches.append(batch)
+        self._dispatch()
+        return batch
+
+    def poll(self, timeout: float | None = 0.0) -> list[Batch]:
+        """The submitted batches now answered (each once). With none answered yet, wait up to
+        `timeout` seconds (None: until one is) for one; the time spent waiting is counted."""
+        t0 = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._batches:
+            self._pump(0.0)  # collect what has arrived
+        while self._batches and not any(b.done for b in self._batches):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._pump(left)
+        self.stats.seconds += time.perf_counter() - t0
+        done = [b for b in self._batches if b.done]
+        self._batches = [b for b in self._batches if not b.done]
+        for batch in done:
+            batch.finish(self.stats)
+        return done
+
+    def cancel(self) -> None:
+        """Forget every submitted batch: waiting requests are dropped, workers running one are
+        killed (after an error in the caller, so no stale answer reaches a later call)."""
+        for slot in list(self._running):
+            self._drop(slot)
+        self._running.clear()
+        self._waiting.clear()
+        self._batches.clear()
 
     def run_requests(self, requests: Sequence[tuple[int | None, tuple]], count: bool = True) -> list[tuple[str, Any]]:
-        """Send requests (an environment's go to its worker, the others round-robin); answers in order."""
+        """Send requests (an environment's go to its worker, the others to any free worker) and wait;
+        the answers in order."""
         t0 = time.perf_counter()
-        routed = []
-        for k, (env_id, request) in enumerate(requests):
-            if env_id is not None:
-                slot, worker = self._env_worker.get(env_id, (None, None))
-                if worker is None or self.workers[slot] is not worker:
-                    routed.append(None)  # its worker was killed: the environment is gone
-                    continue
-                routed.append((slot, request))
-            else:
-                routed.append((k % len(self.workers), request))
-        live = [r for r in routed if r is not None]
-        answers = iter(self._exchange(live))
-        out = [(ERROR, "environment lost (its worker was killed after a tool timed out)") if r is None else next(answers)
-               for r in routed]
+        pending = [self._request(env_id, message) for env_id, message in requests]
+        self._until(pending)
         if count:
-            for status, _ in out:
-                self.stats.add(status)
+            for request in pending:
+                self.stats.add(request.answer[0])
             self.stats.seconds += time.perf_counter() - t0
-        return out
+        return [request.answer for request in pending]
+
+    # -- the dispatcher ------------------------------------------------------------------------
+    def _request(self, env_id: int | None, message: tuple) -> _Request:
+        """Queue a request: an environment's to its worker (answered at once if that worker is gone), others to any."""
+        if env_id is None:
+            request = _Request(message)
+        else:
+            slot, worker = self._env_worker.get(env_id, (None, None))
+            request = _Request(message, slot, worker)
+            if worker is None or self.workers[slot] is not worker:
+                request.answer = (ERROR, ENVIRONMENT_LOST)
+                return request
+        self._waiting.append(request)
+        return request
+
+    def _until(self, requests: Sequence[_Request]) -> None:
+        self._dispatch()
+        while any(r.answer is None for r in requests):
+            self._pump(None)
+
+    def _dispatch(self) -> None:
+        """Start waiting requests on idle workers (each worker runs one request at a time, in order)."""
+        for request in list(self._waiting):
+            if request.slot is None:
+                slot = next((s for s in range(len(self.workers)) if s not in self._running), None)
+                if slot is None:
+                    continue
+            else:
+                slot = request.slot
+                if slot in self._running:
+                    continue
+                if self.workers[slot] is not request.worker:  # killed since: its environment is gone
+                    self._waiting.remove(request)
+                    request.answer = (ERROR, ENVIRONMENT_LOST)
+                    continue
+            self._waiting.remove(request)
+            try:
+                self._worker(slot).send(request.message)
+            except (BrokenPipeError, OSError):  # died on its own (a tool called os._exit)
+                self._drop(slot)
+                request.answer = (ERROR, "the tool's worker process died")
+                continue
+            request.deadline = time.monotonic() + self.timeout
+            self._running[slot] = request
+
+    def _pump(self, timeout: float | None) -> None:
+        """Wait (at most `timeout` s, None: as long as it takes) for an answer or a deadline; collect answers."""
+        self._dispatch()
+        if not self._running:
+            return
+        now = time.monotonic()
+        for slot, request in list(self._running.items()):
+            if request.deadline <= now:
+                del self._running[slot]
+                self._drop(slot)
+                request.answer = (TIMEOUT, f"the tool did not answer within {self.timeout:g} s and was stopped")
+        if self._running:
+            conns = {self.workers[slot].conn: slot for slot in self._running}
+            wait_s = max(0.0, min(r.deadline for r in self._running.values()) - now)
+            ready = wait(list(conns), timeout=wait_s if timeout is None else min(wait_s, max(0.0, timeout)))
+            for conn in ready:
+                slot = conns[conn]
+                request = self._running.pop(slot)
+                try:
+                    request.answer = conn.recv()  # the worker has cut it to the cap
+                except (EOFError, OSError):
+                    self._drop(slot)
+                    request.answer = (ERROR, "the tool's worker process died")
+        self._dispatch()
 
     def _worker(self, slot: int) -> _Worker:
         if self.workers[slot] is None:
             self.workers[slot] = _Worker(self.max_result_chars)
         return self.workers[slot]
-
-    def _exchange(self, requests: Sequence[tuple[int, tuple]]) -> list[tuple[str, Any]]:
-        """Each worker runs its requests in order; all workers at once; timeouts kill the worker."""
-        queues: dict[int, list[int]] = {}
-        for k, (slot, _) in enumerate(requests):
-            queues.setdefault(slot, []).append(k)
-        answers: list[tuple[str, Any] | None] = [None] * len(requests)
-        running: dict[int, tuple[int, float]] = {}  # slot -> (request index, deadline)
-
-        def start(slot: int) -> None:
-            while queues[slot]:
-                k = queues[slot].pop(0)
-                try:
-                    self._worker(slot).send(requests[k][1])
-                except (BrokenPipeError, OSError):  # died on its own (a tool called os._exit)
-                    self._drop(slot)
-                    answers[k] = (ERROR, "the tool's worker process died")
-                    continue
-                running[slot] = (k, time.monotonic() + self.timeout)
-                return
-
-        for slot in queues:
-            start(slot)
-        while running:
-            now = time.monotonic()
-            for slot, (k, deadline) in list(running.items()):
-                if deadline <= now:
-                    self._drop(slot)
-                    answers[k] = (TIMEOUT, f"the tool did not answer within {self.timeout:g} s and was stopped")
-                    del running[slot]
-                    start(slot)
-            if not running:
-                break
-            conns = {self.workers[slot].conn: slot for slot in running}
-            ready = wait(list(conns), timeout=max(0.0, min(d for _, d in running.values()) - time.monotonic()))
-            for conn in ready:
-                slot = conns[conn]
-                k, _ = running.pop(slot)
-                try:
-                    status, value = conn.recv()
-                    answers[k] = (status, value)  # the worker has cut it to the cap
-                except (EOFError, OSError):
-                    self._drop(slot)
-                    answers[k] = (ERROR, "the tool's worker process died")
-                start(slot)
-        return answers
 
     def _drop(self, slot: int) -> None:
         worker, self.workers[slot] = self.workers[slot], None
@@ -271,6 +364,7 @@ class ToolRunner:
 
     def close(self) -> None:
         """Stop every worker (environments included)."""
+        self.cancel()
         for slot in range(len(self.workers)):
             self._drop(slot)
         self._env_worker.clear()
