@@ -54,6 +54,8 @@ class StepClock:
         self.steps: list[dict] = []
         self.current: dict = {}
         self.first_step_at: float | None = None
+        self.overall_peak_gib = 0.0  # kept across the resets of `memory_phase`
+        self._memory_phase: str | None = None
 
     def begin(self) -> None:
         sync(self.device)
@@ -67,6 +69,9 @@ class StepClock:
         sync(self.device)
         step = dict(self.current)
         step["step"] = time.perf_counter() - step.pop("t0")
+        if self._memory_phase is not None:
+            step[f"{self._memory_phase}_peak_gib"] = self._note_peak()
+            self._memory_phase = None
         self.add_to(step, counts)
         self.steps.append(step)
         if self.last is not None and len(self.steps) == self.last and self.on_timed_end:
@@ -102,6 +107,31 @@ class StepClock:
             return result
 
         setattr(owner, attribute, timed)
+
+    def memory_phase(self, name: str) -> None:
+        """From here to the step's end is phase `name` of the memory profile (CUDA only): records what is
+        allocated as it starts (`NAME_held_gib`: what the step before it left alive) and its own peak
+        (`NAME_peak_gib`), without losing the run's overall peak."""
+        if self.device != "cuda":
+            return
+        import torch
+
+        torch.cuda.synchronize()
+        self._note_peak()
+        self.current[f"{name}_held_gib"] = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        self._memory_phase = name
+
+    def _note_peak(self) -> float:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        self.overall_peak_gib = max(self.overall_peak_gib, peak)
+        return peak
+
+    def run_peak_gib(self) -> float:
+        """The run's peak: `peak_gib` of the device, across the resets of `memory_phase`."""
+        return max(peak_gib(self.device), self.overall_peak_gib)
 
     def timed(self) -> list[dict]:
         """The steps after the warmup."""

@@ -8,7 +8,9 @@ ids. Shared settings: LoRA r16 (alpha 32, every linear layer), `--prompts` promp
 `--num-generations` completions per step, sampling at temperature 1 up to `--max-completion-length`
 tokens, beta 0 (no reference pass), loss "grpo", one update per rollout, the whole rollout in one
 micro-batch, gradient checkpointing, bf16 on CUDA / fp32 on CPU, the same cheap reward function.
-The first `--warmup` steps are not timed. A random-weight model (the Qwen3 shape) almost never
+The first `--warmup` steps are not timed. On CUDA the table also profiles the update's memory:
+what is allocated as the update starts (`held at update`: the rollout's tensors, the weights and
+optimizer state, and whatever the generator keeps alive between rollouts) and the update's own peak. A random-weight model (the Qwen3 shape) almost never
 emits EOS, so every completion runs to the limit: identical work for both.
 
     # CPU, the embedded SmolLM2-135M-Instruct
@@ -31,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from _common import WORDS, report, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from _timing import StepClock, add_worker_arguments, peak_gib, print_result, run_workers  # noqa: E402
+from _timing import StepClock, add_worker_arguments, print_result, run_workers  # noqa: E402
 
 
 def length_reward(prompts, completions, **kwargs):
@@ -77,6 +79,7 @@ def fit_lightning(args, module, prompts: Path, name: str, counts) -> dict:
     from pmetal.data.prompts import PromptDataModule
 
     clock = StepClock(args.device, warmup=args.warmup)
+    start_update_phase(module, "training_step", clock)  # the rollout is in the batch: the rest is the update
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator=args.device, devices=1,
                         precision="bf16-mixed" if args.device == "cuda" else "32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -109,8 +112,26 @@ def run_trl(args, model_dir: Path, prompts: Path) -> dict:
                           processing_class=tokenizer, callbacks=[clock.trl()],
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     clock.wrap(trainer, "_generate", "rollout", counts=generation_counts)
+    start_update_phase(trainer, "_generate", clock, after=True)
     trainer.train()
     return summary("TRL GRPOTrainer", clock, args.device)
+
+
+def start_update_phase(owner, attribute: str, clock: StepClock, *, after: bool = False) -> None:
+    """The update's memory phase starts as `owner.attribute` is called (or, `after`, once it returns):
+    what is held then (the rollout's tensors, and whatever the generator keeps between rollouts) and
+    the update's own peak go in the table."""
+    original = getattr(owner, attribute)
+
+    def marked(*args, **kwargs):
+        if not after:
+            clock.memory_phase("update")
+        result = original(*args, **kwargs)
+        if after:
+            clock.memory_phase("update")
+        return result
+
+    setattr(owner, attribute, marked)
 
 
 def generation_counts(out) -> dict:
@@ -129,7 +150,8 @@ def summary(name: str, clock: StepClock, device: str) -> dict:
     tokens = sum(s.get("update_tokens", 0) for s in steps)
     return dict(name=name, steps=len(steps), step_s=clock.seconds() / max(len(steps), 1),
                 rollout_tok_s=generated / max(rollout, 1e-9), update_tok_s=tokens / max(update, 1e-9),
-                generated_per_step=generated / max(len(steps), 1), peak_gib=peak_gib(device),
+                generated_per_step=generated / max(len(steps), 1), peak_gib=clock.run_peak_gib(),
+                held_at_update_gib=_most(steps, "update_held_gib"), update_peak_gib=_most(steps, "update_peak_gib"),
                 setup_s=clock.setup_seconds())
 
 
@@ -179,17 +201,22 @@ def rl_main(script: str, doc: str, method: str, run_pmetal, run_trl, argv=None, 
     return 0
 
 
+def _most(steps: list[dict], key: str) -> float:
+    values = [s[key] for s in steps if key in s]
+    return max(values) if values else float("nan")
+
+
 def results_table(results: list[dict]) -> str:
     """The step table; `setup s` is a worker's time to its first step (imports, loads), `worker s` its whole run."""
-    table = ["| trainer | s/step | rollout tokens/s | update tokens/s | generated/step | peak GiB | setup s | worker s |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| trainer | s/step | rollout tokens/s | update tokens/s | generated/step | peak GiB | held at update GiB "
+             "| update peak GiB | setup s | worker s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            table.append(f"| {r['name']} | failed: {r['error'][:200]} | | | | | | |")
+            table.append(f"| {r['name']} | failed: {r['error'][:200]} | | | | | | | | |")
         else:
             table.append(f"| {r['name']} | {r['step_s']:.2f} | {r['rollout_tok_s']:.1f} | {r['update_tok_s']:.1f} | "
-                         f"{r['generated_per_step']:.0f} | {r['peak_gib']:.2f} | {r['setup_s']:.1f} | "
-                         f"{r['worker_s']:.1f} |")
+                         f"{r['generated_per_step']:.0f} | {r['peak_gib']:.2f} | {r.get('held_at_update_gib', float('nan')):.2f} | "
+                         f"{r.get('update_peak_gib', float('nan')):.2f} | {r['setup_s']:.1f} | {r['worker_s']:.1f} |")
     return "\n".join(table)
 
 

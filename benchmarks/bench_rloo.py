@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 
 from _timing import StepClock  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from bench_grpo import fit_lightning, generation_counts, length_reward, rl_main, rollout_counts, summary  # noqa: E402
+from bench_grpo import (fit_lightning, generation_counts, length_reward, rl_main, rollout_counts, start_update_phase,
+                        summary)  # noqa: E402
 
 
 def run_pmetal(args, model_dir: Path, prompts: Path) -> dict:
@@ -73,6 +74,7 @@ def run_trl(args, model_dir: Path, prompts: Path) -> dict:
                           processing_class=tokenizer, callbacks=[clock.trl()],
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     clock.wrap(trainer, "_generate", "rollout", counts=generation_counts)
+    start_update_phase(trainer, "_generate", clock, after=True)
     trainer.train()
     return summary("TRL RLOOTrainer", clock, args.device)
 
