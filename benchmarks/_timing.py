@@ -221,3 +221,25 @@ def run_workers(script: str, argv: list[str] | None, names: list[str], work: Pat
             results.append(dict(json.loads(line[len("RESULT "):]), worker_s=time.perf_counter() - t0))
             print(f"{name} done: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # partial runs still tell
     return results
+
+
+def run_contenders(script: str, argv: list[str] | None, args, prepare, runners: dict) -> list[dict] | None:
+    """The two halves of a pmetal-vs-peer benchmark's command line.
+
+    In a worker (`--_worker NAME`): `runners[NAME](args, work/"model", work/"prompts.jsonl")`, its result
+    printed for the parent; returns None. Otherwise: `prepare(args, work)` in a temporary folder, then
+    every runner (or `args.only`) in its own worker process on those inputs; returns their results.
+    """
+    import tempfile
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args._worker:
+        work = Path(args._work)
+        print_result(runners[args._worker](args, work / "model", work / "prompts.jsonl"))
+        return None
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        prepare(args, Path(tmp))
+        return run_workers(script, argv, [args.only] if args.only else list(runners), Path(tmp))

@@ -55,12 +55,11 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from _common import QWEN3_06B_SHAPE, report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from _timing import add_worker_arguments, peak_gib, print_result, run_workers, sync  # noqa: E402
+from _timing import add_worker_arguments, peak_gib, run_contenders, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = "pmetal.examples.agent_tools:lookup"
@@ -342,19 +341,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args._worker:
-        work = Path(args._work)
-        runner = run_pmetal if args._worker == "pmetal" else run_trl
-        print_result(runner(args, work / "model", work / "prompts.jsonl"))
+    results = run_contenders(__file__, argv, args, prepare, {"pmetal": run_pmetal, "trl": run_trl})
+    if results is None:
         return 0
-
-    with tempfile.TemporaryDirectory(prefix="bench_agents_") as tmp:
-        prepare(args, Path(tmp))
-        results = run_workers(__file__, argv, [args.only] if args.only else ["pmetal", "trl"], Path(tmp))
     header = (f"Multi-turn tool rollouts, {args.model} on {args.device}: {args.prompts} prompts x "
               f"{args.num_generations} episodes, {args.max_tool_turns} tool turns (lookup) of {args.think_tokens} "
               f"thinking tokens + the call, <= {args.max_episode_tokens} completion tokens, {args.steps} timed steps")

@@ -29,11 +29,10 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 from _common import WORDS, report, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from _timing import StepClock, add_worker_arguments, print_result, run_workers  # noqa: E402
+from _timing import StepClock, add_worker_arguments, run_contenders  # noqa: E402
 
 
 def length_reward(prompts, completions, **kwargs):
@@ -183,18 +182,9 @@ def rl_main(script: str, doc: str, method: str, run_pmetal, run_trl, argv=None, 
     args = p.parse_args(argv)
     if group is not None:
         args.num_generations = group
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args._worker:
-        work = Path(args._work)
-        runner = run_pmetal if args._worker == "pmetal" else run_trl
-        print_result(runner(args, work / "model", work / "prompts.jsonl"))
+    results = run_contenders(script, argv, args, prepare, {"pmetal": run_pmetal, "trl": run_trl})
+    if results is None:
         return 0
-    with tempfile.TemporaryDirectory(prefix="bench_rl_") as tmp:
-        prepare(args, Path(tmp))
-        results = run_workers(script, argv, [args.only] if args.only else ["pmetal", "trl"], Path(tmp))
     header = (f"{method}, {args.model} on {args.device}: {args.prompts} prompts x {args.num_generations} completions, "
               f"prompt {args.prompt_len} tokens, completions <= {args.max_completion_length}, {args.steps} timed steps")
     report(header + "\n\n" + results_table(results) + "\n", args.markdown)
