@@ -243,3 +243,13 @@ def run_contenders(script: str, argv: list[str] | None, args, prepare, runners: 
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         prepare(args, Path(tmp))
         return run_workers(script, argv, [args.only] if args.only else list(runners), Path(tmp))
+
+
+def load_peer_model(model_dir: Path, device: str):
+    """(model, tokenizer) for a peer trainer (TRL): bf16 on CUDA, fp32 on the CPU, sdpa attention, as pmetal's side runs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return (AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa"),
+            AutoTokenizer.from_pretrained(model_dir))

@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 from _common import QWEN3_06B_SHAPE, report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from _timing import add_worker_arguments, peak_gib, run_contenders, sync  # noqa: E402
+from _timing import add_worker_arguments, load_peer_model, peak_gib, run_contenders, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = "pmetal.examples.agent_tools:lookup"
@@ -220,17 +220,14 @@ def run_pmetal(args, model_dir: Path, prompts: Path) -> dict:
 
 
 def run_trl(args, model_dir: Path, prompts: Path) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from pmetal.examples.agent_tools import lookup
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model, tokenizer = load_peer_model(model_dir, args.device)
     rows = [{"prompt": [{"role": "user", "content": json.loads(line)["prompt"]}]} for line in open(prompts)]
     steps: list[dict] = []
     current: dict = {}

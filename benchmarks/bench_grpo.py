@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from _common import WORDS, report, write_model_dir  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from _timing import StepClock, add_worker_arguments, run_contenders  # noqa: E402
+from _timing import StepClock, add_worker_arguments, load_peer_model, run_contenders  # noqa: E402
 
 
 def length_reward(prompts, completions, **kwargs):
@@ -88,15 +88,11 @@ def fit_lightning(args, module, prompts: Path, name: str, counts) -> dict:
 
 
 def run_trl(args, model_dir: Path, prompts: Path) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model, tokenizer = load_peer_model(model_dir, args.device)
     rows = [json.loads(line) for line in open(prompts)]
     clock = StepClock(args.device, warmup=args.warmup)
 

@@ -32,7 +32,7 @@ import json
 import sys
 from pathlib import Path
 
-from _timing import StepClock  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _timing import StepClock, load_peer_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from bench_grpo import (fit_lightning, generation_counts, length_reward, rl_main, rollout_counts, start_update_phase,
                         summary)  # noqa: E402
 
@@ -52,15 +52,11 @@ def run_pmetal(args, model_dir: Path, prompts: Path) -> dict:
 
 
 def run_trl(args, model_dir: Path, prompts: Path) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model, tokenizer = load_peer_model(model_dir, args.device)
     rows = [json.loads(line) for line in open(prompts)]
     clock = StepClock(args.device, warmup=args.warmup)
     config = RLOOConfig(
