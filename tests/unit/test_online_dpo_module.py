@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import json
 
-import lightning as L
 import pytest
 import torch
 
 from pmetal.callbacks.rollout import make_rollout
 from pmetal.data.prompts import PromptDataModule, collate_prompts
 from pmetal.errors import PmetalError
-
-
-def char_parity_reward(prompts, completions, **kwargs):
-    return [float(len(c) % 2) for c in completions]
+from tests.unit.test_grpo_module import _trainer, char_parity_reward, prompt_file  # noqa: F401 (prompt_file: a fixture)
 
 
 def length_reward(prompts, completions, **kwargs):  # rarely ties: distinct lengths rank
     return [float(len(c)) for c in completions]
-
-
-@pytest.fixture()
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": f"Say a word number {i}.", "answer": str(i)}) for i in range(4)))
-    return path
-
-
-def _trainer(max_steps, **kwargs):
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
 def _prompts(module, texts):
